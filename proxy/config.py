@@ -1,0 +1,189 @@
+"""The TOML configuration, read into frozen attrs classes.
+
+Every key is known: an unknown key, a wrong type or a bad value stops
+startup with `ConfigError(file, key, reason)`, e.g.
+`etc/sipproxy.toml: timers.t1: must be a number greater than 0`.
+Every key has a default, so the server runs with no file at all.
+"""
+
+import tomllib
+
+import attrs
+
+from proxy.errors import ConfigError
+
+DEFAULT_LISTEN = ("udp:5060", "tcp:5060")
+
+
+@attrs.frozen
+class ListenerConfig:
+    """One listener: `udp:PORT[:interface=ADDR]`, or a Twisted stream endpoint (tcp:, ssl:, tls:)."""
+
+    transport: str  # UDP, TCP or TLS
+    port: int
+    interface: str
+    description: str
+
+    @classmethod
+    def parse(cls, text: str) -> "ListenerConfig":
+        kind, _, rest = text.partition(":")
+        kind = kind.lower()
+        transport = {"udp": "UDP", "udp6": "UDP", "tcp": "TCP", "tcp6": "TCP", "ssl": "TLS", "tls": "TLS"}.get(kind)
+        if transport is None:
+            raise ValueError(f"unknown listener type {kind!r} (use udp:, tcp:, ssl: or tls:)")
+        parts = rest.split(":") if rest else []
+        port = None
+        interface = ""
+        for part in parts:
+            name, eq, value = part.partition("=")
+            if not eq and port is None and name.isdigit():
+                port = int(name)
+            elif eq and name in ("port",):
+                port = int(value) if value.isdigit() else None
+            elif eq and name == "interface":
+                interface = value
+            elif eq:
+                continue  # other endpoint options (certKey, privateKey...) go to strports
+            else:
+                raise ValueError(f"cannot read {text!r}")
+        if port is None or not 0 <= port <= 65535:
+            raise ValueError(f"{text!r} has no valid port")
+        if kind.startswith("udp") and any("=" in p and not p.startswith("interface=") for p in parts):
+            raise ValueError(f"{text!r}: udp takes only interface=")
+        return cls(transport=transport, port=port, interface=interface, description=text)
+
+
+@attrs.frozen
+class TimerConfig:
+    t1: float = 0.5
+    t2: float = 4.0
+    t4: float = 5.0
+
+
+@attrs.frozen
+class ServerConfig:
+    domains: tuple[str, ...] = ("localhost",)
+    addresses: tuple[str, ...] = ()
+    listen: tuple[ListenerConfig, ...] = tuple(ListenerConfig.parse(d) for d in DEFAULT_LISTEN)
+    state_dir: str = "state"
+    max_message_size: int = 65507
+    tcp_idle_timeout: float = 300.0
+    server_header: str = "sipproxy"
+
+
+@attrs.frozen
+class ProxyConfig:
+    path: str = "<defaults>"
+    server: ServerConfig = ServerConfig()
+    timers: TimerConfig = TimerConfig()
+
+
+class _Table:
+    """Reads one TOML table, remembering which keys were used."""
+
+    def __init__(self, path: str, prefix: str, data: object):
+        if not isinstance(data, dict):
+            raise ConfigError(path, prefix, "must be a table")
+        self.path = path
+        self.prefix = prefix
+        self.data = data
+        self.used: set[str] = set()
+
+    def error(self, key: str, reason: str) -> ConfigError:
+        return ConfigError(self.path, f"{self.prefix}.{key}" if self.prefix else key, reason)
+
+    def get(self, key: str, default, kind: type | tuple, check=None, reason: str = ""):
+        self.used.add(key)
+        if key not in self.data:
+            return default
+        value = self.data[key]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if isinstance(value, bool) and kind is not bool:
+            raise self.error(key, f"must be {_kind_name(kind)}")
+        if not isinstance(value, kind):
+            raise self.error(key, f"must be {_kind_name(kind)}")
+        if check is not None and not check(value):
+            raise self.error(key, reason)
+        return value
+
+    def strings(self, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        value = self.get(key, list(default), list)
+        if not all(isinstance(v, str) and v for v in value):
+            raise self.error(key, "must be a list of non-empty strings")
+        return tuple(value)
+
+    def table(self, key: str) -> "_Table":
+        self.used.add(key)
+        return _Table(self.path, f"{self.prefix}.{key}" if self.prefix else key, self.data.get(key, {}))
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            raise self.error(unknown[0], "unknown key")
+
+
+def _kind_name(kind) -> str:
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "a list"}.get(kind, str(kind))
+
+
+def load_config(path: str | None) -> ProxyConfig:
+    """Read `path` (or only the embedded defaults when None)."""
+    if path is None:
+        return ProxyConfig()
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(path, "", f"cannot read: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(path, "", f"not valid TOML: {e}") from None
+    return parse_config(data, path)
+
+
+def parse_config(data: dict, path: str = "<config>") -> ProxyConfig:
+    root = _Table(path, "", data)
+    server = _parse_server(root.table("server"))
+    timers = _parse_timers(root.table("timers"))
+    root.finish()
+    return ProxyConfig(path=path, server=server, timers=timers)
+
+
+def _parse_server(t: _Table) -> ServerConfig:
+    d = ServerConfig()
+    domains = tuple(x.lower() for x in t.strings("domains", d.domains))
+    if not domains:
+        raise t.error("domains", "must name at least one domain")
+    listen_text = t.strings("listen", DEFAULT_LISTEN)
+    listeners = []
+    for text in listen_text:
+        try:
+            listeners.append(ListenerConfig.parse(text))
+        except ValueError as e:
+            raise t.error("listen", str(e)) from None
+    if not listeners:
+        raise t.error("listen", "must name at least one listener")
+    server = ServerConfig(
+        domains=domains,
+        addresses=t.strings("addresses", d.addresses),
+        listen=tuple(listeners),
+        state_dir=t.get("state_dir", d.state_dir, str, bool, "must not be empty"),
+        max_message_size=t.get("max_message_size", d.max_message_size, int, lambda v: 1024 <= v <= 65507,
+                               "must be between 1024 and 65507"),
+        tcp_idle_timeout=t.get("tcp_idle_timeout", d.tcp_idle_timeout, float, lambda v: v > 0, "must be greater than 0"),
+        server_header=t.get("server_header", d.server_header, str),
+    )
+    t.finish()
+    return server
+
+
+def _parse_timers(t: _Table) -> TimerConfig:
+    d = TimerConfig()
+    positive = (lambda v: v > 0, "must be a number greater than 0")
+    t1 = t.get("t1", d.t1, float, *positive)
+    t2 = t.get("t2", d.t2, float, *positive)
+    t4 = t.get("t4", d.t4, float, *positive)
+    if t2 < t1:
+        raise t.error("t2", "must not be smaller than t1")
+    t.finish()
+    return TimerConfig(t1=t1, t2=t2, t4=t4)

@@ -1,0 +1,315 @@
+"""The controller between transports and the transaction user.
+
+`SipServer.data_received` is where every message enters: it parses, checks
+what must be checked before anything else (size, version, the mandatory
+fields), stamps `received`/`rport` on the top Via (RFC 3261 18.2.1, RFC 3581),
+and hands the message to the transaction layer. As the transaction user it
+then dispatches new requests: to the handler registered for the method
+(the registrar for REGISTER, later issues add more), else to the local
+handling of requests addressed to this server, else to `route`.
+
+Nothing a peer sends may raise out of here: a bad request gets a 4xx/5xx
+whose reason phrase names the defect, and what cannot be answered is
+dropped, counted, and logged at most once per source per minute.
+"""
+
+import os
+from collections import Counter
+
+import attrs
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from proxy.errors import SipError, SipParseError
+from proxy.sip.message import Request, Response, make_response
+from proxy.sip.uri import SipUri
+from proxy.sip.wire import MAX_DATAGRAM, ResponseParseError, parse_message
+from proxy.transaction import ServerTransaction, TransactionLayer, response_destination
+from proxy.transport import Destination, Source
+
+log = Logger()
+
+ALLOWED_METHODS = ("INVITE", "ACK", "CANCEL", "BYE", "OPTIONS", "REGISTER", "REFER", "NOTIFY", "INFO", "SUBSCRIBE", "UPDATE", "PRACK", "MESSAGE")
+SUPPORTED_EXTENSIONS = ("path",)
+GARBAGE_LOG_INTERVAL = 60.0
+
+
+def new_tag() -> str:
+    return os.urandom(6).hex()
+
+
+@attrs.define
+class LocalIdentity:
+    """What names this server: its domains, and the addresses and ports it listens on."""
+
+    domains: frozenset[str]
+    addresses: frozenset[str]
+    ports: frozenset[int]
+
+    def is_local_host(self, host: str, port: int | None) -> bool:
+        if host in self.domains:
+            return port is None or port in self.ports
+        if host in self.addresses:
+            return (port or 5060) in self.ports
+        return False
+
+    def is_me(self, uri) -> bool:
+        """A URI that addresses this server itself (no user part, our host)."""
+        return isinstance(uri, SipUri) and uri.user is None and self.is_local_host(uri.host, uri.port)
+
+
+@attrs.define
+class _RateLimitedLog:
+    """At most one log line per source per interval; counts everything."""
+
+    clock: IReactorTime
+    interval: float = GARBAGE_LOG_INTERVAL
+    _last: dict = attrs.field(factory=dict)
+
+    def should_log(self, host: str) -> bool:
+        now = self.clock.seconds()
+        last = self._last.get(host)
+        if last is not None and now - last < self.interval:
+            return False
+        if len(self._last) > 10000:
+            self._last = {h: t for h, t in self._last.items() if now - t < self.interval}
+        self._last[host] = now
+        return True
+
+
+class SipServer:
+    """Parses, validates and dispatches; the transaction user of the core."""
+
+    def __init__(self, clock: IReactorTime, transports, identity: LocalIdentity, timers, *,
+                 max_message_size: int = MAX_DATAGRAM, server_header: str = "sipproxy"):
+        self.clock = clock
+        self.transports = transports
+        self.identity = identity
+        self.max_message_size = max_message_size
+        self.server_header = server_header
+        self.transactions = TransactionLayer(clock, transports, timers, user=self)
+        self.handlers: dict[str, object] = {}
+        self.route = self._no_route
+        self.dropped: Counter = Counter()
+        self.requests: Counter = Counter()
+        self.replies: Counter = Counter()
+        self._garbage_log = _RateLimitedLog(clock)
+
+    # -- from the transports --------------------------------------------
+
+    def data_received(self, data: bytes, source: Source) -> None:
+        try:
+            self._data_received(data, source)
+        except Exception:
+            # A bug must cost one message, never the listener.
+            log.failure("Unexpected error handling a message from {host}:{port}", host=source.host, port=source.port)
+            self.dropped["internal_error"] += 1
+
+    def stream_error(self, error: SipParseError, source: Source) -> None:
+        self._drop("framing", source, str(error))
+
+    def _data_received(self, data: bytes, source: Source) -> None:
+        if len(data) > self.max_message_size:
+            self._too_large(data, source)
+            return
+        if not data.strip(b"\r\n"):
+            return  # keepalive
+        try:
+            message = parse_message(data, stream=source.reliable)
+        except ResponseParseError as e:
+            self._drop("bad_response", source, str(e))
+            return
+        except SipParseError as e:
+            self._reject_unparsed(data, source, e)
+            return
+        if isinstance(message, Response):
+            self._response_received(message, source)
+        else:
+            self._request_received(message, source)
+
+    def _request_received(self, request: Request, source: Source) -> None:
+        try:
+            request.validate()
+        except SipParseError as e:
+            self._reject(request, source, e)
+            return
+        request = self._stamp_via(request, source)
+        self.requests[request.method] += 1
+        log.debug("{method} {uri} from {host}:{port} (Call-ID {call_id})", method=request.method,
+                  uri=request.uri_text, host=source.host, port=source.port, call_id=request.call_id)
+        self.transactions.request_received(request, source)
+
+    def _response_received(self, response: Response, source: Source) -> None:
+        try:
+            response.validate()
+        except SipParseError as e:
+            self._drop("bad_response", source, str(e))
+            return
+        self.transactions.response_received(response, source)
+
+    def _stamp_via(self, request: Request, source: Source) -> Request:
+        """Add received= when the source differs from sent-by; fill rport (RFC 3581)."""
+        via = request.top_via
+        changed = via
+        if via.rport is not None:
+            changed = changed.with_param("received", source.host).with_param("rport", str(source.port))
+        elif via.host != source.host:
+            changed = changed.with_param("received", source.host)
+        if changed is via:
+            return request
+        headers = request.headers.remove_first_value("via").prepend("Via", str(changed))
+        return request.with_headers(headers)
+
+    # -- bad input -----------------------------------------------------------
+
+    def _reject_unparsed(self, data: bytes, source: Source, error: SipParseError) -> None:
+        """A request whose framing or start line is broken: answer if its Via allows."""
+        head = data.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
+        try:
+            request = parse_message(head)
+            if not isinstance(request, Request):
+                raise error
+            request.validate()
+        except SipParseError:
+            self._drop("malformed", source, str(error))
+            return
+        self._reject(request, source, error)
+
+    def _reject(self, request: Request, source: Source, error: SipError) -> None:
+        if request.method == "ACK":
+            self._drop("malformed_ack", source, str(error))
+            return
+        try:
+            response = make_response(request, error.status, error.reason, to_tag=new_tag())
+            destination = response_destination(self._stamp_via(request, source), source)
+        except SipParseError:
+            self._drop("malformed", source, str(error))
+            return
+        if self._garbage_log.should_log(source.host):
+            log.info("Rejected {method} from {host}:{port}: {status} {reason}", method=request.method,
+                     host=source.host, port=source.port, status=error.status, reason=error.reason)
+        self.send_stateless_response(response, destination, source)
+
+    def _too_large(self, data: bytes, source: Source) -> None:
+        try:
+            request = parse_message(data[: data.find(b"\r\n\r\n") + 4] if b"\r\n\r\n" in data else b"")
+            if isinstance(request, Request):
+                request.validate()
+                self._reject(request, source, SipError(513, "Message Too Large"))
+                return
+        except SipParseError:
+            pass
+        self._drop("too_large", source, f"{len(data)} bytes")
+
+    def _drop(self, reason: str, source: Source, detail: str) -> None:
+        self.dropped[reason] += 1
+        if self._garbage_log.should_log(source.host):
+            log.info("Dropped message from {host}:{port}: {detail}", host=source.host, port=source.port, detail=detail)
+
+    def send_stateless_response(self, response: Response, destination: Destination, source: Source | None = None) -> None:
+        self.replies[(response.cseq.method, response.status)] += 1
+        connection = source.connection if source is not None and source.reliable else None
+        self.transports.send(response.serialize(), destination, connection)
+
+    # -- transaction user ----------------------------------------------------
+
+    def respond(self, tx: ServerTransaction, status: int, reason: str | None = None, *,
+                extra: tuple[tuple[str, str], ...] = (), body: bytes = b"") -> Response:
+        """Answer a server transaction with a response built from its request."""
+        if self.server_header:
+            extra = extra + (("Server", self.server_header),)
+        response = make_response(tx.request, status, reason, to_tag=self._to_tag(tx), extra=extra, body=body)
+        self.send_response(tx, response)
+        return response
+
+    def send_response(self, tx: ServerTransaction, response: Response) -> None:
+        self.replies[(tx.request.method, response.status)] += 1
+        tx.respond(response)
+
+    def _to_tag(self, tx: ServerTransaction) -> str:
+        last = tx.last_response
+        if last is not None:
+            tag = last.to.tag
+            if tag:
+                return tag
+        return new_tag()
+
+    def request_received(self, tx: ServerTransaction, request: Request) -> None:
+        try:
+            self._dispatch(tx, request)
+        except SipError as e:
+            self.respond(tx, e.status, e.reason)
+        except Exception:
+            log.failure("Error handling {method} (Call-ID {call_id})", method=request.method, call_id=request.call_id)
+            if tx.state in ("Trying", "Proceeding"):
+                self.respond(tx, 500, "Server Internal Error")
+
+    def _dispatch(self, tx: ServerTransaction, request: Request) -> None:
+        uri = request.uri  # raises SipParseError for a malformed Request-URI
+        if not isinstance(uri, SipUri):
+            raise SipError(416, "Unsupported URI Scheme")
+        handler = self.handlers.get(request.method)
+        if handler is not None:
+            handler(tx, request)
+            return
+        if self.identity.is_me(uri):
+            self._handle_local(tx, request)
+            return
+        self.route(tx, request)
+
+    def _handle_local(self, tx: ServerTransaction, request: Request) -> None:
+        """Requests addressed to this server itself (Request-URI without a user)."""
+        unsupported = [ext for ext in request.headers.values("require") if ext.lower() not in SUPPORTED_EXTENSIONS]
+        if unsupported:
+            self.respond(tx, 420, "Bad Extension", extra=(("Unsupported", ", ".join(unsupported)),))
+            return
+        if request.method == "OPTIONS":
+            self.respond(tx, 200, "OK", extra=self.capabilities())
+        elif request.method not in ALLOWED_METHODS:
+            self.respond(tx, 501, "Not Implemented", extra=(("Allow", ", ".join(ALLOWED_METHODS)),))
+        elif request.method == "BYE":
+            self.respond(tx, 481, "Call/Transaction Does Not Exist")
+        else:
+            self.respond(tx, 405, "Method Not Allowed", extra=(("Allow", "OPTIONS, REGISTER"),))
+
+    def capabilities(self) -> tuple[tuple[str, str], ...]:
+        return (
+            ("Allow", ", ".join(ALLOWED_METHODS)),
+            ("Accept", "application/sdp"),
+            ("Supported", ", ".join(SUPPORTED_EXTENSIONS)),
+        )
+
+    def _no_route(self, tx: ServerTransaction, request: Request) -> None:
+        """Until a router is installed: a clear final answer, never silence."""
+        uri = request.uri
+        if request.method not in ALLOWED_METHODS:
+            self.respond(tx, 501, "Not Implemented")
+        elif self.identity.is_local_host(uri.host, uri.port):
+            self.respond(tx, 404, "Not Found")
+        else:
+            self.respond(tx, 403, "Relaying Not Allowed")
+
+    def cancel_received(self, tx: ServerTransaction, request: Request, invite_tx: ServerTransaction | None) -> None:
+        """CANCEL (section 9.2): 200 when it matches a pending INVITE, which then gets 487."""
+        if invite_tx is None:
+            self.respond(tx, 481, "Call/Transaction Does Not Exist")
+            return
+        self.respond(tx, 200, "OK")
+        invite_tx.cancelled = True
+        cancel_hook = self.handlers.get("CANCEL")
+        if cancel_hook is not None:
+            cancel_hook(invite_tx, request)
+        elif invite_tx.state == "Proceeding":
+            self.respond(invite_tx, 487, "Request Terminated")
+
+    def ack_received(self, request: Request, source: Source) -> None:
+        handler = self.handlers.get("ACK")
+        if handler is not None:
+            handler(request, source)
+
+    def stray_response(self, response: Response, source: Source) -> None:
+        handler = self.handlers.get("stray-response")
+        if handler is not None:
+            handler(response, source)
+        else:
+            self.dropped["stray_response"] += 1

@@ -1,0 +1,79 @@
+"""Builds the running server from a `ProxyConfig`: listeners around one SipServer.
+
+This is the only place that knows about reactors and sockets; everything it
+builds takes the reactor as a parameter, so tests can pass a fake one.
+"""
+
+import socket
+
+from twisted.application import internet, service, strports
+from twisted.internet import endpoints, ssl
+from twisted.logger import Logger
+
+from proxy.config import ProxyConfig
+from proxy.server import LocalIdentity, SipServer
+from proxy.transaction import Timers
+from proxy.transport import SipDatagramProtocol, SipStreamFactory, Transports
+
+log = Logger()
+
+
+def local_addresses(config: ProxyConfig) -> frozenset[str]:
+    """Addresses that name this host: configured ones, listener interfaces, loopback, the host's own."""
+    found = {"127.0.0.1", "::1"}
+    found.update(config.server.addresses)
+    found.update(lst.interface for lst in config.server.listen if lst.interface not in ("", "0.0.0.0", "::"))
+    try:
+        for info in socket.getaddrinfo(socket.gethostname(), None):
+            found.add(info[4][0])
+    except OSError:
+        pass
+    return frozenset(found)
+
+
+def build_identity(config: ProxyConfig) -> LocalIdentity:
+    return LocalIdentity(
+        domains=frozenset(config.server.domains),
+        addresses=local_addresses(config),
+        ports=frozenset(lst.port for lst in config.server.listen),
+    )
+
+
+def make_connector(reactor, factory_for):
+    """Opens outgoing TCP/TLS connections; TLS is verified against the peer name (service-identity)."""
+
+    def connect(transport: str, host: str, port: int, tls_name: str | None = None):
+        endpoint = endpoints.TCP4ClientEndpoint(reactor, host, port, timeout=10)
+        if transport == "TLS":
+            endpoint = endpoints.wrapClientTLS(ssl.optionsForClientTLS(tls_name or host), endpoint)
+        return endpoint.connect(factory_for(transport))
+
+    return connect
+
+
+def build_service(config: ProxyConfig, reactor) -> tuple[service.MultiService, SipServer]:
+    top = service.MultiService()
+    transports = Transports(clock=reactor)
+    timers = Timers(t1=config.timers.t1, t2=config.timers.t2, t4=config.timers.t4)
+    server = SipServer(
+        reactor, transports, build_identity(config), timers,
+        max_message_size=config.server.max_message_size,
+        server_header=config.server.server_header,
+    )
+    factories = {}
+
+    def factory_for(name: str) -> SipStreamFactory:
+        if name not in factories:
+            factories[name] = SipStreamFactory(name, server, transports, config.server.tcp_idle_timeout,
+                                               config.server.max_message_size)
+        return factories[name]
+
+    transports.connector = make_connector(reactor, factory_for)
+    for listener in config.server.listen:
+        if listener.transport == "UDP":
+            udp = internet.UDPServer(listener.port, SipDatagramProtocol(server, transports),
+                                     interface=listener.interface, maxPacketSize=65535, reactor=reactor)
+            udp.setServiceParent(top)
+        else:
+            strports.service(listener.description, factory_for(listener.transport), reactor=reactor).setServiceParent(top)
+    return top, server

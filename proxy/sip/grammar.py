@@ -1,0 +1,141 @@
+"""Small pieces of the RFC 3261 section 25 grammar shared by URIs and headers.
+
+Pure functions on `str`; they raise `SipParseError` with a reason that names
+the defect, so the caller can put it in a 400 reason phrase.
+"""
+
+import re
+
+from proxy.errors import SipParseError
+
+# RFC 3261 section 25.1: token = 1*(alphanum / "-" / "." / "!" / "%" / "*" / "_" / "+" / "`" / "'" / "~")
+TOKEN_RE = re.compile(r"[A-Za-z0-9\-.!%*_+`'~]+\Z")
+_LWS_RE = re.compile(r"[ \t]+")
+
+# ASCII-only lowercasing (service-identity style): str.lower() would also fold
+# non-ASCII letters, which SIP compares byte for byte.
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def ascii_lower(text: str) -> str:
+    return text.translate(_ASCII_LOWER)
+
+
+def is_token(text: str) -> bool:
+    return TOKEN_RE.match(text) is not None
+
+
+def quoted_string_end(text: str, start: int) -> int:
+    """Index just past the closing quote of the quoted-string opening at `start`."""
+    i = start + 1
+    n = len(text)
+    while i < n:
+        c = text[i]
+        if c == "\\":
+            i += 2
+            continue
+        if c == '"':
+            return i + 1
+        i += 1
+    raise SipParseError.because("Unterminated quoted string")
+
+
+def unquote(text: str) -> str:
+    """The content of a quoted-string, with quoted-pairs resolved."""
+    inner = text[1:-1]
+    if "\\" not in inner:
+        return inner
+    out = []
+    i = 0
+    while i < len(inner):
+        c = inner[i]
+        if c == "\\" and i + 1 < len(inner):
+            out.append(inner[i + 1])
+            i += 2
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
+def quote(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def split_outside_quotes(text: str, separator: str) -> list[str]:
+    """Split on `separator` where it is not inside a quoted string or <...>.
+
+    Used for comma-separated header values (Via, Contact, Route) and for
+    parameter lists; a comma inside "Doe, John" or <sip:a;x=1,2> stays put.
+    """
+    if '"' not in text and "<" not in text:
+        return text.split(separator)
+    parts = []
+    depth = 0
+    start = 0
+    i = 0
+    n = len(text)
+    while i < n:
+        c = text[i]
+        if c == '"':
+            i = quoted_string_end(text, i)
+            continue
+        if c == "<":
+            depth += 1
+        elif c == ">":
+            depth = max(0, depth - 1)
+        elif c == separator and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+        i += 1
+    parts.append(text[start:])
+    return parts
+
+
+def parse_params(text: str, what: str) -> tuple[tuple[str, str | None], ...]:
+    """Parse `;name=value;flag` (the text after the first ';') into pairs.
+
+    Names are lowercased (ASCII); values keep their case, quoted values keep
+    their quotes so that serialising gives back what was received.
+    """
+    if not text.strip():
+        raise SipParseError.because(f"Empty parameter in {what}")
+    params = []
+    for part in split_outside_quotes(text, ";"):
+        name, eq, value = part.partition("=")
+        name = name.strip(" \t")
+        if not is_token(name):
+            raise SipParseError.because(f"Bad parameter in {what}")
+        if eq:
+            value = value.strip(" \t")
+            if not value:
+                raise SipParseError.because(f"Empty parameter value in {what}")
+            if value[0] == '"':
+                if quoted_string_end(value, 0) != len(value):
+                    raise SipParseError.because(f"Bad quoted parameter in {what}")
+            elif _LWS_RE.search(value):
+                raise SipParseError.because(f"Bad parameter value in {what}")
+            params.append((ascii_lower(name), value))
+        else:
+            params.append((ascii_lower(name), None))
+    return tuple(params)
+
+
+def format_params(params: tuple[tuple[str, str | None], ...]) -> str:
+    return "".join(f";{n}" if v is None else f";{n}={v}" for n, v in params)
+
+
+def param_value(params: tuple[tuple[str, str | None], ...], name: str) -> str | None:
+    """Value of the first parameter called `name` ('' for a flag), or None."""
+    for n, v in params:
+        if n == name:
+            return "" if v is None else v
+    return None
+
+
+def has_param(params: tuple[tuple[str, str | None], ...], name: str) -> bool:
+    return any(n == name for n, _ in params)
+
+
+def collapse_lws(text: str) -> str:
+    return _LWS_RE.sub(" ", text)

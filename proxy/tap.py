@@ -1,0 +1,31 @@
+"""twistd glue: `twistd -n sipproxy [--config FILE]`.
+
+The config is read in `postOptions`, so a bad file is reported (file, key,
+reason) before twistd daemonises, and startup stops.
+"""
+
+from twisted.python import usage
+
+from proxy.config import load_config
+from proxy.errors import ConfigError
+
+
+class Options(usage.Options):
+    optParameters = [
+        ["config", "c", None, "TOML configuration file (default: embedded defaults, see etc/sipproxy.toml)"],
+    ]
+
+    def postOptions(self):
+        try:
+            self["proxy_config"] = load_config(self["config"])
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+
+
+def makeService(options):
+    from twisted.internet import reactor
+
+    from proxy.service import build_service
+
+    top, _ = build_service(options["proxy_config"], reactor)
+    return top

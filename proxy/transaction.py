@@ -1,0 +1,440 @@
+"""Client and server transactions (RFC 3261 section 17, RFC 6026).
+
+Each transaction is a small explicit state machine: `state` is one of the
+names in the RFC's figures, every transition is a method, every timer is a
+`callLater` on the injected clock. Timers:
+
+  client INVITE      A (retransmit, UDP, T1 doubling)  B (64*T1 timeout)  D (32 s UDP, wait for retransmitted finals)
+                     M (RFC 6026: 64*T1 in Accepted, absorbs 2xx from other forks)
+  client non-INVITE  E (retransmit, T1 doubling to T2) F (64*T1 timeout)  K (T4 UDP)
+  server INVITE      G (retransmit final, UDP)  H (64*T1 wait for ACK)  I (T4 UDP)  L (RFC 6026 Accepted)
+  server non-INVITE  J (64*T1 UDP)
+
+The phones' own defaults are T1 = 500 ms and T2 = 4 s (seed 001 lines 1990-1991).
+Hot path: plain classes and a dict lookup per message, no framework; the
+state names are kept so logs and tests read like the RFC.
+"""
+
+import attrs
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from proxy.sip.headers import Headers
+from proxy.sip.message import Request, Response
+from proxy.transport import Destination, Source
+
+log = Logger()
+
+MAGIC_COOKIE = "z9hG4bK"
+
+
+@attrs.frozen
+class Timers:
+    """T1, T2, T4 in seconds (RFC 3261 table 4)."""
+
+    t1: float = 0.5
+    t2: float = 4.0
+    t4: float = 5.0
+
+    @property
+    def b(self) -> float:
+        return 64 * self.t1
+
+
+def server_key(request: Request) -> tuple:
+    """Key matching a request to its server transaction (section 17.2.3).
+
+    With the magic cookie: branch, sent-by, and method (ACK matches INVITE).
+    Without it (RFC 2543 peers): Request-URI, tags, Call-ID, CSeq number,
+    top Via; the To tag is left out so the ACK to a non-2xx, which carries
+    the tag we added, matches the INVITE it acknowledges.
+    """
+    via = request.top_via
+    method = "INVITE" if request.method == "ACK" else request.method
+    branch = via.branch
+    if branch and branch.startswith(MAGIC_COOKIE) and len(branch) > len(MAGIC_COOKIE):
+        return (branch, via.host, via.port, method)
+    return (
+        "2543",
+        request.uri_text,
+        request.from_.tag,
+        request.call_id,
+        request.cseq.number,
+        str(via),
+        method,
+    )
+
+
+def client_key(branch: str, method: str) -> tuple:
+    """Key matching a response to its client transaction (section 17.1.3)."""
+    return (branch, "INVITE" if method == "ACK" else method)
+
+
+def response_destination(request: Request, source: Source) -> Destination:
+    """Where a response goes, per RFC 3261 18.2.2 and RFC 3581 section 4.
+
+    Reliable: back to the source (the connection is tried first by the
+    caller). UDP: `received` (or the source) and the `rport` value when the
+    client asked for it, else the Via port. The top Via here already carries
+    received/rport filled in on receipt.
+    """
+    via = request.top_via
+    if source.reliable:
+        return Destination(source.transport, source.host, source.port)
+    maddr = via.param("maddr")
+    if maddr:
+        return Destination("UDP", maddr, via.port or 5060)
+    host = via.received or source.host
+    rport = via.rport
+    if rport:
+        return Destination("UDP", host, int(rport))
+    return Destination("UDP", host, via.port or 5060)
+
+
+class _Transaction:
+    __slots__ = ("layer", "key", "state", "_timers")
+
+    def __init__(self, layer: "TransactionLayer", key):
+        self.layer = layer
+        self.key = key
+        self.state = ""
+        self._timers: dict[str, object] = {}
+
+    @property
+    def clock(self) -> IReactorTime:
+        return self.layer.clock
+
+    @property
+    def timers(self) -> Timers:
+        return self.layer.timers
+
+    def _start(self, name: str, delay: float, fn) -> None:
+        self._stop(name)
+        self._timers[name] = self.clock.callLater(delay, self._fire, name, fn)
+
+    def _fire(self, name: str, fn) -> None:
+        self._timers.pop(name, None)
+        fn()
+
+    def _stop(self, name: str) -> None:
+        call = self._timers.pop(name, None)
+        if call is not None and call.active():
+            call.cancel()
+
+    def _terminate(self) -> None:
+        self.state = "Terminated"
+        for call in self._timers.values():
+            if call.active():
+                call.cancel()
+        self._timers.clear()
+        self.layer._remove(self)
+
+
+class ServerTransaction(_Transaction):
+    """INVITE (figure 7 with RFC 6026's Accepted) and non-INVITE (figure 8) server transactions."""
+
+    __slots__ = ("request", "source", "is_invite", "last_response", "_wire", "destination", "_interval", "cancelled")
+
+    def __init__(self, layer, key, request: Request, source: Source):
+        super().__init__(layer, key)
+        self.request = request
+        self.source = source
+        self.is_invite = request.method == "INVITE"
+        self.last_response: Response | None = None
+        self._wire: bytes | None = None
+        self.destination = response_destination(request, source)
+        self._interval = 0.0
+        self.cancelled = False
+        self.state = "Proceeding" if self.is_invite else "Trying"
+
+    @property
+    def branch(self) -> str | None:
+        return self.request.top_via.branch
+
+    def respond(self, response: Response) -> None:
+        """Send a response from the TU; the transaction follows the RFC's transitions."""
+        if self.state in ("Completed", "Confirmed", "Terminated"):
+            log.debug("Late {status} for {method} dropped: transaction {state}",
+                      status=response.status, method=self.request.method, state=self.state)
+            return
+        if self.state == "Accepted":
+            # Only further 2xx (to a forked INVITE) may pass in Accepted.
+            if 200 <= response.status < 300:
+                self._send(response)
+            return
+        self._send(response)
+        status = response.status
+        if status < 200:
+            if self.state == "Trying":
+                self.state = "Proceeding"
+            return
+        reliable = self.source.reliable
+        if self.is_invite:
+            if status < 300:
+                # RFC 6026: Accepted absorbs INVITE retransmissions for 64*T1.
+                self.state = "Accepted"
+                self._start("L", self.timers.b, self._terminate)
+            else:
+                self.state = "Completed"
+                if not reliable:
+                    self._interval = self.timers.t1
+                    self._start("G", self._interval, self._timer_g)
+                self._start("H", self.timers.b, self._timer_h)
+        else:
+            self.state = "Completed"
+            if reliable:
+                self._terminate()
+            else:
+                self._start("J", self.timers.b, self._terminate)
+
+    def _send(self, response: Response) -> None:
+        self.last_response = response
+        self._wire = response.serialize()
+        self.layer.send_response_bytes(self._wire, self)
+
+    def _resend(self) -> None:
+        if self._wire is not None:
+            self.layer.retransmitted("response")
+            self.layer.send_response_bytes(self._wire, self)
+
+    def request_retransmitted(self, request: Request) -> None:
+        """A retransmission of the request (or the ACK) arrived."""
+        if request.method == "ACK":
+            if self.state == "Completed":
+                self.state = "Confirmed"
+                self._stop("G")
+                self._stop("H")
+                if self.source.reliable:
+                    self._terminate()
+                else:
+                    self._start("I", self.timers.t4, self._terminate)
+            return
+        if self.state in ("Proceeding", "Completed"):
+            self._resend()
+
+    def _timer_g(self) -> None:
+        self._resend()
+        self._interval = min(2 * self._interval, self.timers.t2)
+        self._start("G", self._interval, self._timer_g)
+
+    def _timer_h(self) -> None:
+        log.info("No ACK for {status} to INVITE (Call-ID {call_id})",
+                 status=self.last_response.status, call_id=self.request.call_id)
+        self._terminate()
+
+
+class ClientTransaction(_Transaction):
+    """INVITE (figure 5 with RFC 6026) and non-INVITE (figure 6) client transactions.
+
+    The owner gets `on_response(response)` for every response passed up and
+    `on_timeout()` when Timer B or F fires. The request must carry its top
+    Via with a unique branch already.
+    """
+
+    __slots__ = ("request", "destination", "is_invite", "_wire", "_interval", "on_response", "on_timeout", "branch")
+
+    def __init__(self, layer, key, request: Request, destination: Destination, on_response, on_timeout):
+        super().__init__(layer, key)
+        self.request = request
+        self.destination = destination
+        self.is_invite = request.method == "INVITE"
+        self.on_response = on_response
+        self.on_timeout = on_timeout
+        self.branch = key[0]
+        self._wire = request.serialize()
+        self._interval = self.timers.t1
+        self.state = "Calling" if self.is_invite else "Trying"
+
+    @property
+    def reliable(self) -> bool:
+        return self.destination.transport != "UDP"
+
+    def start(self) -> None:
+        self.layer.send_request_bytes(self._wire, self.destination)
+        if not self.reliable:
+            self._start("A" if self.is_invite else "E", self._interval, self._retransmit)
+        self._start("B" if self.is_invite else "F", self.timers.b, self._timeout)
+
+    def _retransmit(self) -> None:
+        if self.state not in ("Calling", "Trying", "Proceeding"):
+            return
+        self.layer.retransmitted("request")
+        self.layer.send_request_bytes(self._wire, self.destination)
+        if self.is_invite:
+            self._interval *= 2
+            self._start("A", self._interval, self._retransmit)
+        else:
+            if self.state == "Proceeding":
+                self._interval = self.timers.t2
+            else:
+                self._interval = min(2 * self._interval, self.timers.t2)
+            self._start("E", self._interval, self._retransmit)
+
+    def _timeout(self) -> None:
+        if self.state in ("Calling", "Trying", "Proceeding"):
+            self._terminate()
+            self.on_timeout()
+
+    def cancel_retransmissions(self) -> None:
+        """Stop Timer A (used when a CANCEL is sent after a provisional)."""
+        self._stop("A")
+
+    def response_received(self, response: Response) -> None:
+        status = response.status
+        if self.is_invite:
+            self._invite_response(response, status)
+        else:
+            self._non_invite_response(response, status)
+
+    def _invite_response(self, response: Response, status: int) -> None:
+        state = self.state
+        if state in ("Calling", "Proceeding"):
+            self._stop("A")
+            if status < 200:
+                self.state = "Proceeding"
+                # Timer B only guards Calling; Timer C (the proxy's) takes over.
+                self._stop("B")
+                self.on_response(response)
+            elif status < 300:
+                self.state = "Accepted"
+                self._stop("B")
+                self._start("M", self.timers.b, self._terminate)
+                self.on_response(response)
+            else:
+                self.state = "Completed"
+                self._stop("B")
+                self._send_ack(response)
+                if self.reliable:
+                    self._terminate()
+                else:
+                    self._start("D", 32.0, self._terminate)
+                self.on_response(response)
+        elif state == "Completed" and status >= 300:
+            self._send_ack(response)
+        elif state == "Accepted" and 200 <= status < 300:
+            self.on_response(response)
+
+    def _non_invite_response(self, response: Response, status: int) -> None:
+        if self.state not in ("Trying", "Proceeding"):
+            return
+        if status < 200:
+            self.state = "Proceeding"
+            self.on_response(response)
+            return
+        self.state = "Completed"
+        self._stop("E")
+        self._stop("F")
+        if self.reliable:
+            self._terminate()
+        else:
+            self._start("K", self.timers.t4, self._terminate)
+        self.on_response(response)
+
+    def _send_ack(self, response: Response) -> None:
+        """ACK for a non-2xx final, built per section 17.1.1.3; sent hop by hop."""
+        request = self.request
+        fields = [("Via", request.headers.first_value("via"))]
+        for name, value in request.headers:
+            key = name.lower()
+            if key in ("call-id", "i", "from", "f", "route", "max-forwards"):
+                fields.append((name, value))
+        fields.append(("To", response.headers.get("to")))
+        fields.append(("CSeq", f"{request.cseq.number} ACK"))
+        ack = Request("ACK", request.uri_text, Headers.of(*fields))
+        self.layer.send_request_bytes(ack.serialize(), self.destination)
+
+
+class TransactionLayer:
+    """Matches messages to transactions and owns their tables.
+
+    `user` is the transaction user (the server core). It gets:
+      request_received(tx, request)   a new server transaction
+      ack_received(request, source)   an ACK matching no transaction (ACK for 2xx)
+      cancel_received(tx, request, invite_tx)  a CANCEL (its own transaction), and the INVITE's
+      stray_response(response, source)  a response matching no client transaction
+    """
+
+    def __init__(self, clock: IReactorTime, transports, timers: Timers = Timers(), user=None):
+        self.clock = clock
+        self.transports = transports
+        self.timers = timers
+        self.user = user
+        self.server: dict[tuple, ServerTransaction] = {}
+        self.client: dict[tuple, ClientTransaction] = {}
+        self.retransmissions = 0
+        self.observers: list = []
+
+    def counts(self) -> dict[str, int]:
+        kinds = {"server_invite": 0, "server_non_invite": 0, "client_invite": 0, "client_non_invite": 0}
+        for tx in self.server.values():
+            kinds["server_invite" if tx.is_invite else "server_non_invite"] += 1
+        for tx in self.client.values():
+            kinds["client_invite" if tx.is_invite else "client_non_invite"] += 1
+        return kinds
+
+    # -- incoming ---------------------------------------------------------
+
+    def request_received(self, request: Request, source: Source) -> None:
+        key = server_key(request)
+        tx = self.server.get(key)
+        if request.method == "ACK":
+            if tx is not None and tx.is_invite and tx.state in ("Completed", "Confirmed"):
+                tx.request_retransmitted(request)
+                return
+            if tx is not None and tx.state == "Accepted":
+                # ACK for a 2xx: end to end, not part of the transaction.
+                self.user.ack_received(request, source)
+                return
+            self.user.ack_received(request, source)
+            return
+        if tx is not None:
+            tx.request_retransmitted(request)
+            return
+        tx = ServerTransaction(self, key, request, source)
+        self.server[key] = tx
+        if request.method == "CANCEL":
+            self.user.cancel_received(tx, request, self.find_invite_for_cancel(request))
+            return
+        self.user.request_received(tx, request)
+
+    def find_invite_for_cancel(self, cancel: Request) -> ServerTransaction | None:
+        """The INVITE server transaction a CANCEL refers to (section 9.2)."""
+        key = server_key(cancel)
+        if key[0] == "2543":
+            invite_key = key[:-1] + ("INVITE",)
+        else:
+            invite_key = key[:3] + ("INVITE",)
+        return self.server.get(invite_key)
+
+    def response_received(self, response: Response, source: Source) -> None:
+        via = response.top_via
+        tx = self.client.get(client_key(via.branch or "", response.cseq.method))
+        if tx is None:
+            self.user.stray_response(response, source)
+            return
+        tx.response_received(response)
+
+    # -- outgoing ---------------------------------------------------------
+
+    def start_client(self, request: Request, destination: Destination, on_response, on_timeout) -> ClientTransaction:
+        branch = request.top_via.branch
+        key = client_key(branch, request.method)
+        tx = ClientTransaction(self, key, request, destination, on_response, on_timeout)
+        self.client[key] = tx
+        tx.start()
+        return tx
+
+    def send_response_bytes(self, data: bytes, tx: ServerTransaction) -> None:
+        connection = tx.source.connection if tx.source.reliable else None
+        self.transports.send(data, tx.destination, connection)
+
+    def send_request_bytes(self, data: bytes, destination: Destination) -> None:
+        self.transports.send(data, destination)
+
+    def retransmitted(self, what: str) -> None:
+        self.retransmissions += 1
+
+    def _remove(self, tx) -> None:
+        table = self.server if isinstance(tx, ServerTransaction) else self.client
+        if table.get(tx.key) is tx:
+            del table[tx.key]

@@ -1,0 +1,202 @@
+"""UDP, TCP and TLS transports (RFC 3261 section 18).
+
+The protocols here are thin, as in Twisted Names: they turn bytes into
+`(data, Source)` and hand them to a controller (`proxy.server.SipServer`);
+they decide nothing. Sending goes through `Transports.send`, which picks the
+socket or connection for a destination.
+
+Phones: the 7940/7960 speak UDP only (seed 001 line 3041) and reassemble
+fragmented datagrams up to 1932 bytes (seed 000 line 38). A request toward a
+phone is therefore never moved to TCP because it is large (RFC 3261 18.1.1's
+1300-byte rule is deliberately not applied); datagrams up to 65,507 bytes are
+sent and received.
+"""
+
+import attrs
+from twisted.internet import protocol
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
+
+from proxy.errors import SipParseError
+from proxy.sip.wire import MAX_DATAGRAM, StreamFramer
+
+log = Logger()
+
+RELIABLE = frozenset({"TCP", "TLS"})
+
+
+@attrs.frozen
+class Source:
+    """Where a message came from: transport, address, port, and for streams the connection."""
+
+    transport: str
+    host: str
+    port: int
+    connection: object = attrs.field(default=None, eq=False, repr=False)
+
+    @property
+    def reliable(self) -> bool:
+        return self.transport in RELIABLE
+
+
+@attrs.frozen
+class Destination:
+    """Where to send: transport name, numeric address, port."""
+
+    transport: str
+    host: str
+    port: int
+
+
+class SipDatagramProtocol(protocol.DatagramProtocol):
+    """UDP: one datagram is one message."""
+
+    def __init__(self, controller, transports: "Transports"):
+        self.controller = controller
+        self.transports = transports
+
+    def startProtocol(self):
+        self.transports.udp = self
+
+    def stopProtocol(self):
+        if self.transports.udp is self:
+            self.transports.udp = None
+
+    def datagramReceived(self, data: bytes, addr):
+        self.controller.data_received(data, Source("UDP", addr[0], addr[1]))
+
+    def send(self, data: bytes, host: str, port: int) -> None:
+        if len(data) > MAX_DATAGRAM:
+            log.warn("Dropping {size}-byte message to {host}:{port}: larger than a UDP datagram",
+                     size=len(data), host=host, port=port)
+            return
+        try:
+            self.transport.write(data, (host, port))
+        except OSError as e:
+            log.warn("UDP send to {host}:{port} failed: {error}", host=host, port=port, error=e)
+
+
+class SipStreamProtocol(protocol.Protocol, TimeoutMixin):
+    """TCP or TLS: a byte stream framed by Content-Length; idle connections close."""
+
+    def __init__(self, factory: "SipStreamFactory"):
+        self.factory = factory
+        self.framer = StreamFramer(factory.max_size)
+        self.peer: tuple[str, int] | None = None
+
+    def connectionMade(self):
+        peer = self.transport.getPeer()
+        self.peer = (peer.host, peer.port)
+        self.setTimeout(self.factory.idle_timeout)
+        self.factory.transports.connection_made(self.factory.name, self.peer, self)
+
+    def connectionLost(self, reason=None):
+        self.setTimeout(None)
+        self.factory.transports.connection_lost(self.factory.name, self.peer, self)
+
+    def timeoutConnection(self):
+        log.debug("Closing idle {transport} connection from {peer}", transport=self.factory.name, peer=self.peer)
+        self.transport.loseConnection()
+
+    def dataReceived(self, data: bytes):
+        self.resetTimeout()
+        try:
+            messages = self.framer.feed(data)
+        except SipParseError as e:
+            # The stream cannot be resynchronised after a framing error.
+            self.factory.controller.stream_error(e, Source(self.factory.name, *self.peer, connection=self))
+            self.transport.loseConnection()
+            return
+        for message in messages:
+            self.factory.controller.data_received(
+                message, Source(self.factory.name, self.peer[0], self.peer[1], connection=self)
+            )
+
+    def send(self, data: bytes) -> None:
+        self.resetTimeout()
+        self.transport.write(data)
+
+
+class SipStreamFactory(protocol.Factory):
+    """Builds stream protocols for both listening and connecting."""
+
+    def __init__(self, name: str, controller, transports: "Transports", idle_timeout: float, max_size: int):
+        self.name = name
+        self.controller = controller
+        self.transports = transports
+        self.idle_timeout = idle_timeout
+        self.max_size = max_size
+
+    def buildProtocol(self, addr):
+        return SipStreamProtocol(self)
+
+
+@attrs.define
+class Transports:
+    """The sending side: the UDP socket and the open stream connections.
+
+    Stream connections are reused in both directions (RFC 3261 18.2.2 and
+    18.1.1): a response goes back on the connection its request came on; a
+    request to an address that already has a connection uses it. A new
+    connection is opened through `connector(transport, host, port)`, which
+    returns a Deferred firing with a connected SipStreamProtocol.
+    """
+
+    clock: IReactorTime
+    connector: object = None
+    udp: SipDatagramProtocol | None = None
+    _connections: dict = attrs.field(factory=dict)
+    _pending: dict = attrs.field(factory=dict)
+
+    def connection_made(self, transport: str, peer, proto) -> None:
+        self._connections[(transport, peer[0], peer[1])] = proto
+
+    def connection_lost(self, transport: str, peer, proto) -> None:
+        key = (transport, peer[0], peer[1])
+        if self._connections.get(key) is proto:
+            del self._connections[key]
+
+    def open_connections(self) -> int:
+        return len(self._connections)
+
+    def send(self, data: bytes, dest: Destination, connection=None) -> None:
+        """Send bytes toward `dest`; for streams prefer `connection` when it is still up."""
+        if dest.transport == "UDP":
+            if self.udp is None:
+                log.warn("No UDP listener to send to {host}:{port}", host=dest.host, port=dest.port)
+                return
+            self.udp.send(data, dest.host, dest.port)
+            return
+        if connection is not None and connection.transport is not None and connection.transport.connected:
+            connection.send(data)
+            return
+        key = (dest.transport, dest.host, dest.port)
+        existing = self._connections.get(key)
+        if existing is not None:
+            existing.send(data)
+            return
+        self._connect_and_send(key, data)
+
+    def _connect_and_send(self, key, data: bytes) -> None:
+        queue = self._pending.get(key)
+        if queue is not None:
+            queue.append(data)
+            return
+        if self.connector is None:
+            log.warn("No {transport} client to reach {host}:{port}", transport=key[0], host=key[1], port=key[2])
+            return
+        self._pending[key] = [data]
+        d = self.connector(*key)
+
+        def connected(proto):
+            for item in self._pending.pop(key, []):
+                proto.send(item)
+
+        def failed(failure):
+            dropped = self._pending.pop(key, [])
+            log.warn("{transport} connection to {host}:{port} failed, {count} message(s) dropped: {error}",
+                     transport=key[0], host=key[1], port=key[2], count=len(dropped),
+                     error=failure.getErrorMessage())
+
+        d.addCallbacks(connected, failed)

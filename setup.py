@@ -1,0 +1,21 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="sipproxy",
+    version="0.1.0",
+    description="SIP proxy, registrar and redirect server for Cisco 7940/7960 SIP phones",
+    python_requires=">=3.11",
+    packages=find_packages(include=["proxy", "proxy.*", "plugins", "plugins.*"]) + ["twisted.plugins"],
+    install_requires=[
+        "twisted>=24.7,<27",
+        "attrs>=23.1",
+        "zope.interface>=6.0",
+        "service-identity>=24.1",
+        "pyOpenSSL>=24.0",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "hypothesis>=6.100"],
+    },
+    entry_points={"console_scripts": ["sipproxy-admin = proxy.admin:main"]},
+    data_files=[("share/sipproxy/etc", ["etc/sipproxy.toml"])],
+)
