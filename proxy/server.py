@@ -164,9 +164,8 @@ class SipServer:
 
     def _reject_unparsed(self, data: bytes, source: Source, error: SipParseError) -> None:
         """A request whose framing or start line is broken: answer if its Via allows."""
-        head = data.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
         try:
-            request = parse_message(head)
+            request = parse_message(data, head_only=True)
             if not isinstance(request, Request):
                 raise error
             request.validate()
@@ -188,11 +187,11 @@ class SipServer:
         if self._garbage_log.should_log(source.host):
             log.info("Rejected {method} from {host}:{port}: {status} {reason}", method=request.method,
                      host=source.host, port=source.port, status=error.status, reason=error.reason)
-        self.send_stateless_response(response, destination, source)
+        self.send_stateless_response(response, destination, source, method=request.method)
 
     def _too_large(self, data: bytes, source: Source) -> None:
         try:
-            request = parse_message(data[: data.find(b"\r\n\r\n") + 4] if b"\r\n\r\n" in data else b"")
+            request = parse_message(data, head_only=True)
             if isinstance(request, Request):
                 request.validate()
                 self._reject(request, source, SipError(513, "Message Too Large"))
@@ -206,8 +205,9 @@ class SipServer:
         if self._garbage_log.should_log(source.host):
             log.info("Dropped message from {host}:{port}: {detail}", host=source.host, port=source.port, detail=detail)
 
-    def send_stateless_response(self, response: Response, destination: Destination, source: Source | None = None) -> None:
-        self.replies[(response.cseq.method, response.status)] += 1
+    def send_stateless_response(self, response: Response, destination: Destination,
+                                source: Source | None = None, *, method: str) -> None:
+        self.replies[(method, response.status)] += 1
         connection = source.connection if source is not None and source.reliable else None
         self.transports.send(response.serialize(), destination, connection)
 

@@ -222,8 +222,16 @@ def make_response(
             fields.append((name, value))
         elif key == "to" and to_value is None:
             to_value = value
-            if to_tag and status > 100 and request.to.tag is None:
+            if to_tag and status > 100 and not _has_tag(request):
                 value = f"{value};tag={to_tag}"
             fields.append((name, value))
     fields.extend(extra)
     return Response(status, reason or REASONS.get(status, "Unknown"), Headers.of(*fields), body)
+
+
+def _has_tag(request: Request) -> bool:
+    """Whether To has a tag; an unparsable To is echoed as it came (the 400 names it)."""
+    try:
+        return request.to.tag is not None
+    except SipParseError:
+        return True

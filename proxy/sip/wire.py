@@ -27,8 +27,13 @@ class ResponseParseError(SipParseError):
     """A malformed response: it is dropped, never answered."""
 
 
-def parse_message(data: bytes, *, stream: bool = False) -> Request | Response:
-    """Parse one message. Raises SipParseError (ResponseParseError for responses)."""
+def parse_message(data: bytes, *, stream: bool = False, head_only: bool = False) -> Request | Response:
+    """Parse one message. Raises SipParseError (ResponseParseError for responses).
+
+    `head_only` reads just the start line and headers, skipping the version
+    and body checks: how the server recovers enough of a refused request
+    (bad Content-Length, SIP/7.0, too large) to tell its sender why.
+    """
     head_end = data.find(b"\r\n\r\n")
     if head_end >= 0:
         body_start = head_end + 4
@@ -50,6 +55,8 @@ def parse_message(data: bytes, *, stream: bool = False) -> Request | Response:
     start = lines[0]
     if start.startswith("SIP/"):
         return _parse_response(start, lines, data, body_start, stream)
+    if head_only:
+        return _parse_request_head(start, lines)
     return _parse_request(start, lines, data, body_start, stream)
 
 
@@ -69,6 +76,13 @@ def _parse_request(start, lines, data, body_start, stream) -> Request:
     headers = _parse_headers(lines, SipParseError)
     body = _frame_body(headers, data, body_start, stream, SipParseError)
     return Request(method, uri, headers, body)
+
+
+def _parse_request_head(start, lines) -> Request:
+    parts = start.split(" ")
+    if len(parts) != 3 or not TOKEN_RE.match(parts[0]):
+        raise SipParseError.because("Malformed request line")
+    return Request(parts[0], parts[1], _parse_headers(lines, SipParseError))
 
 
 def _parse_response(start, lines, data, body_start, stream) -> Response:

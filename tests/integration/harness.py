@@ -1,0 +1,139 @@
+"""Real peers for integration tests: the server under twistd, and SIPp.
+
+The server runs as users run it (`twistd -n sipproxy --config FILE`) in a
+subprocess, on free loopback ports; SIPp plays the phones. When CI=true a
+missing SIPp is a failure, not a skip, so CI cannot pass without the peer.
+"""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+from twisted.trial.unittest import SkipTest
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir, os.pardir))
+SCENARIOS = os.path.join(REPO, "tests", "scenarios")
+
+
+def require(program: str) -> str:
+    path = shutil.which(program)
+    if path is None:
+        if os.environ.get("CI") == "true":
+            raise AssertionError(f"{program} is not installed; .ci/run must install it")
+        raise SkipTest(f"{program} is not installed")
+    return path
+
+
+def free_port() -> int:
+    """A port free for both UDP and TCP on 127.0.0.1."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.bind(("127.0.0.1", 0))
+            port = udp.getsockname()[1]
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+                try:
+                    tcp.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
+    raise RuntimeError("no free port")
+
+
+def options_probe(port: int, timeout: float = 0.3) -> bytes | None:
+    """Send one OPTIONS over UDP; the response bytes, or None."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        local = s.getsockname()[1]
+        s.settimeout(timeout)
+        msg = (
+            f"OPTIONS sip:127.0.0.1:{port} SIP/2.0\r\n"
+            f"Via: SIP/2.0/UDP 127.0.0.1:{local};branch=z9hG4bKprobe{time.monotonic_ns()}\r\n"
+            "Max-Forwards: 70\r\nFrom: <sip:probe@127.0.0.1>;tag=p\r\nTo: <sip:127.0.0.1>\r\n"
+            f"Call-ID: probe-{time.monotonic_ns()}\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n"
+        )
+        s.sendto(msg.encode(), ("127.0.0.1", port))
+        try:
+            return s.recv(65535)
+        except OSError:
+            return None
+
+
+class ServerProcess:
+    """`twistd -n sipproxy` in a subprocess with a config written for the test."""
+
+    def __init__(self, config_text: str = "", port: int | None = None, state_dir: str | None = None):
+        self.port = port or free_port()
+        self.dir = tempfile.mkdtemp(prefix="sipproxy-test-")
+        self.state_dir = state_dir or os.path.join(self.dir, "state")
+        self.config_path = os.path.join(self.dir, "sipproxy.toml")
+        self.log_path = os.path.join(self.dir, "twistd.log")
+        with open(self.config_path, "w") as f:
+            f.write(
+                "[server]\n"
+                f'listen = ["udp:{self.port}:interface=127.0.0.1", "tcp:{self.port}:interface=127.0.0.1"]\n'
+                f'state_dir = "{self.state_dir}"\n'
+                'domains = ["localhost", "127.0.0.1"]\n'
+                + config_text
+            )
+        self.process = None
+
+    def start(self, timeout: float = 15.0) -> "ServerProcess":
+        env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=", "--logfile", self.log_path,
+             "sipproxy", "--config", self.config_path],
+            cwd=self.dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                out = self.process.stdout.read().decode(errors="replace")
+                raise AssertionError(f"server exited with {self.process.returncode}: {out}\n{self.log()}")
+            if options_probe(self.port):
+                return self
+        self.stop()
+        raise AssertionError(f"server did not answer within {timeout} s\n{self.log()}")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        if self.process is not None and self.process.stdout is not None:
+            self.process.stdout.close()
+
+    def log(self) -> str:
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return f.read()
+        except OSError:
+            return ""
+
+
+def run_sipp(scenario: str, port: int, *, transport: str = "u1", calls: int = 1, extra: list[str] = (),
+             timeout: float = 30.0) -> subprocess.CompletedProcess:
+    """Run a SIPp scenario from tests/scenarios against 127.0.0.1:port; returns the finished process."""
+    sipp = require("sipp")
+    workdir = tempfile.mkdtemp(prefix="sipp-")
+    args = [sipp, "-sf", os.path.join(SCENARIOS, scenario), "-i", "127.0.0.1", "-p", str(free_port()),
+            "-t", transport, "-m", str(calls), "-nostdin", "-timeout", f"{int(timeout)}s",
+            "-timeout_error", "-trace_err", "-trace_stat", *extra, f"127.0.0.1:{port}"]
+    result = subprocess.run(args, cwd=workdir, capture_output=True, timeout=timeout + 30)
+    result.workdir = workdir
+    return result
+
+
+def sipp_errors(result: subprocess.CompletedProcess) -> str:
+    out = []
+    for name in os.listdir(result.workdir):
+        if name.endswith("_errors.log"):
+            with open(os.path.join(result.workdir, name), errors="replace") as f:
+                out.append(f.read())
+    return "\n".join(out) + result.stdout.decode(errors="replace")[-3000:]

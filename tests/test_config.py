@@ -1,0 +1,55 @@
+import os
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from proxy.config import ListenerConfig, load_config, parse_config
+from proxy.errors import ConfigError
+
+SAMPLE = os.path.join(os.path.dirname(__file__), os.pardir, "etc", "sipproxy.toml")
+
+
+class ConfigTests(SynchronousTestCase):
+    def test_sample_config_is_valid_and_equals_defaults(self):
+        config = load_config(SAMPLE)
+        defaults = load_config(None)
+        self.assertEqual(config.server, defaults.server)
+        self.assertEqual(config.timers, defaults.timers)
+
+    def error(self, data):
+        return self.assertRaises(ConfigError, parse_config, data, "site.toml")
+
+    def test_unknown_key_names_file_and_key(self):
+        e = self.error({"timers": {"t3": 1}})
+        self.assertEqual(str(e), "site.toml: timers.t3: unknown key")
+
+    def test_unknown_section(self):
+        self.assertEqual(self.error({"sever": {}}).key, "sever")
+
+    def test_wrong_type(self):
+        self.assertEqual(str(self.error({"timers": {"t1": "fast"}})), "site.toml: timers.t1: must be a number")
+
+    def test_out_of_range(self):
+        e = self.error({"timers": {"t1": 0}})
+        self.assertEqual(e.reason, "must be a number greater than 0")
+        e = self.error({"timers": {"t1": 5, "t2": 4}})
+        self.assertEqual(e.key, "timers.t2")
+
+    def test_bad_listener(self):
+        e = self.error({"server": {"listen": ["sctp:5060"]}})
+        self.assertEqual(e.key, "server.listen")
+        self.assertIn("sctp", e.reason)
+
+    def test_listeners(self):
+        self.assertEqual(ListenerConfig.parse("udp:5070:interface=127.0.0.1"),
+                         ListenerConfig("UDP", 5070, "127.0.0.1", "udp:5070:interface=127.0.0.1"))
+        tls = ListenerConfig.parse("ssl:5061:privateKey=k.pem:certKey=c.pem")
+        self.assertEqual((tls.transport, tls.port), ("TLS", 5061))
+
+    def test_unreadable_and_bad_toml(self):
+        e = self.assertRaises(ConfigError, load_config, "/nonexistent/sipproxy.toml")
+        self.assertIn("cannot read", str(e))
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("[server\n")
+        e = self.assertRaises(ConfigError, load_config, path)
+        self.assertIn("not valid TOML", str(e))
