@@ -7,10 +7,13 @@ lookup, `name` is what the peer wrote (a compact `v` stays `v` when
 forwarded). Only the fields a decision needs are ever parsed further.
 """
 
+import re
+
 import attrs
 
 from proxy.errors import SipParseError
 from proxy.sip.grammar import (
+    TOKEN_RE,
     ascii_lower,
     format_params,
     has_param,
@@ -56,14 +59,26 @@ LIST_HEADERS = frozenset(
 )
 
 # Fields that may appear once only (section 20); a second one is a 400.
-SINGLE_HEADERS = ("call-id", "cseq", "from", "to", "max-forwards", "content-type")
+SINGLE_HEADERS = ("call-id", "cseq", "from", "to", "max-forwards", "content-type", "content-length")
+
+
+_KEYS: dict[str, str] = {}
 
 
 def header_key(name: str) -> str:
-    """Canonical lookup key for a header name: ASCII lowercase, compact forms expanded."""
+    """Canonical lookup key for a header name: ASCII lowercase, compact forms expanded.
+
+    Memoised: the same few dozen names recur in every message, and this runs
+    once per header line and once per lookup (bench/bench_parse.py).
+    """
+    key = _KEYS.get(name)
+    if key is not None:
+        return key
     key = ascii_lower(name)
     if len(key) == 1:
-        return COMPACT_FORMS.get(key, key)
+        key = COMPACT_FORMS.get(key, key)
+    if len(_KEYS) < 4096 and TOKEN_RE.match(name):
+        _KEYS[name] = key
     return key
 
 
@@ -75,10 +90,25 @@ class Headers:
     set Max-Forwards, drop a Route) copy one tuple; see bench/bench_parse.py.
     """
 
-    __slots__ = ("_fields",)
+    __slots__ = ("_fields", "_first", "_repeated")
 
-    def __init__(self, fields: tuple[tuple[str, str, str], ...] = ()):
+    def __init__(self, fields: tuple[tuple[str, str, str], ...] = (), first: dict[str, str] | None = None,
+                 repeated: str | None = None):
+        # `first` and `repeated` are what the parser learnt in its one pass:
+        # the first value per key, and the first single-value header seen twice.
         self._fields = fields
+        self._first = first
+        self._repeated = repeated
+
+    def _index(self) -> dict[str, str]:
+        """First value per key, built on the first lookup: later lookups are one dict get."""
+        first = self._first
+        if first is None:
+            first = {}
+            for k, _, value in reversed(self._fields):
+                first[k] = value
+            self._first = first
+        return first
 
     @classmethod
     def of(cls, *pairs: tuple[str, str]) -> "Headers":
@@ -100,16 +130,14 @@ class Headers:
         return f"Headers({list(self)!r})"
 
     def __contains__(self, name: str) -> bool:
-        key = header_key(name)
-        return any(k == key for k, _, _ in self._fields)
+        return header_key(name) in self._index()
 
     def get(self, name: str, default: str | None = None) -> str | None:
         """The first field's whole value (not split on commas)."""
-        key = header_key(name)
-        for k, _, value in self._fields:
-            if k == key:
-                return value
-        return default
+        first = self._first
+        if first is None:
+            first = self._index()
+        return first.get(_KEYS.get(name) or header_key(name), default)
 
     def get_lines(self, name: str) -> list[str]:
         """Every field of that name, each whole value as received."""
@@ -128,6 +156,18 @@ class Headers:
                         out.append(part)
         return out
 
+    def repeated(self, names: tuple[str, ...]) -> str | None:
+        """The first of `names` (canonical keys) that occurs more than once, in one pass."""
+        if self._first is not None and names is SINGLE_HEADERS:
+            return self._repeated
+        seen = set()
+        for k, _, _ in self._fields:
+            if k in names:
+                if k in seen:
+                    return k
+                seen.add(k)
+        return None
+
     def count(self, name: str) -> int:
         key = header_key(name)
         return sum(1 for k, _, _ in self._fields if k == key)
@@ -141,18 +181,14 @@ class Headers:
     def set(self, name: str, value: str) -> "Headers":
         """Replace the first field of that name in place, or append; drop the others."""
         key = header_key(name)
-        out = []
-        done = False
-        for field in self._fields:
+        fields = self._fields
+        for i, field in enumerate(fields):
             if field[0] == key:
-                if not done:
-                    out.append((key, field[1], value))
-                    done = True
-            else:
-                out.append(field)
-        if not done:
-            out.append((key, name, value))
-        return Headers(tuple(out))
+                rest = fields[i + 1 :]
+                if self._repeated == key or any(f[0] == key for f in rest):
+                    rest = tuple(f for f in rest if f[0] != key)
+                return Headers(fields[:i] + ((key, field[1], value),) + rest)
+        return Headers(fields + ((key, name, value),))
 
     def remove(self, name: str) -> "Headers":
         key = header_key(name)
@@ -191,7 +227,7 @@ class Headers:
         return None
 
     def serialize_into(self, lines: list[str]) -> None:
-        lines.extend(f"{name}: {value}" for _, name, value in self._fields)
+        lines += [f"{name}: {value}" for _, name, value in self._fields]
 
 
 @attrs.frozen
@@ -206,6 +242,16 @@ class Via:
 
     @classmethod
     def parse(cls, text: str) -> "Via":
+        # Fast path for the shape nearly every Via has; anything else
+        # (LWS around '/', IPv6, odd spacing) takes the full grammar below.
+        m = _VIA_FAST_RE.match(text)
+        if m is not None:
+            transport, host_text, port_text, param_text = m.groups()
+            port = parse_port(port_text, "Via") if port_text is not None else None
+            params = parse_params(param_text, "Via") if param_text is not None else ()
+            if params and has_param(params, "branch") and not param_value(params, "branch"):
+                raise SipParseError.because("Bad Via: empty branch")
+            return cls(transport=transport.upper(), host=parse_host(host_text, "Via"), port=port, params=params)
         proto, sep, rest = _split_sent_protocol(text)
         sent_by, semi, param_text = rest.partition(";")
         sent_by = sent_by.strip(" \t")
@@ -257,6 +303,9 @@ class Via:
         if not done:
             out.append((name, value))
         return attrs.evolve(self, params=tuple(out))
+
+
+_VIA_FAST_RE = re.compile(r"SIP/2\.0/([A-Za-z]+) ([A-Za-z0-9.\-]+)(?::([0-9]+))?(?:;(.*))?\Z")
 
 
 def _split_sent_protocol(text: str) -> tuple[str, str, str]:

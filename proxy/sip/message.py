@@ -43,12 +43,12 @@ REASONS = {
 class Message:
     """What requests and responses share: headers, body, and the lazily parsed fields."""
 
-    __slots__ = ("headers", "body", "_vias", "_cseq", "_from", "_to")
+    __slots__ = ("headers", "body", "_vias", "_top_via", "_cseq", "_from", "_to")
 
     def __init__(self, headers: Headers, body: bytes = b""):
         self.headers = headers
         self.body = body
-        self._vias = self._cseq = self._from = self._to = _UNSET
+        self._vias = self._top_via = self._cseq = self._from = self._to = _UNSET
 
     @property
     def vias(self) -> list[Via]:
@@ -62,12 +62,12 @@ class Message:
 
     @property
     def top_via(self) -> Via:
-        if self._vias is not _UNSET:
-            return self._vias[0]
-        value = self.headers.first_value("via")
-        if value is None:
-            raise SipParseError.because("Missing Via")
-        return Via.parse(value)
+        if self._top_via is _UNSET:
+            value = self.headers.first_value("via")
+            if value is None:
+                raise SipParseError.because("Missing Via")
+            self._top_via = Via.parse(value)
+        return self._top_via
 
     @property
     def cseq(self) -> CSeq:
@@ -104,13 +104,14 @@ class Message:
         """Parse every field the proxy relies on; raise SipParseError on the first defect.
 
         RFC 3261 section 8.1.1: To, From, CSeq, Call-ID, Max-Forwards (optional
-        here, RFC 2543 peers omit it) and Via. A single-value header given twice
-        is refused (RFC 4475 3.3.8).
+        here, RFC 2543 peers omit it) and the top Via: a proxy checks what it
+        uses (section 16.3); lower Vias are the next hops' business. A
+        single-value header given twice is refused (RFC 4475 3.3.8).
         """
-        for key in SINGLE_HEADERS:
-            if self.headers.count(key) > 1:
-                raise SipParseError.because(f"Multiple {_LABELS[key]} headers")
-        self.vias
+        repeated = self.headers.repeated(SINGLE_HEADERS)
+        if repeated is not None:
+            raise SipParseError.because(f"Multiple {_LABELS[repeated]} headers")
+        self.top_via
         self.cseq
         self.call_id
         self.from_
@@ -131,7 +132,7 @@ class Message:
 
 _LABELS = {
     "call-id": "Call-ID", "cseq": "CSeq", "from": "From", "to": "To",
-    "max-forwards": "Max-Forwards", "content-type": "Content-Type",
+    "max-forwards": "Max-Forwards", "content-type": "Content-Type", "content-length": "Content-Length",
 }
 
 
@@ -139,7 +140,10 @@ class Request(Message):
     __slots__ = ("method", "uri_text", "_uri")
 
     def __init__(self, method: str, uri: str, headers: Headers, body: bytes = b""):
-        super().__init__(headers, body)
+        # Fields set here rather than through super().__init__: one call less per hop.
+        self.headers = headers
+        self.body = body
+        self._vias = self._top_via = self._cseq = self._from = self._to = _UNSET
         self.method = method
         self.uri_text = uri
         self._uri = _UNSET

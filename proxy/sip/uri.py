@@ -6,6 +6,7 @@
 `equivalent_to`, not `==`.
 """
 
+import functools
 import ipaddress
 import re
 from urllib.parse import unquote as _pct_unquote
@@ -42,12 +43,26 @@ def _pct_decode(text: str) -> str:
     return _pct_unquote(text, errors="surrogateescape") if "%" in text else text
 
 
+_HOSTS: dict[str, str] = {}
+
+
 def parse_host(text: str, what: str = "URI") -> str:
     """Validate a host (name, IPv4 or [IPv6]) and return it normalised.
 
     Names are lowercased; IPv6 references lose their brackets and take the
     compressed form, so that equal addresses compare equal as strings.
+    Memoised: a site's messages name the same few hosts over and over.
     """
+    host = _HOSTS.get(text)
+    if host is not None:
+        return host
+    host = _parse_host(text, what)
+    if len(_HOSTS) < 8192:
+        _HOSTS[text] = host
+    return host
+
+
+def _parse_host(text: str, what: str) -> str:
     if not text:
         raise SipParseError.because(f"Missing host in {what}")
     if text[0] == "[":
@@ -245,12 +260,25 @@ def parse_uri(text: str) -> Uri:
 
 @attrs.frozen
 class NameAddr:
-    """The value of From, To, Contact, Route, Record-Route (name-addr or addr-spec)."""
+    """The value of From, To, Contact, Route, Record-Route (name-addr or addr-spec).
 
-    uri: Uri
+    The URI is kept as text and parsed when first asked for: a proxy needs
+    the tags of From and To on every message but their URIs rarely (RFC 3261
+    16.3 asks it to check only what it uses).
+    """
+
+    uri_text: str
     display_name: str | None = None
     params: tuple[tuple[str, str | None], ...] = ()
     bracketed: bool = True
+
+    @classmethod
+    def of(cls, uri: "Uri", display_name: str | None = None, params=()) -> "NameAddr":
+        return cls(uri_text=str(uri), display_name=display_name, params=tuple(params))
+
+    @functools.cached_property
+    def uri(self) -> "Uri":
+        return parse_uri(self.uri_text)
 
     @classmethod
     def parse(cls, text: str, what: str = "header") -> "NameAddr":
@@ -298,15 +326,17 @@ class NameAddr:
             if after[0] != ";":
                 raise SipParseError.because(f"Junk after URI in {what}")
             params = parse_params(after[1:], what)
-        return cls(uri=parse_uri(uri_text), display_name=display, params=params, bracketed=bracketed)
+        if not uri_text or ":" not in uri_text:
+            raise SipParseError.because(f"Bad URI in {what}")
+        return cls(uri_text=uri_text, display_name=display, params=params, bracketed=bracketed)
 
     def __str__(self) -> str:
         if self.display_name is not None:
             name = self.display_name
             shown = name if name and all(is_token(w) for w in name.split(" ")) else quote(name)
-            head = f"{shown} <{self.uri}>"
+            head = f"{shown} <{self.uri_text}>"
         else:
-            head = f"<{self.uri}>"
+            head = f"<{self.uri_text}>"
         return head + format_params(self.params)
 
     @property

@@ -16,10 +16,14 @@ import re
 
 from proxy.errors import SipParseError
 from proxy.sip.grammar import TOKEN_RE
-from proxy.sip.headers import Headers, header_key
+from proxy.sip.headers import _KEYS, SINGLE_HEADERS, Headers, header_key
 from proxy.sip.message import SIP_VERSION, Request, Response
 
 MAX_DATAGRAM = 65507
+_SINGLE = frozenset(SINGLE_HEADERS)
+_KNOWN_METHODS = frozenset(("INVITE", "ACK", "BYE", "CANCEL", "OPTIONS", "REGISTER", "REFER", "NOTIFY", "INFO",
+                            "SUBSCRIBE", "UPDATE", "PRACK", "MESSAGE", "PUBLISH"))
+_FOLD_RE = re.compile(r"[ \t]*\r?\n[ \t]+")
 _VERSION_RE = re.compile(r"SIP/(\d+)\.(\d+)\Z", re.IGNORECASE)
 
 
@@ -49,6 +53,9 @@ def parse_message(data: bytes, *, stream: bool = False, head_only: bool = False)
     # surrogateescape: Latin-1 caller IDs from the phones (seed 001 line 757)
     # are not UTF-8; they survive the round trip byte for byte.
     text = data[:head_end].decode("utf-8", "surrogateescape")
+    if "\n " in text or "\n\t" in text:
+        # Undo folding (section 7.3.1) once for the whole header section.
+        text = _FOLD_RE.sub(" ", text)
     lines = text.split("\r\n")
     if len(lines) == 1 and "\n" in text:
         lines = text.split("\n")
@@ -65,7 +72,7 @@ def _parse_request(start, lines, data, body_start, stream) -> Request:
     if len(parts) != 3:
         raise SipParseError.because("Malformed request line")
     method, uri, version = parts
-    if not method or not TOKEN_RE.match(method):
+    if method not in _KNOWN_METHODS and not TOKEN_RE.match(method):
         raise SipParseError.because("Malformed request line")
     if not uri or uri[0] == "<" or "\t" in uri:
         raise SipParseError.because("Malformed Request-URI")
@@ -101,38 +108,42 @@ def _parse_response(start, lines, data, body_start, stream) -> Response:
 
 
 def _parse_headers(lines: list[str], error) -> Headers:
+    # Hot path: one partition per line; the token check runs only for names
+    # not seen before (the key cache holds only names that passed it); the
+    # first-value index is built in the same pass.
+    keys = _KEYS
     fields = []
+    first = {}
+    repeated = None
     for line in lines[1:]:
-        if not line:
-            continue
-        if line[0] in " \t":
-            # Folded continuation (section 7.3.1): joins the previous value.
-            if not fields:
-                raise error.because("Malformed header line")
-            key, name, value = fields[-1]
-            more = line.strip(" \t")
-            fields[-1] = (key, name, value + " " + more if value else more)
-            continue
         name, colon, value = line.partition(":")
-        if not colon:
-            raise error.because("Malformed header line")
-        name = name.rstrip(" \t")
-        if not TOKEN_RE.match(name):
-            raise error.because("Malformed header name")
-        fields.append((header_key(name), name, value.strip(" \t")))
-    return Headers(tuple(fields))
+        key = keys.get(name) if colon else None
+        if key is None:
+            if not colon:
+                if not line.strip(" \t"):
+                    continue
+                raise error.because("Malformed header line")
+            name = name.rstrip(" \t")
+            if not TOKEN_RE.match(name):
+                raise error.because("Malformed header name")
+            key = header_key(name)
+        value = value.strip(" \t")
+        fields.append((key, name, value))
+        if key not in first:
+            first[key] = value
+        elif key in _SINGLE and repeated is None:
+            repeated = key
+            if key == "content-length" and value != first[key]:
+                raise error.because("Conflicting Content-Length")
+    return Headers(tuple(fields), first, repeated)
 
 
 def _frame_body(headers: Headers, data: bytes, body_start: int, stream: bool, error) -> bytes:
-    lengths = headers.get_lines("content-length")
-    if not lengths:
+    text = headers.get("content-length")
+    if text is None:
         if stream:
             raise error.because("Missing Content-Length")
         return data[body_start:]
-    values = {v.strip(" \t") for v in lengths}
-    if len(values) > 1:
-        raise error.because("Conflicting Content-Length")
-    text = values.pop()
     if not text.isdigit() or not text.isascii():
         raise error.because("Bad Content-Length")
     length = int(text)

@@ -58,7 +58,7 @@ EXPECTED_REFUSALS = {
     "mismatch02": (400, "CSeq method does not match request method"),
     "bigcode": (400, "Bad status code"),
     "insuf": (400, "Missing Call-ID"),
-    "multi01": (400, "Multiple Call-ID headers"),
+    "multi01": (400, "Multiple CSeq headers"),
     "mcl01": (400, "Conflicting Content-Length"),
 }
 
