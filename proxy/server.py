@@ -130,10 +130,10 @@ class SipServer:
     def _request_received(self, request: Request, source: Source) -> None:
         try:
             request.validate()
+            request = self._stamp_via(request, source)
         except SipParseError as e:
             self._reject(request, source, e)
             return
-        request = self._stamp_via(request, source)
         self.requests[request.method] += 1
         log.debug("{method} {uri} from {host}:{port} (Call-ID {call_id})", method=request.method,
                   uri=request.uri_text, host=source.host, port=source.port, call_id=request.call_id)

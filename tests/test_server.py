@@ -175,6 +175,13 @@ class BadInputTests(SynchronousTestCase):
         dropped_logs = [e for e in events if "Dropped message" in e.get("log_format", "")]
         self.assertEqual(len(dropped_logs), 2)
 
+    def test_quote_before_via_is_refused_not_raised(self):
+        # Found by the hypothesis test: a Via value opening with '"'.
+        data = options(via='" SIP/2.0/UDP 192.0.2.50:5060;branch=z9hG4bKq')
+        self.server.data_received(data, udp_source())
+        self.assertEqual(self.server.dropped["internal_error"], 0)
+        self.assertEqual(self.server.dropped["malformed"], 1)
+
     def test_bad_response_is_dropped_not_answered(self):
         with open(os.path.join(FIXTURES, "bigcode.dat"), "rb") as f:
             self.server.data_received(f.read(), udp_source())
@@ -240,7 +247,7 @@ def mutated(draw):
 class FuzzTests(SynchronousTestCase):
     """Nothing a peer sends may raise out of the protocol layer."""
 
-    @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(st.one_of(st.binary(max_size=400), mutated()))
     def test_datagram_handler_never_raises(self, data):
         server, transports, _ = make_server()

@@ -15,6 +15,7 @@ from proxy.errors import SipParseError
 from proxy.sip.grammar import (
     TOKEN_RE,
     ascii_lower,
+    is_token,
     format_params,
     has_param,
     param_value,
@@ -320,7 +321,7 @@ def _split_sent_protocol(text: str) -> tuple[str, str, str]:
     while cut < len(rest) and rest[cut] not in " \t;":
         cut += 1
     transport = rest[:cut]
-    if not name or not version or not transport:
+    if not is_token(name) or not is_token(version) or not is_token(transport):
         raise SipParseError.because("Bad Via: sent-protocol")
     # Transports are tokens; unknown ones are legal (RFC 4475 3.1.1.10).
     return f"{ascii_lower(name).upper()}/{version}", transport.upper(), rest[cut:]

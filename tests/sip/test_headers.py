@@ -61,7 +61,8 @@ class ViaTests(SynchronousTestCase):
         self.assertEqual(str(via), "SIP/2.0/UDP h;rport=5070;branch=z9hG4bK1")
 
     def test_errors(self):
-        for text in ["SIP/2.0 host", "SIP/2.0/UDP", "SIP/2.0/UDP host;;", "SIP/2.0/UDP host:abc", "SIP/2.0/UDP host;branch="]:
+        for text in ["SIP/2.0 host", "SIP/2.0/UDP", "SIP/2.0/UDP host;;", "SIP/2.0/UDP host:abc", "SIP/2.0/UDP host;branch=",
+                     '" SIP / 2.0 /UDP host;branch=z9hG4bK1']:  # found by the fuzz test
             with self.subTest(text):
                 self.assertRaises(SipParseError, Via.parse, text)
 
