@@ -6,6 +6,7 @@ startup with `ConfigError(file, key, reason)`, e.g.
 Every key has a default, so the server runs with no file at all.
 """
 
+import os
 import tomllib
 
 import attrs
@@ -72,10 +73,18 @@ class ServerConfig:
 
 
 @attrs.frozen
+class TlsConfig:
+    """Outgoing TLS (trunks): whom to trust. Empty = the platform's trust store."""
+
+    ca_file: str = ""
+
+
+@attrs.frozen
 class ProxyConfig:
     path: str = "<defaults>"
     server: ServerConfig = ServerConfig()
     timers: TimerConfig = TimerConfig()
+    tls: TlsConfig = TlsConfig()
 
 
 class _Table:
@@ -145,8 +154,17 @@ def parse_config(data: dict, path: str = "<config>") -> ProxyConfig:
     root = _Table(path, "", data)
     server = _parse_server(root.table("server"))
     timers = _parse_timers(root.table("timers"))
+    tls = _parse_tls(root.table("tls"))
     root.finish()
-    return ProxyConfig(path=path, server=server, timers=timers)
+    return ProxyConfig(path=path, server=server, timers=timers, tls=tls)
+
+
+def _parse_tls(t: _Table) -> TlsConfig:
+    ca_file = t.get("ca_file", "", str)
+    if ca_file and not os.path.isfile(ca_file):
+        raise t.error("ca_file", f"no such file: {ca_file}")
+    t.finish()
+    return TlsConfig(ca_file=ca_file)
 
 
 def _parse_server(t: _Table) -> ServerConfig:

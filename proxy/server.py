@@ -21,6 +21,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from proxy.errors import SipError, SipParseError
+from proxy.sip.grammar import for_log
 from proxy.sip.message import Request, Response, make_response
 from proxy.sip.uri import SipUri
 from proxy.sip.wire import MAX_DATAGRAM, ResponseParseError, parse_message
@@ -136,7 +137,7 @@ class SipServer:
             return
         self.requests[request.method] += 1
         log.debug("{method} {uri} from {host}:{port} (Call-ID {call_id})", method=request.method,
-                  uri=request.uri_text, host=source.host, port=source.port, call_id=request.call_id)
+                  uri=for_log(request.uri_text), host=source.host, port=source.port, call_id=for_log(request.call_id))
         self.transactions.request_received(request, source)
 
     def _response_received(self, response: Response, source: Source) -> None:
@@ -240,7 +241,8 @@ class SipServer:
         except SipError as e:
             self.respond(tx, e.status, e.reason)
         except Exception:
-            log.failure("Error handling {method} (Call-ID {call_id})", method=request.method, call_id=request.call_id)
+            log.failure("Error handling {method} (Call-ID {call_id})", method=request.method,
+                        call_id=for_log(request.call_id))
             if tx.state in ("Trying", "Proceeding"):
                 self.respond(tx, 500, "Server Internal Error")
 

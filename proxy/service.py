@@ -39,13 +39,31 @@ def build_identity(config: ProxyConfig) -> LocalIdentity:
     )
 
 
-def make_connector(reactor, factory_for):
-    """Opens outgoing TCP/TLS connections; TLS is verified against the peer name (service-identity)."""
+def load_trust_root(ca_file: str):
+    """The CAs to verify TLS peers against: a PEM file (one or more certificates), or the platform's."""
+    if not ca_file:
+        return ssl.platformTrust()
+    with open(ca_file, "rb") as f:
+        pem = f.read()
+    marker = b"-----END CERTIFICATE-----"
+    certs = [ssl.Certificate.loadPEM(part + marker) for part in pem.split(marker) if b"BEGIN CERTIFICATE" in part]
+    return ssl.trustRootFromCertificates(certs)
+
+
+def make_connector(reactor, factory_for, trust_root=None):
+    """Opens outgoing TCP/TLS connections.
+
+    TLS (trunks, never phones: they have no TLS) is verified: the chain
+    against `trust_root`, the name against `tls_name` (or the host) through
+    service-identity, as `optionsForClientTLS` does.
+    """
+    trust = trust_root if trust_root is not None else ssl.platformTrust()
 
     def connect(transport: str, host: str, port: int, tls_name: str | None = None):
         endpoint = endpoints.TCP4ClientEndpoint(reactor, host, port, timeout=10)
         if transport == "TLS":
-            endpoint = endpoints.wrapClientTLS(ssl.optionsForClientTLS(tls_name or host), endpoint)
+            options = ssl.optionsForClientTLS(tls_name or host, trustRoot=trust)
+            endpoint = endpoints.wrapClientTLS(options, endpoint)
         return endpoint.connect(factory_for(transport))
 
     return connect
@@ -68,7 +86,7 @@ def build_service(config: ProxyConfig, reactor) -> tuple[service.MultiService, S
                                                config.server.max_message_size)
         return factories[name]
 
-    transports.connector = make_connector(reactor, factory_for)
+    transports.connector = make_connector(reactor, factory_for, load_trust_root(config.tls.ca_file))
     for listener in config.server.listen:
         if listener.transport == "UDP":
             udp = internet.UDPServer(listener.port, SipDatagramProtocol(server, transports),

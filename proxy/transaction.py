@@ -19,6 +19,7 @@ import attrs
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from proxy.sip.grammar import for_log
 from proxy.sip.headers import Headers
 from proxy.sip.message import Request, Response
 from proxy.transport import Destination, Source
@@ -219,7 +220,7 @@ class ServerTransaction(_Transaction):
 
     def _timer_h(self) -> None:
         log.info("No ACK for {status} to INVITE (Call-ID {call_id})",
-                 status=self.last_response.status, call_id=self.request.call_id)
+                 status=self.last_response.status, call_id=for_log(self.request.call_id))
         self._terminate()
 
 

@@ -158,3 +158,14 @@ def has_param(params: tuple[tuple[str, str | None], ...], name: str) -> bool:
 
 def collapse_lws(text: str) -> str:
     return _LWS_RE.sub(" ", text)
+
+
+def for_log(text: str) -> str:
+    """Peer-supplied text made safe for log files.
+
+    Non-UTF-8 bytes survive parsing as surrogate escapes (wire.py); a log
+    file writer cannot encode those, so they are shown as \\xNN.
+    """
+    if text.isascii():
+        return text
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")

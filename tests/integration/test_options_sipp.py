@@ -6,13 +6,10 @@ from tests.integration.harness import ServerProcess, options_probe, run_sipp, si
 
 
 class OptionsWithSippTests(SynchronousTestCase):
-    @classmethod
-    def setUpClass(cls):
-        cls.server = ServerProcess().start()
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.server.stop()
+    def setUp(self):
+        # Per test, not setUpClass: trial does not run class fixtures.
+        self.server = ServerProcess().start()
+        self.addCleanup(self.server.stop)
 
     def check(self, transport):
         result = run_sipp("options.xml", self.server.port, transport=transport, calls=5)
