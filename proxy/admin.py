@@ -1,23 +1,58 @@
 """`sipproxy-admin`: the administrator's command line.
 
-Later issues add the commands (users, registrations, forwarding, reboot);
-today it prints its help and the version.
+It reads the same TOML as the server (`-c FILE`, or $SIPPROXY_CONFIG, or
+the embedded defaults) to find the state directory, the realm and the admin
+API. Users are edited in the users file directly (safe: locked, atomic, and
+the running server reloads it); what needs the running server
+(registrations) goes through the admin API with the token from the state
+directory.
 """
 
 import argparse
+import getpass
+import json
+import os
 import sys
+import urllib.error
+import urllib.request
 
 from proxy import __version__
+from proxy.adminapi import TOKEN_FILE
+from proxy.config import ProxyConfig, load_config
+from proxy.credentials import USERS_FILE, UserFileError, UserRecord, compute_ha1, locked_users, read_users, valid_user_name
+from proxy.errors import ConfigError
+
+
+class AdminError(Exception):
+    """Printed as `sipproxy-admin: <message>`, exit status 1."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sipproxy-admin",
-        description="Administer a sipproxy server: users, registrations, forwarding, phones.",
+        description="Administer a sipproxy server: users, registrations.",
     )
     parser.add_argument("--version", action="version", version=f"sipproxy {__version__}")
-    parser.add_argument("-c", "--config", help="the server's TOML configuration file")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.add_argument("-c", "--config", default=os.environ.get("SIPPROXY_CONFIG"),
+                        help="the server's TOML configuration (default: $SIPPROXY_CONFIG, else built-in defaults)")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    user = commands.add_parser("user", help="add, change, remove and list users")
+    user_commands = user.add_subparsers(dest="user_command", metavar="ACTION", required=True)
+    add = user_commands.add_parser("add", help="add a user (password prompted unless --password)")
+    add.add_argument("name")
+    add.add_argument("--password", help="for scripts; prompted when left out")
+    add.add_argument("--display-name", default="", help="shown in the phone directory")
+    passwd = user_commands.add_parser("passwd", help="set a user's password")
+    passwd.add_argument("name")
+    passwd.add_argument("--password")
+    remove = user_commands.add_parser("remove", help="remove a user")
+    remove.add_argument("name")
+    listing = user_commands.add_parser("list", help="list users")
+    listing.add_argument("--json", action="store_true")
+
+    regs = commands.add_parser("registrations", help="list current registrations (needs the running server)")
+    regs.add_argument("--json", action="store_true")
     return parser
 
 
@@ -27,6 +62,135 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    try:
+        config = load_config(args.config)
+        if args.command == "user":
+            return _user(config, args)
+        if args.command == "registrations":
+            return _registrations(config, args)
+    except (ConfigError, AdminError, UserFileError) as e:
+        print(f"sipproxy-admin: {e}", file=sys.stderr)
+        return 1
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+def _users_path(config: ProxyConfig) -> str:
+    return os.path.join(config.server.state_dir, USERS_FILE)
+
+
+def _password(given: str | None, name: str) -> str:
+    if given is not None:
+        if not given:
+            raise AdminError("the password must not be empty")
+        return given
+    first = getpass.getpass(f"Password for {name}: ")
+    second = getpass.getpass("Again: ")
+    if first != second:
+        raise AdminError("the passwords differ")
+    if not first:
+        raise AdminError("the password must not be empty")
+    return first
+
+
+def _user(config: ProxyConfig, args) -> int:
+    path = _users_path(config)
+    realm = config.realm
+    action = args.user_command
+    if action == "list":
+        users = sorted(read_users(path).values(), key=lambda u: u.name)
+        if args.json:
+            print(json.dumps([{"name": u.name, "realm": u.realm, "display_name": u.display_name} for u in users], indent=1))
+        else:
+            for u in users:
+                stale = "" if u.realm == realm else f"  (realm {u.realm!r} differs from {realm!r}: set the password again)"
+                print(f"{u.name}\t{u.display_name}{stale}")
+        return 0
+    name = args.name
+    if action == "add":
+        if not valid_user_name(name):
+            raise AdminError(f"{name!r} cannot be a user name (letters, digits and -_.!~*'()&=+$,;?/ only)")
+        if name.upper() == "UNPROVISIONED":
+            raise AdminError("UNPROVISIONED is the phones' default auth name, not a user")
+        password = _password(args.password, name)
+        with locked_users(path) as users:
+            if name in users:
+                raise AdminError(f"user {name} exists; use 'user passwd'")
+            users[name] = UserRecord(name=name, realm=realm, ha1=compute_ha1(name, realm, password),
+                                     display_name=args.display_name)
+        print(f"added {name}")
+        return 0
+    if action == "passwd":
+        password = _password(args.password, name)
+        with locked_users(path) as users:
+            if name not in users:
+                raise AdminError(f"no user {name}")
+            old = users[name]
+            users[name] = UserRecord(name=name, realm=realm, ha1=compute_ha1(name, realm, password),
+                                     display_name=old.display_name)
+        print(f"password of {name} set")
+        return 0
+    if action == "remove":
+        with locked_users(path) as users:
+            if users.pop(name, None) is None:
+                raise AdminError(f"no user {name}")
+        print(f"removed {name}")
+        return 0
+    raise AdminError(f"unknown action {action}")
+
+
+def api_get(config: ProxyConfig, path: str, timeout: float = 5.0) -> dict:
+    """GET from the running server's admin API."""
+    base = api_base(config.admin.listen)
+    token_path = os.path.join(config.server.state_dir, TOKEN_FILE)
+    try:
+        with open(token_path) as f:
+            token = f.read().strip()
+    except OSError as e:
+        raise AdminError(f"cannot read the admin token {token_path}: {e.strerror} (has the server run?)") from None
+    request = urllib.request.Request(base + path, headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.load(response)
+    except urllib.error.HTTPError as e:
+        raise AdminError(f"the server answered {e.code} for {path}") from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise AdminError(f"cannot reach the server's admin API at {base}: {reason} (is it running?)") from None
+
+
+def api_base(listen: str) -> str:
+    """http://host:port from a `tcp:PORT:interface=ADDR` endpoint description."""
+    parts = listen.split(":")
+    port = next((p for p in parts[1:] if p.isdigit()), None)
+    if port is None:
+        port = next((p.split("=", 1)[1] for p in parts if p.startswith("port=")), None)
+    interface = next((p.split("=", 1)[1] for p in parts if p.startswith("interface=")), "127.0.0.1")
+    if interface in ("", "0.0.0.0", "::"):
+        interface = "127.0.0.1"
+    if port is None:
+        raise AdminError(f"cannot tell the admin API address from admin.listen = {listen!r}")
+    host = f"[{interface}]" if ":" in interface else interface
+    return f"http://{host}:{port}"
+
+
+def _registrations(config: ProxyConfig, args) -> int:
+    rows = api_get(config, "/api/registrations")["registrations"]
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    if not rows:
+        print("no registrations")
+        return 0
+    header = ("AOR", "CONTACT", "EXPIRES", "SOURCE", "USER-AGENT", "INSTANCE")
+    table = [header] + [
+        (r["aor"], r["contact"], f"{r['expires_in']}s", f"{r['source']}/{r['transport'].lower()}",
+         r["user_agent"] or "-", r["mac"] or r["instance"] or "-")
+        for r in rows
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
+    for row in table:
+        print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:-1])) + "  " + row[-1])
     return 0
 
 

@@ -73,6 +73,35 @@ class ServerConfig:
 
 
 @attrs.frozen
+class RegistrarConfig:
+    min_expires: int = 60
+    max_expires: int = 3600
+    default_expires: int = 3600
+    # Answer with an expiry randomised down to this percentage below the
+    # requested one, so phones rebooted together do not refresh together.
+    expires_range: int = 0
+    # Where requests (and responses) for NATed phones go: auto, always, never.
+    nat_mode: str = "auto"
+
+
+@attrs.frozen
+class AuthSettings:
+    realm: str = ""  # empty: the first domain
+    offer_qop: bool = True
+    accept_rfc2069: bool = True
+    nonce_lifetime: float = 300.0
+    nonce_lifetime_no_qop: float = 30.0
+    max_failures: int = 10
+    failure_window: float = 60.0
+    lockout: float = 300.0
+
+
+@attrs.frozen
+class AdminConfig:
+    listen: str = "tcp:8060:interface=127.0.0.1"
+
+
+@attrs.frozen
 class TlsConfig:
     """Outgoing TLS (trunks): whom to trust. Empty = the platform's trust store."""
 
@@ -85,6 +114,13 @@ class ProxyConfig:
     server: ServerConfig = ServerConfig()
     timers: TimerConfig = TimerConfig()
     tls: TlsConfig = TlsConfig()
+    registrar: RegistrarConfig = RegistrarConfig()
+    auth: AuthSettings = AuthSettings()
+    admin: AdminConfig = AdminConfig()
+
+    @property
+    def realm(self) -> str:
+        return self.auth.realm or self.server.domains[0]
 
 
 class _Table:
@@ -155,8 +191,60 @@ def parse_config(data: dict, path: str = "<config>") -> ProxyConfig:
     server = _parse_server(root.table("server"))
     timers = _parse_timers(root.table("timers"))
     tls = _parse_tls(root.table("tls"))
+    registrar = _parse_registrar(root.table("registrar"))
+    auth = _parse_auth(root.table("auth"))
+    admin = _parse_admin(root.table("admin"))
     root.finish()
-    return ProxyConfig(path=path, server=server, timers=timers, tls=tls)
+    return ProxyConfig(path=path, server=server, timers=timers, tls=tls, registrar=registrar, auth=auth, admin=admin)
+
+
+_POSITIVE = (lambda v: v > 0, "must be greater than 0")
+
+
+def _parse_registrar(t: _Table) -> RegistrarConfig:
+    d = RegistrarConfig()
+    min_e = t.get("min_expires", d.min_expires, int, lambda v: v >= 1, "must be at least 1")
+    max_e = t.get("max_expires", d.max_expires, int, lambda v: v >= 1, "must be at least 1")
+    default_e = t.get("default_expires", d.default_expires, int, lambda v: v >= 1, "must be at least 1")
+    if max_e < min_e:
+        raise t.error("max_expires", "must not be smaller than min_expires")
+    if not min_e <= default_e <= max_e:
+        raise t.error("default_expires", "must lie between min_expires and max_expires")
+    config = RegistrarConfig(
+        min_expires=min_e, max_expires=max_e, default_expires=default_e,
+        expires_range=t.get("expires_range", d.expires_range, int, lambda v: 0 <= v <= 90, "must be 0 to 90 (percent)"),
+        nat_mode=t.get("nat_mode", d.nat_mode, str, lambda v: v in ("auto", "always", "never"),
+                       "must be auto, always or never"),
+    )
+    t.finish()
+    return config
+
+
+def _parse_auth(t: _Table) -> AuthSettings:
+    d = AuthSettings()
+    config = AuthSettings(
+        realm=t.get("realm", d.realm, str),
+        offer_qop=t.get("offer_qop", d.offer_qop, bool),
+        accept_rfc2069=t.get("accept_rfc2069", d.accept_rfc2069, bool),
+        nonce_lifetime=t.get("nonce_lifetime", d.nonce_lifetime, float, *_POSITIVE),
+        nonce_lifetime_no_qop=t.get("nonce_lifetime_no_qop", d.nonce_lifetime_no_qop, float, *_POSITIVE),
+        max_failures=t.get("max_failures", d.max_failures, int, *_POSITIVE),
+        failure_window=t.get("failure_window", d.failure_window, float, *_POSITIVE),
+        lockout=t.get("lockout", d.lockout, float, lambda v: v >= 0, "must be 0 or more"),
+    )
+    if '"' in config.realm or "\\" in config.realm:
+        raise t.error("realm", "must not contain quotes or backslashes")
+    t.finish()
+    return config
+
+
+def _parse_admin(t: _Table) -> AdminConfig:
+    listen = t.get("listen", AdminConfig().listen, str, bool, "must not be empty")
+    kind = listen.split(":", 1)[0]
+    if kind not in ("tcp", "tcp6", "unix", "ssl", "tls"):
+        raise t.error("listen", "must be a stream endpoint such as tcp:8060:interface=127.0.0.1")
+    t.finish()
+    return AdminConfig(listen=listen)
 
 
 def _parse_tls(t: _Table) -> TlsConfig:

@@ -9,10 +9,11 @@ import attrs
 
 @attrs.define(eq=False)
 class SipError(Exception):
-    """A request that must be answered with `status` and `reason`."""
+    """A request that must be answered with `status` and `reason` (and these extra headers)."""
 
     status: int
     reason: str
+    headers: tuple[tuple[str, str], ...] = ()
 
     def __str__(self) -> str:
         return f"{self.status} {self.reason}"

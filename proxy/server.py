@@ -82,14 +82,15 @@ class SipServer:
     """Parses, validates and dispatches; the transaction user of the core."""
 
     def __init__(self, clock: IReactorTime, transports, identity: LocalIdentity, timers, *,
-                 max_message_size: int = MAX_DATAGRAM, server_header: str = "sipproxy"):
+                 max_message_size: int = MAX_DATAGRAM, server_header: str = "sipproxy", nat_mode: str = "auto"):
         self.clock = clock
         self.transports = transports
         self.identity = identity
         self.max_message_size = max_message_size
         self.server_header = server_header
-        self.transactions = TransactionLayer(clock, transports, timers, user=self)
+        self.transactions = TransactionLayer(clock, transports, timers, user=self, nat_mode=nat_mode)
         self.handlers: dict[str, object] = {}
+        self.components: dict[str, object] = {}  # what service.py built, by name (admin API, plugins)
         self.route = self._no_route
         self.dropped: Counter = Counter()
         self.requests: Counter = Counter()
@@ -181,7 +182,7 @@ class SipServer:
             return
         try:
             response = make_response(request, error.status, error.reason, to_tag=new_tag())
-            destination = response_destination(self._stamp_via(request, source), source)
+            destination = response_destination(self._stamp_via(request, source), source, self.transactions.nat_mode)
         except SipParseError:
             self._drop("malformed", source, str(error))
             return
@@ -239,7 +240,7 @@ class SipServer:
         try:
             self._dispatch(tx, request)
         except SipError as e:
-            self.respond(tx, e.status, e.reason)
+            self.respond(tx, e.status, e.reason, extra=e.headers)
         except Exception:
             log.failure("Error handling {method} (Call-ID {call_id})", method=request.method,
                         call_id=for_log(request.call_id))

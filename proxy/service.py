@@ -4,13 +4,21 @@ This is the only place that knows about reactors and sockets; everything it
 builds takes the reactor as a parameter, so tests can pass a fake one.
 """
 
+import os
 import socket
 
 from twisted.application import internet, service, strports
 from twisted.internet import endpoints, ssl
 from twisted.logger import Logger
 
+from twisted.web import server as server_mod
+
+from proxy.adminapi import AdminApi, load_or_create_token
+from proxy.auth import AuthConfig, DigestAuthenticator, load_secret
 from proxy.config import ProxyConfig
+from proxy.credentials import USERS_FILE, FileCredentials
+from proxy.location import SqliteLocationService
+from proxy.registrar import Registrar
 from proxy.server import LocalIdentity, SipServer
 from proxy.transaction import Timers
 from proxy.transport import SipDatagramProtocol, SipStreamFactory, Transports
@@ -69,15 +77,52 @@ def make_connector(reactor, factory_for, trust_root=None):
     return connect
 
 
+class _LocationService(service.Service):
+    """Starts the binding sweeper with the server, closes the database on stop."""
+
+    def __init__(self, location: SqliteLocationService):
+        self.location = location
+
+    def startService(self):
+        super().startService()
+        self.location.start()
+
+    def stopService(self):
+        self.location.stop()
+        return super().stopService()
+
+
 def build_service(config: ProxyConfig, reactor) -> tuple[service.MultiService, SipServer]:
     top = service.MultiService()
+    state_dir = config.server.state_dir
+    os.makedirs(state_dir, mode=0o700, exist_ok=True)
     transports = Transports(clock=reactor)
     timers = Timers(t1=config.timers.t1, t2=config.timers.t2, t4=config.timers.t4)
+    identity = build_identity(config)
     server = SipServer(
-        reactor, transports, build_identity(config), timers,
+        reactor, transports, identity, timers,
         max_message_size=config.server.max_message_size,
         server_header=config.server.server_header,
+        nat_mode=config.registrar.nat_mode,
     )
+    credentials = FileCredentials(os.path.join(state_dir, USERS_FILE), reactor)
+    a = config.auth
+    authenticator = DigestAuthenticator(
+        reactor, credentials,
+        AuthConfig(realm=config.realm, offer_qop=a.offer_qop, accept_rfc2069=a.accept_rfc2069,
+                   nonce_lifetime=a.nonce_lifetime, nonce_lifetime_no_qop=a.nonce_lifetime_no_qop,
+                   max_failures=a.max_failures, failure_window=a.failure_window, lockout=a.lockout),
+        load_secret(state_dir),
+    )
+    location = SqliteLocationService(os.path.join(state_dir, "location.sqlite"), reactor)
+    _LocationService(location).setServiceParent(top)
+    registrar = Registrar(server, location, authenticator, config.registrar, identity, config.server.domains[0])
+    server.handlers["REGISTER"] = registrar.handle
+    server.components = {"credentials": credentials, "authenticator": authenticator, "location": location,
+                         "registrar": registrar}
+
+    api = AdminApi(load_or_create_token(state_dir), reactor, location)
+    strports.service(config.admin.listen, server_mod.Site(api), reactor=reactor).setServiceParent(top)
     factories = {}
 
     def factory_for(name: str) -> SipStreamFactory:

@@ -22,7 +22,7 @@ from twisted.logger import Logger
 from proxy.sip.grammar import for_log
 from proxy.sip.headers import Headers
 from proxy.sip.message import Request, Response
-from proxy.transport import Destination, Source
+from proxy.transport import Destination, Source, is_private_address
 
 log = Logger()
 
@@ -71,13 +71,18 @@ def client_key(branch: str, method: str) -> tuple:
     return (branch, "INVITE" if method == "ACK" else method)
 
 
-def response_destination(request: Request, source: Source) -> Destination:
+def response_destination(request: Request, source: Source, nat_mode: str = "never") -> Destination:
     """Where a response goes, per RFC 3261 18.2.2 and RFC 3581 section 4.
 
     Reliable: back to the source (the connection is tried first by the
     caller). UDP: `received` (or the source) and the `rport` value when the
     client asked for it, else the Via port. The top Via here already carries
     received/rport filled in on receipt.
+
+    The phones send no rport, and behind NAT their Via names a private
+    address and port that cannot be reached (seed 001 line 709). With
+    `nat_mode` auto, a Via host that is private and differs from the source
+    means: answer to the source address and port. `always` always does.
     """
     via = request.top_via
     if source.reliable:
@@ -89,6 +94,8 @@ def response_destination(request: Request, source: Source) -> Destination:
     rport = via.rport
     if rport:
         return Destination("UDP", host, int(rport))
+    if nat_mode == "always" or (nat_mode == "auto" and via.host != source.host and is_private_address(via.host)):
+        return Destination("UDP", source.host, source.port)
     return Destination("UDP", host, via.port or 5060)
 
 
@@ -143,7 +150,7 @@ class ServerTransaction(_Transaction):
         self.is_invite = request.method == "INVITE"
         self.last_response: Response | None = None
         self._wire: bytes | None = None
-        self.destination = response_destination(request, source)
+        self.destination = response_destination(request, source, layer.nat_mode)
         self._interval = 0.0
         self.cancelled = False
         self.state = "Proceeding" if self.is_invite else "Trying"
@@ -355,8 +362,9 @@ class TransactionLayer:
       stray_response(response, source)  a response matching no client transaction
     """
 
-    def __init__(self, clock: IReactorTime, transports, timers: Timers = Timers(), user=None):
+    def __init__(self, clock: IReactorTime, transports, timers: Timers = Timers(), user=None, nat_mode: str = "auto"):
         self.clock = clock
+        self.nat_mode = nat_mode
         self.transports = transports
         self.timers = timers
         self.user = user

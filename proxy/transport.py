@@ -12,6 +12,8 @@ phone is therefore never moved to TCP because it is large (RFC 3261 18.1.1's
 sent and received.
 """
 
+import ipaddress
+
 import attrs
 from twisted.internet import protocol
 from twisted.internet.interfaces import IReactorTime
@@ -24,6 +26,23 @@ from proxy.sip.wire import MAX_DATAGRAM, StreamFramer
 log = Logger()
 
 RELIABLE = frozenset({"TCP", "TLS"})
+
+
+# Addresses that sit behind NAT when seen from elsewhere: RFC 1918, RFC 6598
+# (carrier-grade NAT), link-local, loopback, IPv6 ULA and link-local.
+# (ipaddress's is_private would also count documentation ranges.)
+_NAT_NETWORKS = tuple(ipaddress.ip_network(n) for n in (
+    "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "169.254.0.0/16", "127.0.0.0/8",
+    "fc00::/7", "fe80::/10", "::1/128",
+))
+
+
+def is_private_address(host: str) -> bool:
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return any(address in network for network in _NAT_NETWORKS)
 
 
 @attrs.frozen

@@ -1,5 +1,7 @@
 import os
 
+import attrs
+
 from twisted.application.service import IServiceMaker, IService
 from twisted.internet.testing import MemoryReactorClock
 from twisted.plugin import IPlugin, getPlugins
@@ -43,11 +45,14 @@ class TapTests(SynchronousTestCase):
     def test_builds_service_from_sample(self):
         options = tap.Options()
         options.parseOptions(["--config", SAMPLE])
+        config = options["proxy_config"]
+        config = attrs.evolve(config, server=attrs.evolve(config.server, state_dir=self.mktemp()))
         reactor = UdpMemoryReactor()
-        top, server = build_service(options["proxy_config"], reactor)
+        top, server = build_service(config, reactor)
         verifyObject(IService, top)
-        self.assertEqual(len(list(top)), 2)  # udp:5060 and tcp:5060
+        self.assertEqual(len(list(top)), 4)  # location sweeper, admin API, udp:5060, tcp:5060
         top.startService()
         self.assertEqual([(p[0], p[3]) for p in reactor.udpServers], [(5060, 65535)])
-        self.assertEqual([p[0] for p in reactor.tcpServers if p[1] is not None], [5060])
+        self.assertEqual(sorted(p[0] for p in reactor.tcpServers if p[1] is not None), [5060, 8060])
+        self.assertIn("REGISTER", server.handlers)
         top.stopService()

@@ -1,0 +1,114 @@
+"""The admin HTTP API: JSON over twisted.web, localhost by default, bearer token.
+
+The token is created on first start in `<state_dir>/admin-token` (0600);
+`sipproxy-admin` reads it from there, so whoever can read the state
+directory can administer the server, and nobody else. Every request needs
+`Authorization: Bearer <token>`; a missing or wrong token gets 401, compared
+in constant time.
+
+Routes (later issues add more):
+  GET /api/health          {"status": "ok", "version": ...}
+  GET /api/registrations   every current binding
+"""
+
+import hmac
+import json
+import os
+import secrets
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.web import resource
+
+from proxy import __version__
+from proxy.location import Binding, ILocationService
+
+TOKEN_FILE = "admin-token"
+
+
+def load_or_create_token(state_dir: str) -> str:
+    path = os.path.join(state_dir, TOKEN_FILE)
+    try:
+        with open(path) as f:
+            token = f.read().strip()
+        if len(token) >= 32:
+            return token
+    except FileNotFoundError:
+        pass
+    os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    token = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return token
+
+
+def binding_json(binding: Binding, now: float) -> dict:
+    from proxy.auth import mac_from_instance
+
+    return {
+        "aor": binding.aor,
+        "contact": binding.contact,
+        "expires_in": binding.expires_in(now),
+        "q": binding.q,
+        "source": f"{binding.source_host}:{binding.source_port}",
+        "transport": binding.transport,
+        "user_agent": binding.user_agent,
+        "instance": binding.instance,
+        "mac": mac_from_instance(binding.instance) if binding.instance else None,
+        "call_id": binding.call_id,
+        "registered_at": binding.registered_at,
+    }
+
+
+class _JsonResource(resource.Resource):
+    isLeaf = True
+
+    def __init__(self, api: "AdminApi", handler):
+        super().__init__()
+        self.api = api
+        self.handler = handler
+
+    def render(self, request):
+        request.setHeader(b"Content-Type", b"application/json")
+        request.setHeader(b"Cache-Control", b"no-store")
+        if not self.api.authorized(request):
+            request.setResponseCode(401)
+            request.setHeader(b"WWW-Authenticate", b'Bearer realm="sipproxy-admin"')
+            return json.dumps({"error": "missing or wrong bearer token"}).encode()
+        method = request.method.decode("ascii", "replace")
+        status, body = self.handler(method, request)
+        request.setResponseCode(status)
+        return json.dumps(body, indent=1).encode() + b"\n"
+
+
+class AdminApi(resource.Resource):
+    """The /api tree. Handlers return (status, JSON-able body)."""
+
+    def __init__(self, token: str, clock: IReactorTime, location: ILocationService):
+        super().__init__()
+        self._token = token.encode()
+        self.clock = clock
+        self.location = location
+        api = resource.Resource()
+        self.putChild(b"api", api)
+        self.routes = api
+        self.add_route("health", self._health)
+        self.add_route("registrations", self._registrations)
+
+    def add_route(self, name: str, handler) -> None:
+        """Mount `handler(method, request) -> (status, body)` at /api/<name>."""
+        self.routes.putChild(name.encode(), _JsonResource(self, handler))
+
+    def authorized(self, request) -> bool:
+        header = request.getHeader(b"authorization") or b""
+        scheme, _, token = header.partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self._token)
+
+    def _health(self, method, request):
+        return 200, {"status": "ok", "version": __version__}
+
+    def _registrations(self, method, request):
+        if method != "GET":
+            return 405, {"error": "use GET"}
+        now = self.clock.seconds()
+        return 200, {"registrations": [binding_json(b, now) for b in self.location.all_bindings()]}

@@ -1,0 +1,209 @@
+"""The location service: address-of-record -> bindings (RFC 3261 section 10).
+
+`ILocationService` is what the registrar and the router use; a shared
+backend (Redis, PostgreSQL) for several nodes would provide the same
+interface. The embedded backend, `SqliteLocationService`, keeps every
+binding in an in-memory index for reads and writes each change through to
+SQLite (WAL) in the state directory before the registrar answers, so a
+restart loses no binding. Expired bindings are swept on the injected clock.
+
+Times are absolute (`clock.seconds()`, the epoch in production), so
+bindings keep their expiry across a restart.
+"""
+
+import os
+import sqlite3
+
+import attrs
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from zope.interface import Interface, implementer
+
+from proxy.transport import Destination, is_private_address
+
+log = Logger()
+
+NAT_MODES = ("auto", "always", "never")
+
+
+@attrs.frozen
+class Binding:
+    """One contact of an AoR, with what the admin and the NAT rules need to know."""
+
+    aor: str
+    contact: str  # the Contact URI as registered
+    expires_at: float
+    q: float = 1.0
+    call_id: str = ""
+    cseq: int = 0
+    source_host: str = ""
+    source_port: int = 0
+    transport: str = "UDP"
+    user_agent: str = ""
+    instance: str = ""
+    registered_at: float = 0.0
+
+    def expires_in(self, now: float) -> int:
+        return max(0, int(self.expires_at - now + 0.5))
+
+    def destination(self, contact_host: str, contact_port: int | None, nat_mode: str) -> Destination:
+        """Where requests for this binding go.
+
+        The phones send no rport and may sit behind NAT (seed 001 line 709):
+        `auto` sends to the address and port the REGISTER came from when the
+        Contact host is a private address that differs from it; `always`
+        always does; `never` trusts the Contact.
+        """
+        use_source = nat_mode == "always" or (
+            nat_mode == "auto" and contact_host != self.source_host and is_private_address(contact_host)
+        )
+        if use_source and self.source_host:
+            return Destination(self.transport, self.source_host, self.source_port)
+        return Destination(self.transport, contact_host, contact_port or 5060)
+
+
+class ILocationService(Interface):
+    def lookup(aor: str) -> list[Binding]:
+        """Current bindings of an AoR, highest q first."""
+
+    def all_bindings() -> list[Binding]:
+        """Every current binding."""
+
+    def save(binding: Binding) -> None:
+        """Add or replace the binding (aor, contact)."""
+
+    def remove(aor: str, contact: str) -> None:
+        """Remove one binding."""
+
+    def remove_all(aor: str) -> None:
+        """Remove every binding of an AoR."""
+
+    def add_observer(observer) -> None:
+        """observer(event, binding) with event 'added', 'refreshed', 'removed' or 'expired'."""
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS bindings (
+    aor TEXT NOT NULL,
+    contact TEXT NOT NULL,
+    expires_at REAL NOT NULL,
+    q REAL NOT NULL,
+    call_id TEXT NOT NULL,
+    cseq INTEGER NOT NULL,
+    source_host TEXT NOT NULL,
+    source_port INTEGER NOT NULL,
+    transport TEXT NOT NULL,
+    user_agent TEXT NOT NULL,
+    instance TEXT NOT NULL,
+    registered_at REAL NOT NULL,
+    PRIMARY KEY (aor, contact)
+)
+"""
+_FIELDS = [a.name for a in attrs.fields(Binding)]
+
+
+@implementer(ILocationService)
+class SqliteLocationService:
+    """Bindings in memory, written through to SQLite (WAL)."""
+
+    def __init__(self, path: str, clock: IReactorTime, sweep_interval: float = 10.0):
+        self.path = path
+        self.clock = clock
+        self.sweep_interval = sweep_interval
+        self._observers: list = []
+        self._index: dict[str, dict[str, Binding]] = {}
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute(_SCHEMA)
+        os.chmod(path, 0o600)
+        self._load()
+        self._sweeper: LoopingCall | None = None
+
+    def _load(self) -> None:
+        now = self.clock.seconds()
+        rows = self._db.execute(f"SELECT {', '.join(_FIELDS)} FROM bindings").fetchall()
+        kept = 0
+        for row in rows:
+            binding = Binding(*row)
+            if binding.expires_at > now:
+                self._index.setdefault(binding.aor, {})[binding.contact] = binding
+                kept += 1
+        self._db.execute("DELETE FROM bindings WHERE expires_at <= ?", (now,))
+        log.info("Location service {path}: {kept} bindings restored", path=self.path, kept=kept)
+
+    def start(self) -> None:
+        self._sweeper = LoopingCall(self.sweep)
+        self._sweeper.clock = self.clock
+        self._sweeper.start(self.sweep_interval, now=False)
+
+    def stop(self) -> None:
+        if self._sweeper is not None and self._sweeper.running:
+            self._sweeper.stop()
+        self._db.close()
+
+    def add_observer(self, observer) -> None:
+        self._observers.append(observer)
+
+    def _notify(self, event: str, binding: Binding) -> None:
+        for observer in self._observers:
+            try:
+                observer(event, binding)
+            except Exception:
+                log.failure("Location observer failed on {event}", event=event)
+
+    def lookup(self, aor: str) -> list[Binding]:
+        now = self.clock.seconds()
+        found = [b for b in self._index.get(aor, {}).values() if b.expires_at > now]
+        found.sort(key=lambda b: (-b.q, -b.registered_at))
+        return found
+
+    def all_bindings(self) -> list[Binding]:
+        now = self.clock.seconds()
+        return sorted((b for contacts in self._index.values() for b in contacts.values() if b.expires_at > now),
+                      key=lambda b: (b.aor, -b.q, b.contact))
+
+    def aor_count(self) -> int:
+        return len(self._index)
+
+    def save(self, binding: Binding) -> None:
+        self._db.execute(
+            f"INSERT OR REPLACE INTO bindings ({', '.join(_FIELDS)}) VALUES ({', '.join('?' * len(_FIELDS))})",
+            attrs.astuple(binding),
+        )
+        contacts = self._index.setdefault(binding.aor, {})
+        event = "refreshed" if binding.contact in contacts else "added"
+        contacts[binding.contact] = binding
+        self._notify(event, binding)
+
+    def remove(self, aor: str, contact: str) -> None:
+        self._db.execute("DELETE FROM bindings WHERE aor = ? AND contact = ?", (aor, contact))
+        contacts = self._index.get(aor, {})
+        binding = contacts.pop(contact, None)
+        if not contacts:
+            self._index.pop(aor, None)
+        if binding is not None:
+            self._notify("removed", binding)
+
+    def remove_all(self, aor: str) -> None:
+        for binding in list(self._index.get(aor, {}).values()):
+            self.remove(aor, binding.contact)
+
+    def sweep(self) -> int:
+        """Drop expired bindings; returns how many."""
+        now = self.clock.seconds()
+        expired = [b for contacts in self._index.values() for b in contacts.values() if b.expires_at <= now]
+        if not expired:
+            return 0
+        self._db.execute("DELETE FROM bindings WHERE expires_at <= ?", (now,))
+        for binding in expired:
+            contacts = self._index.get(binding.aor, {})
+            contacts.pop(binding.contact, None)
+            if not contacts:
+                self._index.pop(binding.aor, None)
+            log.info("Binding expired: {aor} -> {contact}", aor=binding.aor, contact=binding.contact)
+            self._notify("expired", binding)
+        return len(expired)
