@@ -144,6 +144,11 @@ class BadInputTests(SynchronousTestCase):
         resp, _ = self.transports.take()[0]
         self.assertEqual((resp.status, resp.reason), (400, "Missing Call-ID"))
 
+    def test_malformed_header_line_is_answered(self):
+        self.server.data_received(options(extra="this line has no colon"), udp_source())
+        resp, _ = self.transports.take()[0]
+        self.assertEqual((resp.status, resp.reason), (400, "Malformed header line"))
+
     def test_bad_cseq(self):
         self.server.data_received(options().replace(b"CSeq: 1 OPTIONS", b"CSeq: x OPTIONS"), udp_source())
         self.assertEqual(self.transports.take()[0][0].reason, "Bad CSeq")

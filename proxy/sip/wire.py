@@ -89,7 +89,9 @@ def _parse_request_head(start, lines) -> Request:
     parts = start.split(" ")
     if len(parts) != 3 or not TOKEN_RE.match(parts[0]):
         raise SipParseError.because("Malformed request line")
-    return Request(parts[0], parts[1], _parse_headers(lines, SipParseError))
+    # Lenient: drop lines that are not headers, keep what can address a 400.
+    kept = [start] + [line for line in lines[1:] if ":" in line and TOKEN_RE.match(line.partition(":")[0].rstrip(" \t"))]
+    return Request(parts[0], parts[1], _parse_headers(kept, SipParseError))
 
 
 def _parse_response(start, lines, data, body_start, stream) -> Response:

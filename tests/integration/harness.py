@@ -65,8 +65,10 @@ def options_probe(port: int, timeout: float = 0.3) -> bytes | None:
 class ServerProcess:
     """`twistd -n sipproxy` in a subprocess with a config written for the test."""
 
-    def __init__(self, config_text: str = "", port: int | None = None, state_dir: str | None = None):
+    def __init__(self, config_text: str = "", port: int | None = None, state_dir: str | None = None,
+                 admin_port: int | None = None):
         self.port = port or free_port()
+        self.admin_port = admin_port or free_port()
         self.dir = tempfile.mkdtemp(prefix="sipproxy-test-")
         self.state_dir = state_dir or os.path.join(self.dir, "state")
         self.config_path = os.path.join(self.dir, "sipproxy.toml")
@@ -77,6 +79,7 @@ class ServerProcess:
                 f'listen = ["udp:{self.port}:interface=127.0.0.1", "tcp:{self.port}:interface=127.0.0.1"]\n'
                 f'state_dir = "{self.state_dir}"\n'
                 'domains = ["localhost", "127.0.0.1"]\n'
+                f'[admin]\nlisten = "tcp:{self.admin_port}:interface=127.0.0.1"\n'
                 + config_text
             )
         self.process = None
@@ -109,6 +112,15 @@ class ServerProcess:
         if self.process is not None and self.process.stdout is not None:
             self.process.stdout.close()
 
+    def admin(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        """Run `sipproxy-admin -c <this server's config> ...`."""
+        env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        result = subprocess.run([sys.executable, "-m", "proxy.admin", "-c", self.config_path, *args],
+                                env=env, capture_output=True, text=True, timeout=30)
+        if check and result.returncode != 0:
+            raise AssertionError(f"sipproxy-admin {' '.join(args)} failed: {result.stderr}")
+        return result
+
     def log(self) -> str:
         try:
             with open(self.log_path, errors="replace") as f:
@@ -118,11 +130,20 @@ class ServerProcess:
 
 
 def run_sipp(scenario: str, port: int, *, transport: str = "u1", calls: int = 1, extra: list[str] = (),
-             timeout: float = 30.0) -> subprocess.CompletedProcess:
-    """Run a SIPp scenario from tests/scenarios against 127.0.0.1:port; returns the finished process."""
+             timeout: float = 15.0, injection: list[tuple[str, ...]] | None = None,
+             local_port: int | None = None) -> subprocess.CompletedProcess:
+    """Run a SIPp scenario from tests/scenarios against 127.0.0.1:port; returns the finished process.
+
+    `injection` rows become SIPp's -inf file ([field0], [field1]...), one row per call, in order.
+    """
     sipp = require("sipp")
     workdir = tempfile.mkdtemp(prefix="sipp-")
-    args = [sipp, "-sf", os.path.join(SCENARIOS, scenario), "-i", "127.0.0.1", "-p", str(free_port()),
+    if injection is not None:
+        path = os.path.join(workdir, "injection.csv")
+        with open(path, "w") as f:
+            f.write("SEQUENTIAL\n" + "".join(";".join(row) + ";\n" for row in injection))
+        extra = ["-inf", path, *extra]
+    args = [sipp, "-sf", os.path.join(SCENARIOS, scenario), "-i", "127.0.0.1", "-p", str(local_port or free_port()),
             "-t", transport, "-m", str(calls), "-nostdin", "-timeout", f"{int(timeout)}s",
             "-timeout_error", "-trace_err", "-trace_stat", *extra, f"127.0.0.1:{port}"]
     result = subprocess.run(args, cwd=workdir, capture_output=True, timeout=timeout + 30)

@@ -1,0 +1,120 @@
+"""The admin CLI on real files, and the admin API resource with its token."""
+
+import io
+import json
+import os
+from contextlib import redirect_stderr, redirect_stdout
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.test.requesthelper import DummyRequest
+
+from proxy.admin import api_base, main
+from proxy.adminapi import AdminApi, load_or_create_token
+from proxy.credentials import compute_ha1, read_users
+from proxy.location import Binding, SqliteLocationService
+
+
+def run(*argv):
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = main(list(argv))
+    return code, out.getvalue(), err.getvalue()
+
+
+class UserCommandTests(SynchronousTestCase):
+    def setUp(self):
+        self.state = os.path.abspath(self.mktemp())
+        self.config = os.path.join(os.path.dirname(self.state), "site.toml")
+        os.makedirs(os.path.dirname(self.state), exist_ok=True)
+        with open(self.config, "w") as f:
+            f.write(f'[server]\ndomains = ["pbx.example.com"]\nstate_dir = "{self.state}"\n')
+
+    def users(self):
+        return read_users(os.path.join(self.state, "users.json"))
+
+    def test_add_stores_ha1_only_with_mode_0600(self):
+        code, out, _ = run("-c", self.config, "user", "add", "1001", "--password", "s3cret", "--display-name", "Ann Example")
+        self.assertEqual((code, out), (0, "added 1001\n"))
+        user = self.users()["1001"]
+        self.assertEqual(user.ha1, compute_ha1("1001", "pbx.example.com", "s3cret"))
+        path = os.path.join(self.state, "users.json")
+        with open(path) as f:
+            self.assertNotIn("s3cret", f.read())
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
+
+    def test_passwd_remove_list(self):
+        run("-c", self.config, "user", "add", "1001", "--password", "a")
+        run("-c", self.config, "user", "add", "1002", "--password", "b", "--display-name", "Bo")
+        self.assertEqual(run("-c", self.config, "user", "passwd", "1001", "--password", "c")[0], 0)
+        self.assertEqual(self.users()["1001"].ha1, compute_ha1("1001", "pbx.example.com", "c"))
+        code, out, _ = run("-c", self.config, "user", "list", "--json")
+        self.assertEqual([u["name"] for u in json.loads(out)], ["1001", "1002"])
+        self.assertEqual(run("-c", self.config, "user", "remove", "1001")[0], 0)
+        self.assertEqual(list(self.users()), ["1002"])
+
+    def test_errors_are_clear(self):
+        run("-c", self.config, "user", "add", "1001", "--password", "a")
+        self.assertEqual(run("-c", self.config, "user", "add", "1001", "--password", "a")[2],
+                         "sipproxy-admin: user 1001 exists; use 'user passwd'\n")
+        self.assertIn("no user 9", run("-c", self.config, "user", "remove", "9")[2])
+        self.assertIn("cannot be a user name", run("-c", self.config, "user", "add", "a b", "--password", "x")[2])
+        self.assertIn("UNPROVISIONED", run("-c", self.config, "user", "add", "UNPROVISIONED", "--password", "x")[2])
+
+    def test_bad_config_names_file_and_key(self):
+        with open(self.config, "a") as f:
+            f.write("[registrar]\nmin_expires = 0\n")
+        code, _, err = run("-c", self.config, "user", "list")
+        self.assertEqual(code, 1)
+        self.assertIn("registrar.min_expires: must be at least 1", err)
+
+    def test_registrations_when_server_is_down(self):
+        load_or_create_token(self.state)
+        with open(self.config, "a") as f:
+            f.write('[admin]\nlisten = "tcp:1:interface=127.0.0.1"\n')
+        code, _, err = run("-c", self.config, "registrations")
+        self.assertEqual(code, 1)
+        self.assertIn("cannot reach the server's admin API at http://127.0.0.1:1", err)
+
+    def test_api_base(self):
+        self.assertEqual(api_base("tcp:8060:interface=127.0.0.1"), "http://127.0.0.1:8060")
+        self.assertEqual(api_base("tcp:port=9000"), "http://127.0.0.1:9000")
+        self.assertEqual(api_base("tcp6:8060:interface=\\:\\:1".replace("\\", "")), "http://127.0.0.1:8060")
+
+
+class AdminApiTests(SynchronousTestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.state = self.mktemp()
+        self.token = load_or_create_token(self.state)
+        self.location = SqliteLocationService(os.path.join(self.state, "loc.sqlite"), self.clock)
+        self.location.save(Binding(aor="sip:1001@example.com", contact="sip:1001@192.0.2.5:5060", expires_at=1600,
+                                   source_host="192.0.2.5", source_port=5060, user_agent="Cisco-SIPIPPhone/7.5",
+                                   instance="<urn:uuid:00000000-0000-0000-0000-003094c25d2e>"))
+        self.api = AdminApi(self.token, self.clock, self.location)
+
+    def get(self, path, token=None):
+        request = DummyRequest(path.strip("/").split("/"))
+        if token:
+            request.requestHeaders.setRawHeaders(b"authorization", [f"Bearer {token}".encode()])
+        resource = self.api
+        for segment in request.postpath:
+            resource = resource.getChildWithDefault(segment.encode(), request)
+        body = resource.render(request)
+        return request.responseCode or 200, json.loads(body)
+
+    def test_token_required(self):
+        self.assertEqual(self.get("/api/registrations")[0], 401)
+        self.assertEqual(self.get("/api/registrations", "wrong")[0], 401)
+        self.assertEqual(os.stat(os.path.join(self.state, "admin-token")).st_mode & 0o777, 0o600)
+
+    def test_registrations(self):
+        status, body = self.get("/api/registrations", self.token)
+        self.assertEqual(status, 200)
+        (row,) = body["registrations"]
+        self.assertEqual((row["aor"], row["expires_in"], row["source"], row["user_agent"], row["mac"]),
+                         ("sip:1001@example.com", 600, "192.0.2.5:5060", "Cisco-SIPIPPhone/7.5", "003094C25D2E"))
+
+    def test_token_is_stable_across_restarts(self):
+        self.assertEqual(load_or_create_token(self.state), self.token)
