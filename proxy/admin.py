@@ -43,9 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("name")
     add.add_argument("--password", help="for scripts; prompted when left out")
     add.add_argument("--display-name", default="", help="shown in the phone directory")
+    add.add_argument("--lines", default="", help="other lines these credentials may register, comma-separated "
+                     "(a phone authenticates lines 2-6 with line 1's authname when theirs is not set)")
     passwd = user_commands.add_parser("passwd", help="set a user's password")
     passwd.add_argument("name")
     passwd.add_argument("--password")
+    lines = user_commands.add_parser("lines", help="set the other lines a user's credentials may register")
+    lines.add_argument("name")
+    lines.add_argument("line", nargs="*", help="line names; none clears the list")
     remove = user_commands.add_parser("remove", help="remove a user")
     remove.add_argument("name")
     listing = user_commands.add_parser("list", help="list users")
@@ -93,6 +98,13 @@ def _password(given: str | None, name: str) -> str:
     return first
 
 
+def _line_names(names) -> tuple[str, ...]:
+    for line in names:
+        if not valid_user_name(line):
+            raise AdminError(f"{line!r} cannot be a line name")
+    return tuple(dict.fromkeys(names))
+
+
 def _user(config: ProxyConfig, args) -> int:
     path = _users_path(config)
     realm = config.realm
@@ -100,11 +112,13 @@ def _user(config: ProxyConfig, args) -> int:
     if action == "list":
         users = sorted(read_users(path).values(), key=lambda u: u.name)
         if args.json:
-            print(json.dumps([{"name": u.name, "realm": u.realm, "display_name": u.display_name} for u in users], indent=1))
+            print(json.dumps([{"name": u.name, "realm": u.realm, "display_name": u.display_name, "lines": list(u.lines)}
+                              for u in users], indent=1))
         else:
             for u in users:
                 stale = "" if u.realm == realm else f"  (realm {u.realm!r} differs from {realm!r}: set the password again)"
-                print(f"{u.name}\t{u.display_name}{stale}")
+                also = f"\tlines: {','.join(u.lines)}" if u.lines else ""
+                print(f"{u.name}\t{u.display_name}{also}{stale}")
         return 0
     name = args.name
     if action == "add":
@@ -112,12 +126,13 @@ def _user(config: ProxyConfig, args) -> int:
             raise AdminError(f"{name!r} cannot be a user name (letters, digits and -_.!~*'()&=+$,;?/ only)")
         if name.upper() == "UNPROVISIONED":
             raise AdminError("UNPROVISIONED is the phones' default auth name, not a user")
+        extra_lines = _line_names([x for x in args.lines.split(",") if x])
         password = _password(args.password, name)
         with locked_users(path) as users:
             if name in users:
                 raise AdminError(f"user {name} exists; use 'user passwd'")
             users[name] = UserRecord(name=name, realm=realm, ha1=compute_ha1(name, realm, password),
-                                     display_name=args.display_name)
+                                     display_name=args.display_name, lines=extra_lines)
         print(f"added {name}")
         return 0
     if action == "passwd":
@@ -127,8 +142,18 @@ def _user(config: ProxyConfig, args) -> int:
                 raise AdminError(f"no user {name}")
             old = users[name]
             users[name] = UserRecord(name=name, realm=realm, ha1=compute_ha1(name, realm, password),
-                                     display_name=old.display_name)
+                                     display_name=old.display_name, lines=old.lines)
         print(f"password of {name} set")
+        return 0
+    if action == "lines":
+        extra_lines = _line_names(args.line)
+        with locked_users(path) as users:
+            if name not in users:
+                raise AdminError(f"no user {name}")
+            old = users[name]
+            users[name] = UserRecord(name=name, realm=old.realm, ha1=old.ha1, display_name=old.display_name,
+                                     lines=extra_lines)
+        print(f"{name} may register: {', '.join((name,) + extra_lines)}")
         return 0
     if action == "remove":
         with locked_users(path) as users:

@@ -41,10 +41,20 @@ def valid_user_name(name: str) -> bool:
 
 @attrs.frozen
 class UserRecord:
+    """A user. `lines`: other line names these credentials may register.
+
+    A phone whose lines 2-6 have no linex_authname authenticates them all with
+    line 1's name (seed 001 line 2146); listing those lines here lets it.
+    """
+
     name: str
     realm: str
     ha1: str
     display_name: str = ""
+    lines: tuple[str, ...] = ()
+
+    def may_register(self, line: str) -> bool:
+        return line == self.name or line in self.lines
 
 
 class ICredentials(Interface):
@@ -75,7 +85,8 @@ def read_users(path: str) -> dict[str, UserRecord]:
     for name, entry in data["users"].items():
         try:
             out[name] = UserRecord(name=name, realm=entry["realm"], ha1=entry["ha1"],
-                                   display_name=entry.get("display_name", ""))
+                                   display_name=entry.get("display_name", ""),
+                                   lines=tuple(entry.get("lines", ())))
         except (KeyError, TypeError):
             raise UserFileError(f"{path}: user {name!r} is incomplete") from None
     return out
@@ -86,7 +97,12 @@ def write_users(path: str, users: dict[str, UserRecord]) -> None:
     data = {
         "version": 1,
         "users": {
-            u.name: {"realm": u.realm, "ha1": u.ha1, **({"display_name": u.display_name} if u.display_name else {})}
+            u.name: {
+                "realm": u.realm,
+                "ha1": u.ha1,
+                **({"display_name": u.display_name} if u.display_name else {}),
+                **({"lines": list(u.lines)} if u.lines else {}),
+            }
             for u in sorted(users.values(), key=lambda u: u.name)
         },
     }

@@ -71,6 +71,16 @@ class Registrar:
             self.identity.is_local_host(uri.host, uri.port) or uri.host in self.identity.addresses
         )
 
+    def _may_register(self, user: str, aor: str) -> bool:
+        """Its own AoR, or a line listed for the user (shared line-1 credentials)."""
+        line, _, domain = aor[len("sip:"):].rpartition("@")
+        if domain != self.domain:
+            return False
+        if line == user:
+            return True
+        record = self.authenticator.credentials.lookup(user)
+        return record is not None and record.may_register(line)
+
     def _count(self, result: str) -> None:
         self.results[result] = self.results.get(result, 0) + 1
 
@@ -100,7 +110,7 @@ class Registrar:
             self.server.respond(tx, 403, result.reason)
             return
         assert isinstance(result, Authenticated)
-        if aor != f"sip:{result.user}@{self.domain}":
+        if not self._may_register(result.user, aor):
             log.info("{user} may not register {aor}", user=result.user, aor=aor)
             raise SipError(403, "Not allowed to register this address")
         wildcard, changes = self._contacts(request)

@@ -53,6 +53,15 @@ class UserCommandTests(SynchronousTestCase):
         self.assertEqual(run("-c", self.config, "user", "remove", "1001")[0], 0)
         self.assertEqual(list(self.users()), ["1002"])
 
+    def test_lines(self):
+        run("-c", self.config, "user", "add", "1001", "--password", "a", "--lines", "1002,1003")
+        self.assertEqual(self.users()["1001"].lines, ("1002", "1003"))
+        self.assertEqual(run("-c", self.config, "user", "lines", "1001", "1004")[1], "1001 may register: 1001, 1004\n")
+        run("-c", self.config, "user", "passwd", "1001", "--password", "b")
+        self.assertEqual(self.users()["1001"].lines, ("1004",))
+        run("-c", self.config, "user", "lines", "1001")
+        self.assertEqual(self.users()["1001"].lines, ())
+
     def test_errors_are_clear(self):
         run("-c", self.config, "user", "add", "1001", "--password", "a")
         self.assertEqual(run("-c", self.config, "user", "add", "1001", "--password", "a")[2],

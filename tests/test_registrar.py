@@ -119,6 +119,22 @@ class RegisterTests(SynchronousTestCase):
         resp = self.phone.send(lines)
         self.assertEqual((resp.status, resp.reason), (403, "Not allowed to register this address"))
 
+    def test_line_1_credentials_register_listed_lines(self):
+        # Seed 001 line 2146: lines without linex_authname use line 1's.
+        with locked_users(os.path.join(self.h.dir, "users.json")) as users:
+            users["1001"] = UserRecord("1001", REALM, compute_ha1("1001", REALM, "secret"), lines=("1002",))
+        self.h.clock.advance(1)
+        phone = Phone(self.h)
+        first = phone.register("1002", authenticate=False)
+        nonce = parse_digest(first.headers.get("www-authenticate"))["nonce"]
+        lines = [
+            f"REGISTER sip:{REALM} SIP/2.0", "Via: SIP/2.0/UDP 192.0.2.50:5060;branch=z9hG4bKl1",
+            f"From: <sip:1002@{REALM}>;tag=1", f"To: <sip:1002@{REALM}>", "Call-ID: l1", "CSeq: 9 REGISTER",
+            "Contact: <sip:1002@192.0.2.50>", client_answer("1001", "secret", nonce, qop="auth", uri=f"sip:{REALM}"),
+        ]
+        self.assertEqual(phone.send(lines).status, 200)
+        self.assertEqual(len(self.h.location.lookup("sip:1002@example.com")), 1)
+
     def test_expiry_header_and_param_and_default(self):
         self.assertEqual(self.phone.register("1001", expires=None, header_expires=600).headers.get("contact"),
                          "<sip:1001@192.0.2.50:5060>;expires=600")
