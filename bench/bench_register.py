@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir))
 
 import time  # noqa: E402
 
-from proxy.auth import AuthConfig, DigestAuthenticator, digest_response, load_secret  # noqa: E402
+from proxy.auth import DigestAuthenticator, digest_response, load_secret  # noqa: E402
 from proxy.credentials import UserRecord, compute_ha1, write_users  # noqa: E402
 from tests.integration.harness import ServerProcess, free_port, require  # noqa: E402
 
@@ -51,7 +51,7 @@ class _WallClock:
 
 def authorization_rows(server, users, calls):
     """One row per call: user, domain, expires, and a valid Authorization for a fresh nonce."""
-    minter = DigestAuthenticator(_WallClock(), None, AuthConfig(realm=REALM), load_secret(server.state_dir))
+    minter = DigestAuthenticator(_WallClock(), None, REALM, load_secret(server.state_dir))
     uri = f"sip:127.0.0.1:{server.port}"
     rows = []
     for i in range(calls):

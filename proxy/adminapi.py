@@ -13,7 +13,6 @@ Routes (later issues add more):
 
 import hmac
 import json
-import os
 import secrets
 
 from twisted.internet.interfaces import IReactorTime
@@ -21,25 +20,13 @@ from twisted.web import resource
 
 from proxy import __version__
 from proxy.location import Binding, ILocationService
+from proxy.statedir import secret_file
 
 TOKEN_FILE = "admin-token"
 
 
 def load_or_create_token(state_dir: str) -> str:
-    path = os.path.join(state_dir, TOKEN_FILE)
-    try:
-        with open(path) as f:
-            token = f.read().strip()
-        if len(token) >= 32:
-            return token
-    except FileNotFoundError:
-        pass
-    os.makedirs(state_dir, mode=0o700, exist_ok=True)
-    token = secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(token + "\n")
-    return token
+    return secret_file(state_dir, TOKEN_FILE, lambda: secrets.token_urlsafe(32).encode()).decode()
 
 
 def binding_json(binding: Binding, now: float) -> dict:

@@ -27,34 +27,23 @@ A line whose auth name is UNPROVISIONED is a phone nobody configured
 import base64
 import hashlib
 import hmac
-import os
 import secrets
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from proxy.config import AuthSettings
 from proxy.credentials import ICredentials
 from proxy.sip.grammar import for_log, quote, quoted_string_end, unquote
 from proxy.sip.message import Request
+from proxy.statedir import secret_file
 
 log = Logger()
 
 UNPROVISIONED = "UNPROVISIONED"
 SECRET_FILE = "nonce-secret"
 _DUMMY_HA1 = "0" * 32
-
-
-@attrs.frozen
-class AuthConfig:
-    realm: str
-    offer_qop: bool = True
-    accept_rfc2069: bool = True
-    nonce_lifetime: float = 300.0
-    nonce_lifetime_no_qop: float = 30.0
-    max_failures: int = 10
-    failure_window: float = 60.0
-    lockout: float = 300.0
 
 
 @attrs.frozen
@@ -82,20 +71,7 @@ AuthResult = Authenticated | Challenge | Refused
 
 def load_secret(state_dir: str) -> bytes:
     """The HMAC key for nonces, created (0600) on first use so restarts keep nonces valid."""
-    path = os.path.join(state_dir, SECRET_FILE)
-    try:
-        with open(path, "rb") as f:
-            secret = f.read()
-        if len(secret) >= 32:
-            return secret
-    except FileNotFoundError:
-        pass
-    os.makedirs(state_dir, mode=0o700, exist_ok=True)
-    secret = secrets.token_bytes(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(secret)
-    return secret
+    return secret_file(state_dir, SECRET_FILE, lambda: secrets.token_hex(32).encode())
 
 
 def parse_digest(value: str) -> dict[str, str] | None:
@@ -146,9 +122,11 @@ def digest_response(ha1: str, params: dict[str, str], method: str) -> str:
 
 
 class DigestAuthenticator:
-    def __init__(self, clock: IReactorTime, credentials: ICredentials, config: AuthConfig, secret: bytes):
+    def __init__(self, clock: IReactorTime, credentials: ICredentials, realm: str, secret: bytes,
+                 config: AuthSettings = AuthSettings()):
         self.clock = clock
         self.credentials = credentials
+        self.realm = realm
         self.config = config
         self._secret = secret
         self._nonce_counts: dict[str, int] = {}  # qop nonces: highest nc seen
@@ -162,7 +140,7 @@ class DigestAuthenticator:
     # -- nonces -----------------------------------------------------------
 
     def _mac(self, stamp: str, salt: str, address: str) -> str:
-        msg = f"{stamp}:{salt}:{self.config.realm}:{address}".encode()
+        msg = f"{stamp}:{salt}:{self.realm}:{address}".encode()
         return base64.urlsafe_b64encode(hmac.new(self._secret, msg, hashlib.sha256).digest()[:18]).decode()
 
     def make_nonce(self, address: str) -> str:
@@ -185,7 +163,7 @@ class DigestAuthenticator:
         return self.clock.seconds() - issued
 
     def challenge_value(self, address: str, stale: bool = False) -> str:
-        parts = [f"Digest realm={quote(self.config.realm)}", f"nonce={quote(self.make_nonce(address))}", "algorithm=MD5"]
+        parts = [f"Digest realm={quote(self.realm)}", f"nonce={quote(self.make_nonce(address))}", "algorithm=MD5"]
         if self.config.offer_qop:
             parts.append('qop="auth"')
         if stale:
@@ -205,7 +183,7 @@ class DigestAuthenticator:
         params = None
         for value in request.headers.get_lines(header):
             candidate = parse_digest(value)
-            if candidate is not None and candidate.get("realm") == self.config.realm:
+            if candidate is not None and candidate.get("realm") == self.realm:
                 params = candidate
                 break
         if params is None:
@@ -235,7 +213,7 @@ class DigestAuthenticator:
         if age > lifetime:
             return Challenge(self.challenge_value(address, stale=True), "stale nonce")
         record = self.credentials.lookup(username)
-        ha1 = record.ha1 if record is not None and record.realm == self.config.realm else _DUMMY_HA1
+        ha1 = record.ha1 if record is not None and record.realm == self.realm else _DUMMY_HA1
         expected = digest_response(ha1, params, request.method)
         if record is None or not hmac.compare_digest(expected.encode(), params["response"].lower().encode("utf-8", "surrogateescape")):
             reason = "unknown_user" if record is None else "wrong_password"

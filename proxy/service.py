@@ -14,7 +14,7 @@ from twisted.logger import Logger
 from twisted.web import server as server_mod
 
 from proxy.adminapi import AdminApi, load_or_create_token
-from proxy.auth import AuthConfig, DigestAuthenticator, load_secret
+from proxy.auth import DigestAuthenticator, load_secret
 from proxy.config import ProxyConfig
 from proxy.credentials import USERS_FILE, FileCredentials
 from proxy.location import SqliteLocationService
@@ -106,14 +106,7 @@ def build_service(config: ProxyConfig, reactor) -> tuple[service.MultiService, S
         nat_mode=config.registrar.nat_mode,
     )
     credentials = FileCredentials(os.path.join(state_dir, USERS_FILE), reactor)
-    a = config.auth
-    authenticator = DigestAuthenticator(
-        reactor, credentials,
-        AuthConfig(realm=config.realm, offer_qop=a.offer_qop, accept_rfc2069=a.accept_rfc2069,
-                   nonce_lifetime=a.nonce_lifetime, nonce_lifetime_no_qop=a.nonce_lifetime_no_qop,
-                   max_failures=a.max_failures, failure_window=a.failure_window, lockout=a.lockout),
-        load_secret(state_dir),
-    )
+    authenticator = DigestAuthenticator(reactor, credentials, config.realm, load_secret(state_dir), config.auth)
     location = SqliteLocationService(os.path.join(state_dir, "location.sqlite"), reactor)
     _LocationService(location).setServiceParent(top)
     registrar = Registrar(server, location, authenticator, config.registrar, identity, config.server.domains[0])

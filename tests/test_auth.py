@@ -8,7 +8,6 @@ from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
 from proxy.auth import (
-    AuthConfig,
     Authenticated,
     Challenge,
     DigestAuthenticator,
@@ -18,6 +17,7 @@ from proxy.auth import (
     mac_from_instance,
     parse_digest,
 )
+from proxy.config import AuthSettings
 from proxy.credentials import FileCredentials, UserRecord, compute_ha1, locked_users
 from proxy.sip.wire import parse_message
 from proxy.testing import sip_bytes
@@ -91,8 +91,8 @@ class AuthenticatorTests(SynchronousTestCase):
         with locked_users(path) as users:
             users["1001"] = UserRecord("1001", REALM, compute_ha1("1001", REALM, "secret"))
         self.credentials = FileCredentials(path, self.clock)
-        self.config = AuthConfig(realm=REALM, max_failures=3, failure_window=60, lockout=300)
-        self.auth = DigestAuthenticator(self.clock, self.credentials, self.config, load_secret(self.dir))
+        self.config = AuthSettings(max_failures=3, failure_window=60, lockout=300)
+        self.auth = DigestAuthenticator(self.clock, self.credentials, REALM, load_secret(self.dir), self.config)
 
     def check(self, request, address="192.0.2.50"):
         return self.auth.authenticate(request, address, proxy=False)

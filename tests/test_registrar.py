@@ -6,7 +6,7 @@ import random
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from proxy.auth import AuthConfig, DigestAuthenticator, load_secret, parse_digest
+from proxy.auth import DigestAuthenticator, load_secret, parse_digest
 from proxy.config import RegistrarConfig
 from proxy.credentials import FileCredentials, UserRecord, compute_ha1, locked_users
 from proxy.location import Binding, SqliteLocationService
@@ -79,8 +79,7 @@ class Harness:
                 users[name] = UserRecord(name, REALM, compute_ha1(name, REALM, "secret"))
         self.server, self.transports, _ = make_server(self.clock, domains=(REALM,), addresses=("192.0.2.1",))
         self.location = SqliteLocationService(os.path.join(self.dir, "location.sqlite"), self.clock)
-        auth = DigestAuthenticator(self.clock, FileCredentials(users_path, self.clock), AuthConfig(realm=REALM),
-                                   load_secret(self.dir))
+        auth = DigestAuthenticator(self.clock, FileCredentials(users_path, self.clock), REALM, load_secret(self.dir))
         self.registrar = Registrar(self.server, self.location, auth, config, self.server.identity, REALM,
                                    rng=random.Random(7))
         self.server.handlers["REGISTER"] = self.registrar.handle
