@@ -6,7 +6,9 @@ startup with `ConfigError(file, key, reason)`, e.g.
 Every key has a default, so the server runs with no file at all.
 """
 
+import ipaddress
 import os
+import re
 import tomllib
 
 import attrs
@@ -102,6 +104,38 @@ class AdminConfig:
 
 
 @attrs.frozen
+class RouteConfig:
+    """Where calls that are not for a local user go: a dial pattern or a domain -> gateways, in failover order."""
+
+    gateways: tuple[str, ...]  # "host[:port]" or a SIP URI; names are resolved per RFC 3263
+    pattern: str = ""  # regular expression on the dialled user part (full match)
+    domain: str = ""  # or: requests for this foreign domain
+    strip: int = 0  # leading digits removed before sending
+    prefix: str = ""  # digits put in front after stripping
+    name: str = ""
+
+
+@attrs.frozen
+class EmergencyConfig:
+    """Numbers that always reach the emergency gateways, never challenged or blocked (seed 001 line 1492)."""
+
+    patterns: tuple[str, ...] = ("911", "9911")
+    gateways: tuple[str, ...] = ()
+
+
+@attrs.frozen
+class ProxySettings:
+    record_route: bool = True
+    forking: str = "parallel"  # or "sequential" (by q)
+    timer_c: float = 180.0  # the phones' timer_invite_expires default (seed 001 line 1988)
+    trusted: tuple[str, ...] = ()  # networks whose requests are not challenged (gateways, peers)
+    outbound_proxy: str = ""  # next hop for foreign domains without a route
+    recurse_3xx: bool = True
+    max_redirects: int = 5
+    advertise: str = ""  # host[:port] put in Via and Record-Route; default: first address or interface
+
+
+@attrs.frozen
 class TlsConfig:
     """Outgoing TLS (trunks): whom to trust. Empty = the platform's trust store."""
 
@@ -117,6 +151,9 @@ class ProxyConfig:
     registrar: RegistrarConfig = RegistrarConfig()
     auth: AuthSettings = AuthSettings()
     admin: AdminConfig = AdminConfig()
+    proxy: ProxySettings = ProxySettings()
+    routes: tuple[RouteConfig, ...] = ()
+    emergency: EmergencyConfig = EmergencyConfig()
 
     @property
     def realm(self) -> str:
@@ -153,7 +190,7 @@ class _Table:
         return value
 
     def strings(self, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
-        value = self.get(key, list(default), list)
+        value = self.get(key, list(default), (list, tuple))
         if not all(isinstance(v, str) and v for v in value):
             raise self.error(key, "must be a list of non-empty strings")
         return tuple(value)
@@ -194,8 +231,92 @@ def parse_config(data: dict, path: str = "<config>") -> ProxyConfig:
     registrar = _parse_registrar(root.table("registrar"))
     auth = _parse_auth(root.table("auth"))
     admin = _parse_admin(root.table("admin"))
+    proxy = _parse_proxy(root.table("proxy"))
+    routes = _parse_routes(root, path)
+    emergency = _parse_emergency(root.table("emergency"))
     root.finish()
-    return ProxyConfig(path=path, server=server, timers=timers, tls=tls, registrar=registrar, auth=auth, admin=admin)
+    return ProxyConfig(path=path, server=server, timers=timers, tls=tls, registrar=registrar, auth=auth, admin=admin,
+                       proxy=proxy, routes=routes, emergency=emergency)
+
+
+def _check_regex(t: "_Table", key: str, pattern: str) -> str:
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise t.error(key, f"not a valid regular expression: {e}") from None
+    return pattern
+
+
+def _check_hops(t: "_Table", key: str, hops: tuple[str, ...]) -> tuple[str, ...]:
+    from proxy.sip.uri import SipUri
+
+    for hop in hops:
+        text = hop if hop.startswith(("sip:", "sips:")) else f"sip:{hop}"
+        try:
+            SipUri.parse(text)
+        except Exception:
+            raise t.error(key, f"{hop!r} is not host[:port] or a SIP URI") from None
+    return hops
+
+
+def _parse_proxy(t: _Table) -> ProxySettings:
+    d = ProxySettings()
+    trusted = t.strings("trusted", d.trusted)
+    for network in trusted:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise t.error("trusted", f"{network!r} is not an address or network") from None
+    outbound = t.get("outbound_proxy", d.outbound_proxy, str)
+    if outbound:
+        _check_hops(t, "outbound_proxy", (outbound,))
+    config = ProxySettings(
+        record_route=t.get("record_route", d.record_route, bool),
+        forking=t.get("forking", d.forking, str, lambda v: v in ("parallel", "sequential"), "must be parallel or sequential"),
+        timer_c=t.get("timer_c", d.timer_c, float, lambda v: v >= 1, "must be at least 1 (seconds)"),
+        trusted=trusted,
+        outbound_proxy=outbound,
+        recurse_3xx=t.get("recurse_3xx", d.recurse_3xx, bool),
+        max_redirects=t.get("max_redirects", d.max_redirects, int, lambda v: 0 <= v <= 20, "must be 0 to 20"),
+        advertise=t.get("advertise", d.advertise, str),
+    )
+    t.finish()
+    return config
+
+
+def _parse_routes(root: _Table, path: str) -> tuple[RouteConfig, ...]:
+    root.used.add("routes")
+    items = root.data.get("routes", [])
+    if not isinstance(items, list):
+        raise ConfigError(path, "routes", "must be an array of tables ([[routes]])")
+    routes = []
+    for i, item in enumerate(items):
+        t = _Table(path, f"routes[{i}]", item)
+        pattern = t.get("pattern", "", str)
+        domain = t.get("domain", "", str).lower()
+        if bool(pattern) == bool(domain):
+            raise t.error("pattern", "give exactly one of pattern (dialled digits) or domain")
+        gateways = t.strings("gateways", ())
+        if not gateways:
+            raise t.error("gateways", "must name at least one gateway")
+        routes.append(RouteConfig(
+            pattern=_check_regex(t, "pattern", pattern) if pattern else "",
+            domain=domain,
+            gateways=_check_hops(t, "gateways", gateways),
+            strip=t.get("strip", 0, int, lambda v: v >= 0, "must be 0 or more"),
+            prefix=t.get("prefix", "", str),
+            name=t.get("name", pattern or domain, str),
+        ))
+        t.finish()
+    return tuple(routes)
+
+
+def _parse_emergency(t: _Table) -> EmergencyConfig:
+    d = EmergencyConfig()
+    patterns = tuple(_check_regex(t, "patterns", p) for p in t.strings("patterns", d.patterns))
+    gateways = _check_hops(t, "gateways", t.strings("gateways", d.gateways))
+    t.finish()
+    return EmergencyConfig(patterns=patterns, gateways=gateways)
 
 
 _POSITIVE = (lambda v: v > 0, "must be greater than 0")

@@ -70,6 +70,9 @@ class ILocationService(Interface):
     def all_bindings() -> list[Binding]:
         """Every current binding."""
 
+    def find_contact(contact: str) -> Binding | None:
+        """The current binding registered with this contact URI, if any (NAT rules for in-dialog requests)."""
+
     def save(binding: Binding) -> None:
         """Add or replace the binding (aor, contact)."""
 
@@ -113,6 +116,7 @@ class SqliteLocationService:
         self.sweep_interval = sweep_interval
         self._observers: list = []
         self._index: dict[str, dict[str, Binding]] = {}
+        self._by_contact: dict[str, Binding] = {}
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, mode=0o700, exist_ok=True)
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -131,6 +135,7 @@ class SqliteLocationService:
             binding = Binding(*row)
             if binding.expires_at > now:
                 self._index.setdefault(binding.aor, {})[binding.contact] = binding
+                self._by_contact[binding.contact] = binding
                 kept += 1
         self._db.execute("DELETE FROM bindings WHERE expires_at <= ?", (now,))
         log.info("Location service {path}: {kept} bindings restored", path=self.path, kept=kept)
@@ -166,6 +171,16 @@ class SqliteLocationService:
         return sorted((b for contacts in self._index.values() for b in contacts.values() if b.expires_at > now),
                       key=lambda b: (b.aor, -b.q, b.contact))
 
+    def find_contact(self, contact: str) -> Binding | None:
+        binding = self._by_contact.get(contact)
+        if binding is None or binding.expires_at <= self.clock.seconds():
+            return None
+        return binding
+
+    def _forget_contact(self, binding: Binding) -> None:
+        if self._by_contact.get(binding.contact) is binding:
+            del self._by_contact[binding.contact]
+
     def aor_count(self) -> int:
         return len(self._index)
 
@@ -177,6 +192,7 @@ class SqliteLocationService:
         contacts = self._index.setdefault(binding.aor, {})
         event = "refreshed" if binding.contact in contacts else "added"
         contacts[binding.contact] = binding
+        self._by_contact[binding.contact] = binding
         self._notify(event, binding)
 
     def remove(self, aor: str, contact: str) -> None:
@@ -186,6 +202,7 @@ class SqliteLocationService:
         if not contacts:
             self._index.pop(aor, None)
         if binding is not None:
+            self._forget_contact(binding)
             self._notify("removed", binding)
 
     def remove_all(self, aor: str) -> None:
@@ -204,6 +221,7 @@ class SqliteLocationService:
             contacts.pop(binding.contact, None)
             if not contacts:
                 self._index.pop(binding.aor, None)
+            self._forget_contact(binding)
             log.info("Binding expired: {aor} -> {contact}", aor=binding.aor, contact=binding.contact)
             self._notify("expired", binding)
         return len(expired)

@@ -89,7 +89,11 @@ class SipServer:
         self.max_message_size = max_message_size
         self.server_header = server_header
         self.transactions = TransactionLayer(clock, transports, timers, user=self, nat_mode=nat_mode)
-        self.handlers: dict[str, object] = {}
+        self.handlers: dict[str, object] = {}  # method -> handler(tx, request), e.g. REGISTER -> registrar
+        # Hooks the router sets: CANCEL matched to an INVITE, ACK for a 2xx, a response for no transaction.
+        self.cancel_hook = None
+        self.ack_hook = None
+        self.stray_response_hook = None
         self.components: dict[str, object] = {}  # what service.py built, by name (admin API, plugins)
         self.route = self._no_route
         self.dropped: Counter = Counter()
@@ -255,9 +259,10 @@ class SipServer:
         if handler is not None:
             handler(tx, request)
             return
-        if self.identity.is_me(uri):
+        if self.identity.is_me(uri) and uri.param("lr") is None:
             self._handle_local(tx, request)
             return
+        # Anything else, including our own Record-Route URI sent by a strict router.
         self.route(tx, request)
 
     def _handle_local(self, tx: ServerTransaction, request: Request) -> None:
@@ -299,20 +304,17 @@ class SipServer:
             return
         self.respond(tx, 200, "OK")
         invite_tx.cancelled = True
-        cancel_hook = self.handlers.get("CANCEL")
-        if cancel_hook is not None:
-            cancel_hook(invite_tx, request)
+        if self.cancel_hook is not None:
+            self.cancel_hook(invite_tx, request)
         elif invite_tx.state == "Proceeding":
             self.respond(invite_tx, 487, "Request Terminated")
 
     def ack_received(self, request: Request, source: Source) -> None:
-        handler = self.handlers.get("ACK")
-        if handler is not None:
-            handler(request, source)
+        if self.ack_hook is not None:
+            self.ack_hook(request, source)
 
     def stray_response(self, response: Response, source: Source) -> None:
-        handler = self.handlers.get("stray-response")
-        if handler is not None:
-            handler(response, source)
+        if self.stray_response_hook is not None:
+            self.stray_response_hook(response, source)
         else:
             self.dropped["stray_response"] += 1

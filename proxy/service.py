@@ -9,6 +9,7 @@ import socket
 
 from twisted.application import internet, service, strports
 from twisted.internet import endpoints, ssl
+from twisted.names import client as dns_client
 from twisted.logger import Logger
 
 from twisted.web import server as server_mod
@@ -18,7 +19,10 @@ from proxy.auth import DigestAuthenticator, load_secret
 from proxy.config import ProxyConfig
 from proxy.credentials import USERS_FILE, FileCredentials
 from proxy.location import SqliteLocationService
+from proxy.dns import NextHopResolver
 from proxy.registrar import Registrar
+from proxy.router import Router
+from proxy.routes import RouteTable
 from proxy.server import LocalIdentity, SipServer
 from proxy.transaction import Timers
 from proxy.transport import SipDatagramProtocol, SipStreamFactory, Transports
@@ -56,6 +60,30 @@ def load_trust_root(ca_file: str):
     marker = b"-----END CERTIFICATE-----"
     certs = [ssl.Certificate.loadPEM(part + marker) for part in pem.split(marker) if b"BEGIN CERTIFICATE" in part]
     return ssl.trustRootFromCertificates(certs)
+
+
+def advertised(config: ProxyConfig, identity: LocalIdentity) -> tuple[str, dict[str, int]]:
+    """The host phones reach us at (Via, Record-Route) and our port per transport."""
+    ports: dict[str, int] = {}
+    for listener in config.server.listen:
+        ports.setdefault(listener.transport, listener.port)
+    host = config.proxy.advertise
+    if host:
+        name, _, port = host.rpartition(":") if host.count(":") == 1 else (host, "", "")
+        if port.isdigit():
+            host = name
+            ports = {t: int(port) if t == "UDP" else p for t, p in ports.items()}
+        return host, ports
+    if config.server.addresses:
+        return config.server.addresses[0], ports
+    for listener in config.server.listen:
+        if listener.interface not in ("", "0.0.0.0", "::"):
+            return listener.interface, ports
+    candidates = sorted(a for a in identity.addresses if ":" not in a and not a.startswith("127."))
+    if candidates:
+        return candidates[0], ports
+    log.warn("No address to advertise in Via/Record-Route; using 127.0.0.1 (set proxy.advertise)")
+    return "127.0.0.1", ports
 
 
 def make_connector(reactor, factory_for, trust_root=None):
@@ -111,8 +139,13 @@ def build_service(config: ProxyConfig, reactor) -> tuple[service.MultiService, S
     _LocationService(location).setServiceParent(top)
     registrar = Registrar(server, location, authenticator, config.registrar, identity, config.server.domains[0])
     server.handlers["REGISTER"] = registrar.handle
+    router = Router(
+        server, location, authenticator, credentials, config.proxy, RouteTable(config.routes, config.emergency),
+        NextHopResolver(dns_client.createResolver()),
+        domain=config.server.domains[0], advertise=advertised(config, identity), nat_mode=config.registrar.nat_mode,
+    )
     server.components = {"credentials": credentials, "authenticator": authenticator, "location": location,
-                         "registrar": registrar}
+                         "registrar": registrar, "router": router}
 
     api = AdminApi(load_or_create_token(state_dir), reactor, location)
     strports.service(config.admin.listen, server_mod.Site(api), reactor=reactor).setServiceParent(top)

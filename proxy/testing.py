@@ -45,7 +45,7 @@ def udp_source(host: str = "192.0.2.50", port: int = 5060) -> Source:
 
 def sip_bytes(text: str, body: bytes = b"") -> bytes:
     """Wire bytes from a readable message: lines joined with CRLF, Content-Length filled in."""
-    lines = [line.strip() for line in text.strip().splitlines()]
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     if not any(line.lower().startswith(("content-length:", "l:")) for line in lines):
         lines.append(f"Content-Length: {len(body)}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body

@@ -1,0 +1,377 @@
+"""The response context of a proxied request (RFC 3261 section 16.7): branches, forking, best response.
+
+A `ProxyCall` owns one server transaction and its branches. Each `Branch`
+is one target with its hops (gateways, SRV targets) in failover order: a
+408, a 503 or no answer moves it to the next hop. Responses:
+
+- 100 is absorbed; other provisionals are relayed and restart Timer C;
+- every 2xx is relayed at once, and the other INVITE branches are CANCELled;
+- a 6xx CANCELs the other branches and is the answer;
+- a 3xx is recursed on (its Contacts become new branches, bounded) when
+  configured, else kept like a 4xx;
+- when every branch has ended without a 2xx, the best stored response goes
+  upstream: a 6xx if any, else the lowest class, preferring anything over a
+  408; 401/407 challenges of all branches are combined (16.7 step 7); a 503
+  becomes 500 (16.7 step 6); no response at all is a 408.
+
+Sequential forking (by q) starts the next q group only when the current one
+has ended without a 2xx or 6xx.
+"""
+
+import attrs
+from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
+
+from proxy.errors import SipParseError
+from proxy.routes import Hop, hop_for_uri
+from proxy.sip.headers import Headers
+from proxy.sip.message import Request, Response
+from proxy.sip.uri import NameAddr, SipUri
+from proxy.transaction import ClientTransaction, ServerTransaction
+from proxy.transport import Destination
+
+log = Logger()
+
+
+@attrs.frozen
+class Target:
+    """One destination of a fork: its hops in failover order, and its q."""
+
+    hops: tuple[Hop, ...]
+    q: float = 1.0
+    kind: str = "user"  # user, gateway, emergency, dialog, redirect
+
+
+class Branch:
+    def __init__(self, call: "ProxyCall", target: Target, index: int):
+        self.call = call
+        self.target = target
+        self.index = index
+        self.hop_index = 0
+        self.destinations: list[Destination] = []
+        self.tx: ClientTransaction | None = None
+        self.request: Request | None = None
+        self.provisional = False
+        self.done = False
+        self.cancel_pending = False
+        self.timer_c: IDelayedCall | None = None
+        self.attempt = 0
+
+    @property
+    def hop(self) -> Hop:
+        return self.target.hops[self.hop_index]
+
+    def start(self) -> None:
+        router = self.call.router
+        router.destinations(self.hop).addCallbacks(self._resolved, self._resolve_failed)
+
+    def _resolve_failed(self, failure) -> None:
+        log.failure("Resolving {host} failed", failure, host=self.hop.host)
+        self._resolved([])
+
+    def _resolved(self, destinations: list[Destination]) -> None:
+        if self.done:
+            return
+        if self.call.cancelled:
+            self._finish(None)
+            return
+        self.destinations = list(destinations)
+        if not self.destinations:
+            log.info("No address for {host}", host=self.hop.host)
+            self._next_hop_or_finish(None)
+            return
+        self._send(self.destinations.pop(0))
+
+    def _send(self, destination: Destination) -> None:
+        call = self.call
+        self.attempt += 1
+        self.provisional = False
+        self.request = call.router.forward_request(call.request, self.hop, destination, call.branch_id(self),
+                                                   record_route=call.record_route)
+        self.tx = call.router.server.transactions.start_client(self.request, destination, self._on_response,
+                                                               self._on_timeout)
+        if self.request.method == "INVITE":
+            self._restart_timer_c()
+
+    def _restart_timer_c(self) -> None:
+        self._stop_timer_c()
+        self.timer_c = self.call.clock.callLater(self.call.router.settings.timer_c, self._timer_c_fired)
+
+    def _stop_timer_c(self) -> None:
+        if self.timer_c is not None and self.timer_c.active():
+            self.timer_c.cancel()
+        self.timer_c = None
+
+    def _timer_c_fired(self) -> None:
+        self.timer_c = None
+        if self.done:
+            return
+        log.info("Timer C fired for branch {index} of Call-ID {call_id}", index=self.index,
+                 call_id=self.call.call_id)
+        if self.provisional:
+            self.cancel()
+        else:
+            self._on_timeout()
+
+    def _on_response(self, response: Response) -> None:
+        if self.done and not (200 <= response.status < 300):
+            return
+        status = response.status
+        if status < 200:
+            if status == 100:
+                return
+            self.provisional = True
+            if self.request.method == "INVITE":
+                self._restart_timer_c()
+            if self.cancel_pending:
+                self._send_cancel()
+                return
+            self.call.relay(response)
+            return
+        self._stop_timer_c()
+        if status < 300:
+            first = not self.done
+            self.done = True
+            self.call.answered_by(self, response, first)
+            return
+        if status in (408, 503) and not self.call.cancelled and self._next_destination_or_hop():
+            log.info("{status} from {host}; trying the next hop", status=status, host=self.hop.host)
+            return
+        self._finish(response)
+
+    def _on_timeout(self) -> None:
+        if self.done:
+            return
+        self._stop_timer_c()
+        if not self.call.cancelled and self._next_destination_or_hop():
+            log.info("No answer from {host}; trying the next hop", host=self.hop.host)
+            return
+        self._finish(None)
+
+    def _next_destination_or_hop(self) -> bool:
+        """Fail over: the next address of this hop, else the next hop. False when none is left."""
+        if self.destinations:
+            self._send(self.destinations.pop(0))
+            return True
+        if self.hop_index + 1 < len(self.target.hops):
+            self.hop_index += 1
+            self.start()
+            return True
+        return False
+
+    def _next_hop_or_finish(self, response: Response | None) -> None:
+        if self.hop_index + 1 < len(self.target.hops):
+            self.hop_index += 1
+            self.start()
+        else:
+            self._finish(response)
+
+    def _finish(self, response: Response | None) -> None:
+        if self.done:
+            return
+        self.done = True
+        self._stop_timer_c()
+        self.call.branch_ended(self, response)
+
+    def cancel(self) -> None:
+        """CANCEL this branch (section 9.1): now if it has had a provisional, else when it gets one."""
+        if self.done:
+            return
+        if self.tx is None:
+            self._finish(None)
+            return
+        if self.provisional:
+            self._send_cancel()
+        else:
+            self.cancel_pending = True
+            self.tx.cancel_retransmissions()
+
+    def _send_cancel(self) -> None:
+        self.cancel_pending = False
+        if self.tx is None or self.request is None:
+            return
+        cancel = build_cancel(self.request)
+        self.call.router.server.transactions.start_client(cancel, self.tx.destination, lambda r: None, lambda: None)
+
+
+def build_cancel(invite: Request) -> Request:
+    """CANCEL for a forwarded INVITE (section 9.1): same Request-URI, top Via, Call-ID, From, To, CSeq number, Route."""
+    fields = [("Via", invite.headers.first_value("via"))]
+    for name, value in invite.headers:
+        key = name.lower()
+        if key in ("route", "from", "f", "to", "t", "call-id", "i"):
+            fields.append((name, value))
+    fields.append(("CSeq", f"{invite.cseq.number} CANCEL"))
+    fields.append(("Max-Forwards", "70"))
+    return Request("CANCEL", invite.uri_text, Headers.of(*fields))
+
+
+def _response_class(status: int) -> int:
+    return status // 100
+
+
+class ProxyCall:
+    """The response context for one server transaction."""
+
+    def __init__(self, router, tx: ServerTransaction, request: Request, targets: list[Target], *,
+                 record_route: bool, sequential: bool, redirects_left: int):
+        self.router = router
+        self.clock = router.server.clock
+        self.tx = tx
+        self.request = request
+        self.call_id = request.call_id
+        self.record_route = record_route
+        self.redirects_left = redirects_left
+        self.branches: list[Branch] = []
+        self.finals: list[Response] = []
+        self.answered = False
+        self.cancelled = False
+        self.finished = False
+        self.tried_uris: set[str] = set()
+        if sequential:
+            groups: dict[float, list[Target]] = {}
+            for t in targets:
+                groups.setdefault(t.q, []).append(t)
+            self.pending_groups = [groups[q] for q in sorted(groups, reverse=True)]
+        else:
+            self.pending_groups = [targets]
+
+    def branch_id(self, branch: Branch) -> str:
+        return self.router.branch_for(self.tx, self.request, branch.index, branch.attempt)
+
+    def start(self) -> None:
+        self._start_next_group()
+
+    def _start_next_group(self) -> bool:
+        if not self.pending_groups:
+            return False
+        group = self.pending_groups.pop(0)
+        new = []
+        for target in group:
+            branch = Branch(self, target, len(self.branches))
+            self.branches.append(branch)
+            self.tried_uris.update(h.uri for h in target.hops)
+            new.append(branch)
+        for branch in new:
+            branch.start()
+        return True
+
+    # -- from the branches ---------------------------------------------------
+
+    def relay(self, response: Response) -> None:
+        """Relay a provisional or 2xx upstream (without our Via)."""
+        if self.finished and not (200 <= response.status < 300):
+            return
+        upstream = response.with_headers(response.headers.remove_first_value("via"))
+        self.router.server.send_response(self.tx, upstream)
+
+    def answered_by(self, branch: Branch, response: Response, first: bool) -> None:
+        self.relay(response)
+        if not self.answered:
+            self.answered = True
+            self.router.call_answered(self, branch, response)
+            if self.request.method == "INVITE":
+                for other in self.branches:
+                    if other is not branch:
+                        other.cancel()
+                self.pending_groups = []
+        self._maybe_done()
+
+    def branch_ended(self, branch: Branch, response: Response | None) -> None:
+        if response is not None:
+            status = response.status
+            if 300 <= status < 400 and self.router.settings.recurse_3xx and self._recurse(response):
+                self._maybe_done()
+                return
+            self.finals.append(response)
+            if status >= 600 and not self.answered:
+                for other in self.branches:
+                    other.cancel()
+                self.pending_groups = []
+        self._maybe_done()
+
+    def _recurse(self, response: Response) -> bool:
+        """Contacts of a 3xx become new branches, best q first, each URI once (16.5 and 16.7 step 4)."""
+        if self.redirects_left <= 0 or self.answered or self.cancelled:
+            return False
+        contacts = []
+        for value in response.headers.values("contact"):
+            try:
+                na = NameAddr.parse(value, "Contact")
+                uri = na.uri
+                q = float(na.param("q") or 1.0)
+            except (SipParseError, ValueError):
+                continue
+            if isinstance(uri, SipUri) and str(uri) not in self.tried_uris:
+                contacts.append((q, uri))
+        if not contacts:
+            return False
+        self.redirects_left -= 1
+        contacts.sort(key=lambda c: -c[0])
+        targets = [self.router.target_for_uri(uri, q=q, kind="redirect") for q, uri in contacts]
+        log.info("Recursing on {status} for Call-ID {call_id}: {count} contact(s)", status=response.status,
+                 call_id=self.call_id, count=len(targets))
+        # Redirect targets are tried one after another, best q first, as the seed's flows show.
+        self.pending_groups = [[t] for t in targets] + self.pending_groups
+        return True
+
+    def _maybe_done(self) -> None:
+        if self.finished:
+            return
+        if any(not b.done for b in self.branches):
+            return
+        if not self.answered and self._start_next_group():
+            return
+        self.finished = True
+        self.router.call_finished(self)
+        if self.answered:
+            return
+        if self.cancelled:
+            self.router.server.respond(self.tx, 487, "Request Terminated")
+            return
+        best = self.best_response()
+        if best is None:
+            self.router.server.respond(self.tx, 408, "Request Timeout")
+            return
+        self.router.server.send_response(self.tx, best)
+
+    def best_response(self) -> Response | None:
+        if not self.finals:
+            return None
+        six = [r for r in self.finals if r.status >= 600]
+        if six:
+            chosen = six[0]
+        else:
+            lowest = min(_response_class(r.status) for r in self.finals)
+            candidates = [r for r in self.finals if _response_class(r.status) == lowest]
+            preferred = [r for r in candidates if r.status != 408] or candidates
+            auth = [r for r in preferred if r.status in (401, 407)]
+            chosen = auth[0] if auth else preferred[0]
+        headers = chosen.headers.remove_first_value("via")
+        if chosen.status in (401, 407):
+            # 16.7 step 7: every branch's challenge goes up in the one response.
+            for other in self.finals:
+                if other is chosen or other.status not in (401, 407):
+                    continue
+                for name in ("WWW-Authenticate", "Proxy-Authenticate"):
+                    for value in other.headers.get_lines(name):
+                        headers = headers.append(name, value)
+        response = Response(chosen.status, chosen.reason, headers, chosen.body)
+        if chosen.status == 503:
+            response = Response(500, "Server Internal Error", headers, chosen.body)
+        return response
+
+    # -- from upstream -------------------------------------------------------
+
+    def cancel(self) -> None:
+        """The caller CANCELled (16.10): cancel every branch; the 487s end the call."""
+        if self.answered or self.finished:
+            return
+        self.cancelled = True
+        self.pending_groups = []
+        for branch in self.branches:
+            branch.cancel()
+        self._maybe_done()
+
+
+__all__ = ["Branch", "ProxyCall", "Target", "build_cancel", "hop_for_uri"]

@@ -1,0 +1,439 @@
+"""The stateful proxy core (RFC 3261 section 16): from a validated request to its branches.
+
+`Router.route` is the server's route for every request not handled
+elsewhere. In order, as section 16 has it:
+
+16.3  Max-Forwards (483; OPTIONS at 0 answered here), Proxy-Require (420),
+      loops (482: one of the Vias is ours with the same loop hash).
+16.4  A Request-URI that is our Record-Route URI comes from a strict router:
+      the last Route replaces it. Our own URI on top of Route is removed.
+auth  Initial requests from sources that are not trusted networks are
+      challenged with 407 (seed 001 line 3945); the From user must be the
+      authenticated user or one of its lines. In-dialog requests, ACK and
+      CANCEL are not challenged; emergency numbers never are.
+16.5  In-dialog (To tag) or routed requests follow the route set. Our
+      domain: emergency numbers -> emergency gateways; local users ->
+      their bindings (480 without one); others -> dial-pattern routes (404
+      without). Foreign domains -> domain routes, the outbound proxy, or
+      RFC 3263 on the Request-URI; only for authenticated users and trusted
+      peers (no open relay: 403).
+16.6  Each branch: new Request-URI, Max-Forwards - 1, Record-Route with ;lr
+      on dialog-creating requests, our Via with a branch that carries the
+      loop hash, our realm's Proxy-Authorization removed.
+
+ACK for a 2xx and responses matching no transaction are forwarded
+statelessly (16.11), so 2xx retransmissions reach the caller.
+"""
+
+import hashlib
+import ipaddress
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from proxy.auth import Authenticated, Challenge, DigestAuthenticator, parse_digest
+from proxy.config import ProxySettings
+from proxy.credentials import ICredentials
+from proxy.dns import NextHopResolver
+from proxy.errors import SipError, SipParseError
+from proxy.forking import ProxyCall, Target
+from proxy.location import ILocationService
+from proxy.routes import Hop, RouteTable, gateway_uri, hop_for_uri
+from proxy.server import SipServer
+from proxy.sip.grammar import for_log
+from proxy.sip.message import Request, Response
+from proxy.sip.uri import NameAddr, SipUri
+from proxy.transaction import MAGIC_COOKIE, ServerTransaction
+from proxy.transport import Destination, Source
+
+log = Logger()
+
+DIALOG_CREATING = frozenset({"INVITE", "SUBSCRIBE", "REFER"})
+
+
+class Router:
+    def __init__(self, server: SipServer, location: ILocationService, authenticator: DigestAuthenticator,
+                 credentials: ICredentials, settings: ProxySettings, routes: RouteTable, resolver: NextHopResolver,
+                 *, domain: str, advertise: tuple[str, dict[str, int]], nat_mode: str = "auto"):
+        self.server = server
+        self.clock = server.clock
+        self.identity = server.identity
+        self.location = location
+        self.authenticator = authenticator
+        self.credentials = credentials
+        self.settings = settings
+        self.routes = routes
+        self.resolver = resolver
+        self.domain = domain
+        self.advertise_host, self.advertise_ports = advertise
+        self.nat_mode = nat_mode
+        self.trusted = [ipaddress.ip_network(n, strict=False) for n in settings.trusted]
+        self.calls: dict[int, ProxyCall] = {}
+        self.observers: list = []  # observer(event, **fields): "answered", "finished"
+        self.stats = {"calls_answered": 0, "calls_failed": 0, "stateless_forwarded": 0}
+        server.route = self.route
+        server.cancel_hook = self.cancel
+        server.ack_hook = self.ack
+        server.stray_response_hook = self.stray_response
+
+    # -- helpers ---------------------------------------------------------------
+
+    def is_trusted(self, host: str) -> bool:
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return any(address in network for network in self.trusted)
+
+    def is_our_uri(self, uri) -> bool:
+        """A URI naming this proxy (our Record-Route / Route URI): host ours, port ours or absent."""
+        if not isinstance(uri, SipUri):
+            return False
+        host = uri.host
+        ours = host == self.advertise_host or host in self.identity.addresses or host in self.identity.domains
+        return ours and (uri.port is None or uri.port in self.identity.ports)
+
+    def is_our_domain(self, uri: SipUri) -> bool:
+        return uri.host in self.identity.domains or uri.host in self.identity.addresses or uri.host == self.advertise_host
+
+    def via_value(self, transport: str, branch: str) -> str:
+        port = self.advertise_ports.get(transport) or self.advertise_ports.get("UDP", 5060)
+        return f"SIP/2.0/{transport} {self.advertise_host}:{port};branch={branch}"
+
+    def record_route_value(self, transport: str) -> str:
+        port = self.advertise_ports.get(transport) or self.advertise_ports.get("UDP", 5060)
+        extra = "" if transport == "UDP" else f";transport={transport.lower()}"
+        return f"<sip:{self.advertise_host}:{port};lr{extra}>"
+
+    def loop_hash(self, request: Request) -> str:
+        """16.6 step 8: what makes a request the same request again (a loop, not a spiral)."""
+        h = hashlib.blake2s(digest_size=6)
+        for part in (request.uri_text, request.from_.tag or "", request.to.tag or "", request.call_id,
+                     str(request.cseq.number), *request.headers.get_lines("route"),
+                     *request.headers.get_lines("proxy-require")):
+            h.update(part.encode("utf-8", "surrogateescape"))
+            h.update(b"\x00")
+        return h.hexdigest()
+
+    def branch_for(self, tx: ServerTransaction, request: Request, index: int, attempt: int) -> str:
+        key = hashlib.blake2s(repr(tx.key).encode("utf-8", "surrogateescape"), digest_size=8).hexdigest()
+        return f"{MAGIC_COOKIE}{key}{index}x{attempt}.{self.loop_hash(request)}"
+
+    def _is_loop(self, request: Request) -> bool:
+        mine = None
+        for via in request.vias:
+            if via.host == self.advertise_host and (via.port or 5060) in self.advertise_ports.values():
+                if mine is None:
+                    mine = self.loop_hash(request)
+                branch = via.branch or ""
+                if branch.rpartition(".")[2] == mine:
+                    return True
+        return False
+
+    # -- entry points ------------------------------------------------------------
+
+    def route(self, tx: ServerTransaction, request: Request) -> None:
+        try:
+            self._route(tx, request)
+        except SipError as e:
+            if tx.state in ("Trying", "Proceeding"):
+                self.server.respond(tx, e.status, e.reason, extra=e.headers)
+
+    def _route(self, tx: ServerTransaction, request: Request) -> None:
+        max_forwards = request.max_forwards
+        if max_forwards == 0:
+            if request.method == "OPTIONS":
+                self.server.respond(tx, 200, "OK", extra=self.server.capabilities())
+                return
+            raise SipError(483, "Too Many Hops")
+        required = request.headers.values("proxy-require")
+        if required:
+            raise SipError(420, "Bad Extension", (("Unsupported", ", ".join(required)),))
+        if self._is_loop(request):
+            raise SipError(482, "Loop Detected")
+        request, had_our_route = self._preprocess_routes(request)
+        if request.method == "INVITE":
+            self.server.respond(tx, 100, "Trying")
+        source = tx.source
+        in_dialog = request.to.tag is not None
+        if in_dialog or request.headers.get("route") is not None:
+            self._route_along(tx, request, source, in_dialog, had_our_route)
+            return
+        self._route_initial(tx, request, source)
+
+    def _preprocess_routes(self, request: Request) -> tuple[Request, bool]:
+        """16.4: strict-routing upstreams, and our own Route on top."""
+        uri = request.uri
+        had_our_route = False
+        if self.is_our_uri(uri) and uri.user is None and uri.param("lr") is not None:
+            routes = request.headers.values("route")
+            if routes:
+                last = routes[-1]
+                target = NameAddr.parse(last, "Route").uri_text
+                headers = _remove_last_route(request.headers)
+                request = Request(request.method, target, headers, request.body)
+                had_our_route = True
+        top = request.headers.first_value("route")
+        if top is not None:
+            try:
+                top_uri = NameAddr.parse(top, "Route").uri
+            except SipParseError:
+                raise SipError(400, "Bad Route") from None
+            if self.is_our_uri(top_uri):
+                request = request.with_headers(request.headers.remove_first_value("route"))
+                had_our_route = True
+        return request, had_our_route
+
+    def _route_along(self, tx, request: Request, source: Source, in_dialog: bool, had_our_route: bool) -> None:
+        """In-dialog or pre-routed requests: follow the Route set, else the Request-URI."""
+        top = request.headers.first_value("route")
+        uri = request.uri
+        if not had_our_route and not self.is_trusted(source.host):
+            # Not a dialog we record-routed: never a free relay to elsewhere.
+            if top is not None or not self.is_our_domain(uri):
+                if not in_dialog:
+                    self._authenticate(tx, request, source)
+                else:
+                    raise SipError(403, "Relaying Not Allowed")
+        if top is not None:
+            hop_uri = NameAddr.parse(top, "Route").uri
+            if not isinstance(hop_uri, SipUri):
+                raise SipError(416, "Unsupported URI Scheme in Route")
+            if hop_uri.param("lr") is None:
+                request = _to_strict_router(request)
+            hop = hop_for_uri(hop_uri, request_uri=request.uri_text)
+            target = Target(hops=(hop,), kind="dialog")
+        elif self.is_our_domain(uri) and uri.user is not None and not in_dialog:
+            self._route_initial(tx, request, source)
+            return
+        else:
+            target = self.target_for_uri(uri, kind="dialog")
+        self._start(tx, request, [target], record_route=False)
+
+    def _authenticate(self, tx, request: Request, source: Source) -> str | None:
+        """Challenge untrusted sources (407); returns the authenticated user, or None for trusted peers."""
+        if self.is_trusted(source.host):
+            return None
+        result = self.authenticator.authenticate(request, source.host, proxy=True)
+        if isinstance(result, Challenge):
+            raise SipError(407, "Proxy Authentication Required", (("Proxy-Authenticate", result.header_value),))
+        if not isinstance(result, Authenticated):
+            raise SipError(403, result.reason)
+        from_uri = request.from_.uri
+        from_user = from_uri.decoded_user if isinstance(from_uri, SipUri) else None
+        if from_user != result.user:
+            record = self.credentials.lookup(result.user)
+            if record is None or from_user is None or not record.may_register(from_user):
+                log.info("{user} sent a request From {from_user}", user=result.user, from_user=for_log(from_user or "?"))
+                raise SipError(403, "From does not match the credentials")
+        return result.user
+
+    def _route_initial(self, tx, request: Request, source: Source) -> None:
+        uri = request.uri
+        if not isinstance(uri, SipUri):
+            raise SipError(416, "Unsupported URI Scheme")
+        dialled = uri.decoded_user
+        ours = self.is_our_domain(uri)
+        if ours and self.routes.is_emergency(dialled):
+            hops = self.routes.emergency_hops(dialled)
+            if not hops:
+                log.error("Emergency call to {number} from {host} but no emergency gateway is configured",
+                          number=dialled, host=source.host)
+                raise SipError(503, "No emergency route configured")
+            log.warn("Emergency call to {number} from {host} (Call-ID {call_id})", number=dialled, host=source.host,
+                     call_id=for_log(request.call_id))
+            self._start(tx, request, [Target(hops=tuple(hops), kind="emergency")])
+            return
+        if not ours and not self.is_trusted(source.host) and not self._claims_local_user(request):
+            # Neither from one of our users nor from a trusted peer, and not for us: an open relay attempt.
+            log.info("Relay attempt from {host} to {uri}", host=source.host, uri=for_log(request.uri_text))
+            raise SipError(403, "Relaying Not Allowed")
+        self._authenticate(tx, request, source)
+        if ours:
+            if dialled is None:
+                raise SipError(404, "Not Found")
+            targets = self.targets_for_user(dialled)
+            if targets is None:
+                found = self.routes.by_number(dialled)
+                if found is None:
+                    raise SipError(404, "Not Found")
+                name, hops = found
+                log.info("Routing {number} by route {route}", number=dialled, route=name)
+                targets = [Target(hops=tuple(hops), kind="gateway")]
+            elif not targets:
+                raise SipError(480, "Temporarily Unavailable")
+        else:
+            found = self.routes.by_domain(uri.host, uri)
+            if found is not None:
+                targets = [Target(hops=tuple(found[1]), kind="gateway")]
+            elif self.settings.outbound_proxy:
+                hop = hop_for_uri(gateway_uri(self.settings.outbound_proxy), request_uri=request.uri_text)
+                targets = [Target(hops=(hop,), kind="gateway")]
+            else:
+                targets = [self.target_for_uri(uri, kind="gateway")]
+        self._start(tx, request, targets)
+
+    def _claims_local_user(self, request: Request) -> bool:
+        uri = request.from_.uri
+        return isinstance(uri, SipUri) and self.is_our_domain(uri)
+
+    def targets_for_user(self, user: str) -> list[Target] | None:
+        """Bindings of a local user as targets; [] when registered nowhere; None when not a local user."""
+        aor = f"sip:{user}@{self.domain}"
+        bindings = self.location.lookup(aor)
+        if not bindings and self.credentials.lookup(user) is None:
+            return None
+        targets = []
+        for binding in bindings:
+            contact = SipUri.parse(binding.contact)
+            hop = hop_for_uri(contact)
+            hop = Hop(uri=hop.uri, host=hop.host, port=hop.port, transport=binding.transport, binding=binding)
+            targets.append(Target(hops=(hop,), q=binding.q, kind="user"))
+        return targets
+
+    def target_for_uri(self, uri: SipUri, q: float = 1.0, kind: str = "user") -> Target:
+        """A target for a URI: a registered contact when it is one (NAT rules), else the URI's host."""
+        if self.is_our_domain(uri) and uri.user is not None and kind == "redirect":
+            targets = self.targets_for_user(uri.decoded_user)
+            if targets:
+                hops = tuple(h for t in targets for h in t.hops)
+                return Target(hops=hops, q=q, kind=kind)
+        binding = self.location.find_contact(str(uri))
+        hop = hop_for_uri(uri)
+        if binding is not None:
+            hop = Hop(uri=hop.uri, host=hop.host, port=hop.port, transport=binding.transport, binding=binding)
+        return Target(hops=(hop,), q=q, kind=kind)
+
+    def destinations(self, hop: Hop) -> defer.Deferred:
+        if hop.binding is not None:
+            return defer.succeed([hop.binding.destination(hop.host, hop.port, self.nat_mode)])
+        return self.resolver.resolve(hop.host, hop.port, hop.transport)
+
+    def _start(self, tx, request: Request, targets: list[Target], record_route: bool | None = None) -> None:
+        if record_route is None:
+            record_route = self.settings.record_route and request.method in DIALOG_CREATING
+        call = ProxyCall(self, tx, request, targets, record_route=record_route,
+                         sequential=self.settings.forking == "sequential" and targets[0].kind == "user",
+                         redirects_left=self.settings.max_redirects)
+        self.calls[id(tx)] = call
+        call.start()
+
+    def forward_request(self, request: Request, hop: Hop, destination: Destination, branch: str, *,
+                        record_route: bool) -> Request:
+        """16.6: the copy that goes to one branch."""
+        headers = request.headers
+        max_forwards = request.max_forwards
+        headers = headers.set("Max-Forwards", str(69 if max_forwards is None else max_forwards - 1))
+        credentials = headers.get_lines("proxy-authorization")
+        if credentials:
+            # 22.3: our realm's credentials are consumed here; others go on.
+            kept = [v for v in credentials if (parse_digest(v) or {}).get("realm") != self.authenticator.realm]
+            headers = headers.remove("proxy-authorization")
+            for value in kept:
+                headers = headers.append("Proxy-Authorization", value)
+        if record_route:
+            headers = headers.prepend("Record-Route", self.record_route_value(destination.transport))
+        headers = headers.prepend("Via", self.via_value(destination.transport, branch))
+        return Request(request.method, hop.uri, headers, request.body)
+
+    # -- events for plugins and counters ------------------------------------------
+
+    def call_answered(self, call: ProxyCall, branch, response: Response) -> None:
+        if call.request.method == "INVITE":
+            self.stats["calls_answered"] += 1
+            log.info("Call {call_id} answered ({kind})", call_id=for_log(call.call_id), kind=branch.target.kind)
+        self._emit("answered", call=call, response=response)
+
+    def call_finished(self, call: ProxyCall) -> None:
+        self.calls.pop(id(call.tx), None)
+        if call.request.method == "INVITE" and not call.answered:
+            self.stats["calls_failed"] += 1
+        self._emit("finished", call=call)
+
+    def _emit(self, event: str, **fields) -> None:
+        for observer in self.observers:
+            try:
+                observer(event, **fields)
+            except Exception:
+                log.failure("Router observer failed on {event}", event=event)
+
+    # -- CANCEL, ACK, stray responses -------------------------------------------
+
+    def cancel(self, invite_tx: ServerTransaction, request: Request) -> None:
+        call = self.calls.get(id(invite_tx))
+        if call is None:
+            if invite_tx.state == "Proceeding":
+                self.server.respond(invite_tx, 487, "Request Terminated")
+            return
+        call.cancel()
+
+    def ack(self, request: Request, source: Source) -> None:
+        """ACK for a 2xx: end to end, forwarded statelessly along the route set."""
+        try:
+            if request.max_forwards == 0 or self._is_loop(request):
+                return
+            request, had_our_route = self._preprocess_routes(request)
+            top = request.headers.first_value("route")
+            if top is not None:
+                hop_uri = NameAddr.parse(top, "Route").uri
+                if not isinstance(hop_uri, SipUri):
+                    return
+                hop = hop_for_uri(hop_uri, request_uri=request.uri_text)
+            else:
+                uri = request.uri
+                if not isinstance(uri, SipUri) or (not had_our_route and not self.is_trusted(source.host)
+                                                   and not self.is_our_domain(uri)):
+                    return
+                hop = self.target_for_uri(uri, kind="dialog").hops[0]
+        except (SipError, SipParseError):
+            return
+        incoming = request.top_via.branch or ""
+        branch = MAGIC_COOKIE + hashlib.blake2s(f"ack:{incoming}:{request.call_id}".encode("utf-8", "surrogateescape"),
+                                                digest_size=8).hexdigest() + "." + self.loop_hash(request)
+
+        def send(destinations):
+            if not destinations:
+                return
+            destination = destinations[0]
+            forwarded = self.forward_request(request, hop, destination, branch, record_route=False)
+            self.stats["stateless_forwarded"] += 1
+            self.server.transports.send(forwarded.serialize(), destination)
+
+        self.destinations(hop).addCallback(send).addErrback(lambda f: log.failure("ACK forwarding failed", f))
+
+    def stray_response(self, response: Response, source: Source) -> None:
+        """16.11: a response for no transaction whose top Via is ours goes to the next Via."""
+        via = response.top_via
+        if via.host != self.advertise_host or (via.port or 5060) not in self.advertise_ports.values():
+            self.server.dropped["stray_response"] += 1
+            return
+        headers = response.headers.remove_first_value("via")
+        upstream = response.with_headers(headers)
+        try:
+            next_via = upstream.top_via
+        except SipParseError:
+            self.server.dropped["stray_response"] += 1
+            return
+        host = next_via.received or next_via.host
+        port = int(next_via.rport) if next_via.rport else (next_via.port or 5060)
+        self.stats["stateless_forwarded"] += 1
+        self.server.transports.send(upstream.serialize(), Destination(next_via.transport, host, port))
+
+
+def _remove_last_route(headers):
+    values = headers.values("route")
+    rest = values[:-1]
+    headers = headers.remove("route")
+    for value in rest:
+        headers = headers.append("Route", value)
+    return headers
+
+
+def _to_strict_router(request: Request) -> Request:
+    """16.6 step 6: the next hop is a strict router: its URI becomes the Request-URI, ours goes last in Route."""
+    routes = request.headers.values("route")
+    first = NameAddr.parse(routes[0], "Route").uri_text
+    headers = request.headers.remove("route")
+    for value in routes[1:] + [f"<{request.uri_text}>"]:
+        headers = headers.append("Route", value)
+    return Request(request.method, first, headers, request.body)
