@@ -63,7 +63,13 @@ class Branch:
 
     def start(self) -> None:
         router = self.call.router
-        router.destinations(self.hop).addCallbacks(self._resolved, self._resolve_failed)
+        d = router.destinations(self.hop).addCallbacks(self._resolved, self._resolve_failed)
+        d.addErrback(self._broken)
+
+    def _broken(self, failure) -> None:
+        """A bug while starting the branch: log it, and end the branch so the caller gets an answer."""
+        log.failure("Branch {index} of Call-ID {call_id} failed", failure, index=self.index, call_id=self.call.call_id)
+        self._finish(None)
 
     def _resolve_failed(self, failure) -> None:
         log.failure("Resolving {host} failed", failure, host=self.hop.host)

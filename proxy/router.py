@@ -94,7 +94,10 @@ class Router:
         return ours and (uri.port is None or uri.port in self.identity.ports)
 
     def is_our_domain(self, uri: SipUri) -> bool:
-        return uri.host in self.identity.domains or uri.host in self.identity.addresses or uri.host == self.advertise_host
+        """Our domain, or one of our addresses on one of our ports (another port there is someone else)."""
+        if self.identity.is_local_host(uri.host, uri.port):
+            return True
+        return uri.host == self.advertise_host and (uri.port or 5060) in self.identity.ports
 
     def via_value(self, transport: str, branch: str) -> str:
         port = self.advertise_ports.get(transport) or self.advertise_ports.get("UDP", 5060)
@@ -136,6 +139,10 @@ class Router:
         try:
             self._route(tx, request)
         except SipError as e:
+            if e.status >= 400 and e.status not in (401, 407):
+                log.info("{method} {uri} (Call-ID {call_id}) rejected: {status} {reason}", method=request.method,
+                         uri=for_log(request.uri_text), call_id=for_log(request.call_id), status=e.status,
+                         reason=e.reason)
             if tx.state in ("Trying", "Proceeding"):
                 self.server.respond(tx, e.status, e.reason, extra=e.headers)
 
@@ -312,6 +319,9 @@ class Router:
     def _start(self, tx, request: Request, targets: list[Target], record_route: bool | None = None) -> None:
         if record_route is None:
             record_route = self.settings.record_route and request.method in DIALOG_CREATING
+        log.info("Routing {method} {uri} (Call-ID {call_id}) to {targets}", method=request.method,
+                 uri=for_log(request.uri_text), call_id=for_log(request.call_id),
+                 targets=", ".join(for_log(h.uri) for t in targets for h in t.hops[:1]))
         call = ProxyCall(self, tx, request, targets, record_route=record_route,
                          sequential=self.settings.forking == "sequential" and targets[0].kind == "user",
                          redirects_left=self.settings.max_redirects)
@@ -381,9 +391,16 @@ class Router:
                 hop = hop_for_uri(hop_uri, request_uri=request.uri_text)
             else:
                 uri = request.uri
-                if not isinstance(uri, SipUri) or (not had_our_route and not self.is_trusted(source.host)
-                                                   and not self.is_our_domain(uri)):
+                if not isinstance(uri, SipUri) or self.is_our_domain(uri):
+                    # An ACK for a 2xx carries the callee's Contact; one for our own domain
+                    # acknowledges nothing we forwarded (a late ACK for a final we sent).
+                    self.server.dropped["stray_ack"] += 1
                     return
+                if not had_our_route and not self.is_trusted(source.host):
+                    binding = self.location.find_contact(str(uri))
+                    if binding is None:
+                        self.server.dropped["stray_ack"] += 1
+                        return
                 hop = self.target_for_uri(uri, kind="dialog").hops[0]
         except (SipError, SipParseError):
             return

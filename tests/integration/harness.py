@@ -158,3 +158,44 @@ def sipp_errors(result: subprocess.CompletedProcess) -> str:
             with open(os.path.join(result.workdir, name), errors="replace") as f:
                 out.append(f.read())
     return "\n".join(out) + result.stdout.decode(errors="replace")[-3000:]
+
+
+class SippPeer:
+    """A SIPp process in the background (a callee or a gateway), on a fixed local port."""
+
+    def __init__(self, scenario: str, server_port: int, *, port: int | None = None, calls: int = 1,
+                 extra: list[str] = (), timeout: float = 30.0):
+        sipp = require("sipp")
+        self.port = port or free_port()
+        self.workdir = tempfile.mkdtemp(prefix="sipp-peer-")
+        self.process = subprocess.Popen(
+            [sipp, "-sf", os.path.join(SCENARIOS, scenario), "-i", "127.0.0.1", "-p", str(self.port),
+             "-m", str(calls), "-nostdin", "-timeout", f"{int(timeout)}s", "-timeout_error", "-trace_err",
+             *extra, f"127.0.0.1:{server_port}"],
+            cwd=self.workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )
+        time.sleep(0.3)  # let it bind before anything is sent to it
+
+    def wait(self, timeout: float = 40.0) -> int:
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(5)
+            return -1
+        finally:
+            if self.process.stdout is not None:
+                self.process.stdout.close()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(5)
+
+    def errors(self) -> str:
+        out = []
+        for name in os.listdir(self.workdir):
+            if name.endswith("_errors.log"):
+                with open(os.path.join(self.workdir, name), errors="replace") as f:
+                    out.append(f.read()[-3000:])
+        return "\n".join(out)
