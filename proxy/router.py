@@ -78,6 +78,10 @@ class Router:
 
     # -- helpers ---------------------------------------------------------------
 
+    def is_self(self, source: Source) -> bool:
+        """A request this proxy sent to itself (a spiral through a route back to us): already authenticated."""
+        return source.host == self.advertise_host and source.port in self.advertise_ports.values()
+
     def is_trusted(self, host: str) -> bool:
         try:
             address = ipaddress.ip_address(host)
@@ -219,7 +223,7 @@ class Router:
 
     def _authenticate(self, tx, request: Request, source: Source) -> str | None:
         """Challenge untrusted sources (407); returns the authenticated user, or None for trusted peers."""
-        if self.is_trusted(source.host):
+        if self.is_trusted(source.host) or self.is_self(source):
             return None
         result = self.authenticator.authenticate(request, source.host, proxy=True)
         if isinstance(result, Challenge):
@@ -251,7 +255,7 @@ class Router:
                      call_id=for_log(request.call_id))
             self._start(tx, request, [Target(hops=tuple(hops), kind="emergency")])
             return
-        if not ours and not self.is_trusted(source.host) and not self._claims_local_user(request):
+        if not ours and not self.is_trusted(source.host) and not self.is_self(source) and not self._claims_local_user(request):
             # Neither from one of our users nor from a trusted peer, and not for us: an open relay attempt.
             log.info("Relay attempt from {host} to {uri}", host=source.host, uri=for_log(request.uri_text))
             raise SipError(403, "Relaying Not Allowed")
