@@ -136,6 +136,21 @@ class ProxySettings:
 
 
 @attrs.frozen
+class ForwardingConfig:
+    redirect: bool = False  # answer INVITEs for local users with 302/300 (redirect server, seed 001 line 554)
+    redirect_domains: tuple[str, ...] = ()  # or only for these of our domains
+    unconditional: str = "proxy"  # or "redirect": the caller gets a 302 to the target (seed 001 line 2918)
+    max_depth: int = 5
+    feature_codes: bool = True
+    always_on: str = "*72"
+    always_off: str = "*73"
+    busy_on: str = "*90"
+    busy_off: str = "*91"
+    no_answer_on: str = "*92"
+    no_answer_off: str = "*93"
+
+
+@attrs.frozen
 class TlsConfig:
     """Outgoing TLS (trunks): whom to trust. Empty = the platform's trust store."""
 
@@ -154,6 +169,7 @@ class ProxyConfig:
     proxy: ProxySettings = ProxySettings()
     routes: tuple[RouteConfig, ...] = ()
     emergency: EmergencyConfig = EmergencyConfig()
+    forwarding: ForwardingConfig = ForwardingConfig()
 
     @property
     def realm(self) -> str:
@@ -234,9 +250,31 @@ def parse_config(data: dict, path: str = "<config>") -> ProxyConfig:
     proxy = _parse_proxy(root.table("proxy"))
     routes = _parse_routes(root, path)
     emergency = _parse_emergency(root.table("emergency"))
+    forwarding = _parse_forwarding(root.table("forwarding"))
     root.finish()
     return ProxyConfig(path=path, server=server, timers=timers, tls=tls, registrar=registrar, auth=auth, admin=admin,
-                       proxy=proxy, routes=routes, emergency=emergency)
+                       proxy=proxy, routes=routes, emergency=emergency, forwarding=forwarding)
+
+
+def _parse_forwarding(t: _Table) -> ForwardingConfig:
+    d = ForwardingConfig()
+    codes = {}
+    for key in ("always_on", "always_off", "busy_on", "busy_off", "no_answer_on", "no_answer_off"):
+        codes[key] = t.get(key, getattr(d, key), str, lambda v: bool(re.fullmatch(r"[*#0-9]{1,6}", v)),
+                           "must be 1 to 6 of *, # and digits")
+    if len(set(codes.values())) != len(codes):
+        raise t.error("always_on", "feature codes must all differ")
+    config = ForwardingConfig(
+        redirect=t.get("redirect", d.redirect, bool),
+        redirect_domains=tuple(x.lower() for x in t.strings("redirect_domains", d.redirect_domains)),
+        unconditional=t.get("unconditional", d.unconditional, str, lambda v: v in ("proxy", "redirect"),
+                            "must be proxy or redirect"),
+        max_depth=t.get("max_depth", d.max_depth, int, lambda v: 1 <= v <= 20, "must be 1 to 20"),
+        feature_codes=t.get("feature_codes", d.feature_codes, bool),
+        **codes,
+    )
+    t.finish()
+    return config
 
 
 def _check_regex(t: "_Table", key: str, pattern: str) -> str:

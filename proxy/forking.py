@@ -234,19 +234,87 @@ class ProxyCall:
         self.cancelled = False
         self.finished = False
         self.tried_uris: set[str] = set()
-        if sequential:
+        self.sequential = sequential
+        self.base_request = request
+        # Forwarding (forwarding.py): where to go on busy / no answer, and the ring timer.
+        self.on_busy = None
+        self.on_no_answer = None
+        self.diverting = None
+        self.ring_timer: IDelayedCall | None = None
+        self.forced_final: tuple[int, str] | None = None
+        self._set_targets(targets)
+
+    def _set_targets(self, targets: list[Target]) -> None:
+        if self.sequential:
             groups: dict[float, list[Target]] = {}
             for t in targets:
                 groups.setdefault(t.q, []).append(t)
             self.pending_groups = [groups[q] for q in sorted(groups, reverse=True)]
         else:
-            self.pending_groups = [targets]
+            self.pending_groups = [targets] if targets else []
 
     def branch_id(self, branch: Branch) -> str:
-        return self.router.branch_for(self.tx, self.request, branch.index, branch.attempt)
+        return self.router.branch_for(self.tx, self.base_request, branch.index, branch.attempt)
 
-    def start(self) -> None:
+    def start(self, plan=None) -> None:
+        if plan is not None and not self._begin_plan(plan):
+            self._maybe_done()
+            return
         self._start_next_group()
+
+    def _begin_plan(self, plan) -> bool:
+        """Follow one step of a forwarding plan: its targets, Diversion, and what comes next. False: nothing to try."""
+        if plan.loop:
+            self.forced_final = (482, "Forwarding loop")
+            return False
+        self.request = self.base_request
+        if plan.diversions:
+            from proxy.forwarding import diversion_header
+
+            value = diversion_header(plan.diversions)
+            existing = self.base_request.headers.get("diversion")
+            headers = self.base_request.headers.set("Diversion", f"{value}, {existing}" if existing else value)
+            self.request = self.base_request.with_headers(headers)
+        self.on_busy = plan.on_busy
+        self.on_no_answer = plan.on_no_answer
+        self._stop_ring_timer()
+        targets = self.router.plan_targets(plan)
+        if not targets:
+            if plan.on_no_answer is not None:
+                # Registered nowhere: as good as not answering.
+                return self._begin_plan(plan.on_no_answer)
+            self.forced_final = (480, "Temporarily Unavailable") if plan.user else (404, "Not Found")
+            return False
+        self.forced_final = None
+        self._set_targets(targets)
+        if plan.on_no_answer is not None and plan.no_answer_after and self.request.method == "INVITE":
+            self.ring_timer = self.clock.callLater(plan.no_answer_after, self._ring_timeout)
+        return True
+
+    def _stop_ring_timer(self) -> None:
+        if self.ring_timer is not None and self.ring_timer.active():
+            self.ring_timer.cancel()
+        self.ring_timer = None
+
+    def _ring_timeout(self) -> None:
+        """No answer in time (seed 001 line 3660): CANCEL the user's phones; when they are done, call the target."""
+        self.ring_timer = None
+        if self.answered or self.cancelled or self.finished or self.on_no_answer is None:
+            return
+        log.info("No answer within the forwarding time for Call-ID {call_id}", call_id=self.call_id)
+        self.diverting = self.on_no_answer
+        self.pending_groups = []
+        for branch in self.branches:
+            branch.cancel()
+        self._maybe_done()
+
+    def _divert(self, plan) -> bool:
+        """Start the next step of the plan once every branch of this one has ended."""
+        self.finals = []
+        self.diverting = None
+        if self._begin_plan(plan):
+            return self._start_next_group()
+        return False
 
     def _start_next_group(self) -> bool:
         if not self.pending_groups:
@@ -275,6 +343,7 @@ class ProxyCall:
         self.relay(response)
         if not self.answered:
             self.answered = True
+            self._stop_ring_timer()
             self.router.call_answered(self, branch, response)
             if self.request.method == "INVITE":
                 for other in self.branches:
@@ -328,12 +397,25 @@ class ProxyCall:
             return
         if not self.answered and self._start_next_group():
             return
+        if not self.answered and not self.cancelled:
+            if self.diverting is not None and self._divert(self.diverting):
+                return
+            statuses = {r.status for r in self.finals}
+            if self.on_busy is not None and statuses & {486, 600} and self._divert(self.on_busy):
+                return
+            if (self.on_no_answer is not None and self.finals and statuses <= {408, 480, 487}
+                    and self._divert(self.on_no_answer)):
+                return
         self.finished = True
+        self._stop_ring_timer()
         self.router.call_finished(self)
         if self.answered:
             return
         if self.cancelled:
             self.router.server.respond(self.tx, 487, "Request Terminated")
+            return
+        if self.forced_final is not None and not self.finals:
+            self.router.server.respond(self.tx, *self.forced_final)
             return
         best = self.best_response()
         if best is None:
@@ -375,6 +457,7 @@ class ProxyCall:
             return
         self.cancelled = True
         self.pending_groups = []
+        self._stop_ring_timer()
         for branch in self.branches:
             branch.cancel()
         self._maybe_done()

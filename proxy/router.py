@@ -32,11 +32,12 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from proxy.auth import Authenticated, Challenge, DigestAuthenticator, parse_digest
-from proxy.config import ProxySettings
+from proxy.config import ForwardingConfig, ProxySettings
 from proxy.credentials import ICredentials
 from proxy.dns import NextHopResolver
 from proxy.errors import SipError, SipParseError
 from proxy.forking import ProxyCall, Target
+from proxy.forwarding import FeatureCodes, Forwarding, ForwardingError, Plan, check_target
 from proxy.location import ILocationService
 from proxy.routes import Hop, RouteTable, gateway_uri, hop_for_uri
 from proxy.server import SipServer
@@ -54,8 +55,14 @@ DIALOG_CREATING = frozenset({"INVITE", "SUBSCRIBE", "REFER"})
 class Router:
     def __init__(self, server: SipServer, location: ILocationService, authenticator: DigestAuthenticator,
                  credentials: ICredentials, settings: ProxySettings, routes: RouteTable, resolver: NextHopResolver,
-                 *, domain: str, advertise: tuple[str, dict[str, int]], nat_mode: str = "auto"):
+                 *, domain: str, advertise: tuple[str, dict[str, int]], nat_mode: str = "auto",
+                 forwarding: Forwarding | None = None, forwarding_config: ForwardingConfig = ForwardingConfig()):
         self.server = server
+        self.forwarding = forwarding
+        self.forwarding_config = forwarding_config
+        c = forwarding_config
+        self.feature_codes = FeatureCodes(c.always_on, c.always_off, c.busy_on, c.busy_off, c.no_answer_on,
+                                          c.no_answer_off) if c.feature_codes else None
         self.clock = server.clock
         self.identity = server.identity
         self.location = location
@@ -71,6 +78,8 @@ class Router:
         self.calls: dict[int, ProxyCall] = {}
         self.observers: list = []  # observer(event, **fields): "answered", "finished"
         self.stats = {"calls_answered": 0, "calls_failed": 0, "stateless_forwarded": 0}
+        self.forwards: dict[str, int] = {}  # by kind: unconditional, user-busy, no-answer, unavailable
+        self.redirects: dict[int, int] = {}  # 3xx answered as a redirect server, by code
         server.route = self.route
         server.cancel_hook = self.cancel
         server.ack_hook = self.ack
@@ -259,10 +268,18 @@ class Router:
             # Neither from one of our users nor from a trusted peer, and not for us: an open relay attempt.
             log.info("Relay attempt from {host} to {uri}", host=source.host, uri=for_log(request.uri_text))
             raise SipError(403, "Relaying Not Allowed")
-        self._authenticate(tx, request, source)
+        authenticated = self._authenticate(tx, request, source)
         if ours:
             if dialled is None:
                 raise SipError(404, "Not Found")
+            if request.method == "INVITE" and self.feature_codes is not None:
+                code = self.feature_codes.parse(dialled)
+                if code is not None:
+                    self._feature_code(tx, request, authenticated, code)
+                    return
+            if self.forwarding is not None and self.is_local_user(dialled):
+                self._route_to_local_user(tx, request, dialled, uri)
+                return
             targets = self.targets_for_user(dialled)
             if targets is None:
                 found = self.routes.by_number(dialled)
@@ -283,6 +300,90 @@ class Router:
             else:
                 targets = [self.target_for_uri(uri, kind="gateway")]
         self._start(tx, request, targets)
+
+    def is_local_user(self, user: str) -> bool:
+        return self.credentials.lookup(user) is not None or bool(self.location.lookup(f"sip:{user}@{self.domain}"))
+
+    def _feature_code(self, tx, request: Request, authenticated: str | None, code) -> None:
+        """*72<number> and friends: change the caller's own forwarding, answer with what was done."""
+        if authenticated is None or self.forwarding is None:
+            raise SipError(403, "Feature codes need a registered phone")
+        from_uri = request.from_.uri
+        user = from_uri.decoded_user if isinstance(from_uri, SipUri) and from_uri.decoded_user else authenticated
+        action, kind, target = code
+        label = {"always": "Forwarding", "busy": "Forwarding on busy", "no_answer": "Forwarding on no answer"}[kind]
+        try:
+            if action == "set":
+                self.forwarding.store.update(user, **{kind: check_target(target)})
+                reason = f"{label} to {target} set"
+            else:
+                self.forwarding.store.update(user, **{kind: ""})
+                reason = f"{label} cleared"
+        except ForwardingError as e:
+            raise SipError(484, "Address Incomplete") from e
+        log.info("{user} by feature code: {reason}", user=user, reason=reason)
+        # A final non-2xx: no call is set up; the reason phrase says what was done.
+        self.server.respond(tx, 480, reason)
+
+    def _redirect_mode(self, uri: SipUri) -> bool:
+        c = self.forwarding_config
+        return c.redirect or uri.host in c.redirect_domains
+
+    def _route_to_local_user(self, tx, request: Request, user: str, uri: SipUri) -> None:
+        plan = self.forwarding.plan(user, is_local_user=self.is_local_user)
+        if plan.loop:
+            raise SipError(482, "Forwarding loop")
+        if request.method == "INVITE" and self._redirect_mode(uri):
+            self._answer_redirect(tx, plan)
+            return
+        if (request.method == "INVITE" and plan.diversions and plan.diversions[0].reason == "unconditional"
+                and self.forwarding_config.unconditional == "redirect"):
+            self._count_forward(plan)
+            self._redirect(tx, [(1.0, plan.target_uri if not plan.user else f"sip:{plan.user}@{self.domain}")])
+            return
+        call = self._start(tx, request, [], plan=plan)
+        if call is None:
+            return
+
+    def _answer_redirect(self, tx, plan: Plan) -> None:
+        """Redirect server: 302 to the one contact, or 300 with the user's contacts then the forward targets."""
+        contacts: list[tuple[float, str]] = []
+        if plan.user:
+            contacts += [(b.q, b.contact) for b in self.location.lookup(f"sip:{plan.user}@{self.domain}")]
+        else:
+            contacts.append((1.0, plan.target_uri))
+        for follow in (plan.on_busy, plan.on_no_answer):
+            if follow is not None:
+                uri = follow.target_uri if not follow.user else f"sip:{follow.user}@{self.domain}"
+                if all(uri != c for _, c in contacts):
+                    contacts.append((0.1, uri))
+        if not contacts:
+            raise SipError(480, "Temporarily Unavailable")
+        contacts.sort(key=lambda c: -c[0])
+        self._redirect(tx, contacts)
+
+    def _redirect(self, tx, contacts: list[tuple[float, str]]) -> None:
+        status = 302 if len(contacts) == 1 else 300
+        extra = tuple(("Contact", f"<{uri}>" + (f";q={q:g}" if len(contacts) > 1 else "")) for q, uri in contacts)
+        self.redirects[status] = self.redirects.get(status, 0) + 1
+        self.server.respond(tx, status, None, extra=extra)
+
+    def _count_forward(self, plan: Plan) -> None:
+        for step in plan.diversions:
+            self.forwards[step.reason] = self.forwards.get(step.reason, 0) + 1
+
+    def plan_targets(self, plan: Plan) -> list[Target]:
+        """Targets of one step of a plan: the user's contacts, or a number via routes, or a foreign URI."""
+        self._count_forward(plan)
+        if plan.user:
+            return self.targets_for_user(plan.user) or []
+        uri = SipUri.parse(plan.target_uri)
+        if self.is_our_domain(uri) and uri.user:
+            found = self.routes.by_number(uri.decoded_user)
+            if found is None:
+                return []
+            return [Target(hops=tuple(found[1]), kind="gateway")]
+        return [self.target_for_uri(uri, kind="gateway")]
 
     def _claims_local_user(self, request: Request) -> bool:
         uri = request.from_.uri
@@ -320,17 +421,18 @@ class Router:
             return defer.succeed([hop.binding.destination(hop.host, hop.port, self.nat_mode)])
         return self.resolver.resolve(hop.host, hop.port, hop.transport)
 
-    def _start(self, tx, request: Request, targets: list[Target], record_route: bool | None = None) -> None:
+    def _start(self, tx, request: Request, targets: list[Target], record_route: bool | None = None,
+               plan: Plan | None = None) -> ProxyCall:
         if record_route is None:
             record_route = self.settings.record_route and request.method in DIALOG_CREATING
         log.info("Routing {method} {uri} (Call-ID {call_id}) to {targets}", method=request.method,
                  uri=for_log(request.uri_text), call_id=for_log(request.call_id),
-                 targets=", ".join(for_log(h.uri) for t in targets for h in t.hops[:1]))
+                 targets=", ".join(for_log(h.uri) for t in targets for h in t.hops[:1]) or "its forwarding plan")
         call = ProxyCall(self, tx, request, targets, record_route=record_route,
-                         sequential=self.settings.forking == "sequential" and targets[0].kind == "user",
-                         redirects_left=self.settings.max_redirects)
+                         sequential=self.settings.forking == "sequential", redirects_left=self.settings.max_redirects)
         self.calls[id(tx)] = call
-        call.start()
+        call.start(plan)
+        return call
 
     def forward_request(self, request: Request, hop: Hop, destination: Destination, branch: str, *,
                         record_route: bool) -> Request:

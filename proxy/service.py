@@ -20,6 +20,7 @@ from proxy.config import ProxyConfig
 from proxy.credentials import USERS_FILE, FileCredentials
 from proxy.location import SqliteLocationService
 from proxy.dns import NextHopResolver
+from proxy.forwarding import Forwarding, ForwardingStore
 from proxy.registrar import Registrar
 from proxy.router import Router
 from proxy.routes import RouteTable
@@ -139,13 +140,18 @@ def build_service(config: ProxyConfig, reactor) -> tuple[service.MultiService, S
     _LocationService(location).setServiceParent(top)
     registrar = Registrar(server, location, authenticator, config.registrar, identity, config.server.domains[0])
     server.handlers["REGISTER"] = registrar.handle
+    domain = config.server.domains[0]
+    forwarding_store = ForwardingStore(os.path.join(state_dir, "location.sqlite"))
+    forwarding = Forwarding(forwarding_store, domain, max_depth=config.forwarding.max_depth,
+                            has_bindings=lambda user: bool(location.lookup(f"sip:{user}@{domain}")))
     router = Router(
         server, location, authenticator, credentials, config.proxy, RouteTable(config.routes, config.emergency),
         NextHopResolver(dns_client.createResolver()),
-        domain=config.server.domains[0], advertise=advertised(config, identity), nat_mode=config.registrar.nat_mode,
+        domain=domain, advertise=advertised(config, identity), nat_mode=config.registrar.nat_mode,
+        forwarding=forwarding, forwarding_config=config.forwarding,
     )
     server.components = {"credentials": credentials, "authenticator": authenticator, "location": location,
-                         "registrar": registrar, "router": router}
+                         "registrar": registrar, "router": router, "forwarding": forwarding}
 
     api = AdminApi(load_or_create_token(state_dir), reactor, location)
     strports.service(config.admin.listen, server_mod.Site(api), reactor=reactor).setServiceParent(top)

@@ -7,7 +7,8 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from proxy.auth import DigestAuthenticator, load_secret, parse_digest
-from proxy.config import EmergencyConfig, ProxySettings, RouteConfig
+from proxy.config import EmergencyConfig, ForwardingConfig, ProxySettings, RouteConfig
+from proxy.forwarding import Forwarding, ForwardingStore
 from proxy.credentials import FileCredentials, UserRecord, compute_ha1, locked_users
 from proxy.dns import NextHopResolver
 from proxy.location import Binding, SqliteLocationService
@@ -31,22 +32,30 @@ GW2 = ("192.0.2.21", 5060)
 class Net:
     """The proxy on a Clock, plus helpers to play phones and gateways around it."""
 
-    def __init__(self, test, settings=ProxySettings(), routes=(), emergency=EmergencyConfig(gateways=("192.0.2.30",))):
+    def __init__(self, test, settings=ProxySettings(), routes=(), emergency=EmergencyConfig(gateways=("192.0.2.30",)),
+                 forwarding_config=None):
         self.clock = Clock()
         self.clock.advance(1_700_000_000)
         self.dir = test.mktemp()
         os.makedirs(self.dir)
         users_path = os.path.join(self.dir, "users.json")
         with locked_users(users_path) as users:
-            for name in ("1001", "1002", "1003"):
+            for name in ("1001", "1002", "1003", "1004"):
                 users[name] = UserRecord(name, REALM, compute_ha1(name, REALM, "secret"))
         self.server, self.transports, _ = make_server(self.clock, domains=(REALM,), addresses=(PROXY,))
         credentials = FileCredentials(users_path, self.clock)
         self.location = SqliteLocationService(os.path.join(self.dir, "loc.sqlite"), self.clock)
         self.auth = DigestAuthenticator(self.clock, credentials, REALM, load_secret(self.dir))
+        self.forwarding = None
+        extra = {}
+        if forwarding_config is not None:
+            self.forwarding = Forwarding(ForwardingStore(os.path.join(self.dir, "loc.sqlite")), REALM,
+                                         max_depth=forwarding_config.max_depth,
+                                         has_bindings=lambda u: bool(self.location.lookup(f"sip:{u}@{REALM}")))
+            extra = {"forwarding": self.forwarding, "forwarding_config": forwarding_config}
         self.router = Router(self.server, self.location, self.auth, credentials, settings,
                              RouteTable(tuple(routes), emergency), NextHopResolver(),
-                             domain=REALM, advertise=(PROXY, {"UDP": 5060}))
+                             domain=REALM, advertise=(PROXY, {"UDP": 5060}), **extra)
         self.cseq = 0
 
     def register(self, user, host_port, q=1.0):

@@ -1,0 +1,223 @@
+"""Call forwarding: per-user settings, the plan a call follows, and the phone's feature codes.
+
+The seed's call flows are the specification (001 lines 3584-3681):
+- unconditional: the call goes to C at once (or the caller gets a 302 to C,
+  which the phones follow themselves, 001 line 2918);
+- busy: B is tried; on 486 (or 600) the call goes to C;
+- no answer: B rings for the configured time, is CANCELled, then C is called;
+- unavailable (our addition): B has no registration, the call goes to C.
+The forwarded INVITE carries a Diversion header (RFC 5806) naming B and the
+reason, which the phones show (001 line 709).
+
+Chains (B -> C -> D) are followed up to `max_depth`; a loop (B -> C -> B)
+ends the call with 482 "Forwarding loop" instead of a storm.
+
+Settings live in the state store (SQLite, in the location database file),
+so they survive restarts and `sipproxy-admin forward ...` can change them
+while the server runs: every lookup reads the table (an indexed row).
+"""
+
+import os
+import re
+import sqlite3
+
+import attrs
+from twisted.logger import Logger
+
+log = Logger()
+
+KINDS = ("always", "busy", "no_answer", "unavailable")
+DIVERSION_REASON = {"always": "unconditional", "busy": "user-busy", "no_answer": "no-answer",
+                    "unavailable": "unavailable"}
+_TARGET_RE = re.compile(r"(?:sips?:)?[A-Za-z0-9\-_.!~*'()&=+$,;?/%]+(?:@[A-Za-z0-9.\-\[\]:]+)?\Z")
+
+
+class ForwardingError(Exception):
+    """A setting that cannot be stored; the message says why."""
+
+
+@attrs.frozen
+class ForwardSettings:
+    user: str
+    always: str = ""
+    busy: str = ""
+    no_answer: str = ""
+    no_answer_after: int = 20
+    unavailable: str = ""
+
+    def is_empty(self) -> bool:
+        return not (self.always or self.busy or self.no_answer or self.unavailable)
+
+    def as_json(self) -> dict:
+        return attrs.asdict(self)
+
+
+def check_target(target: str) -> str:
+    target = target.strip()
+    if not target or not _TARGET_RE.match(target):
+        raise ForwardingError(f"{target!r} is not a number, user or SIP URI")
+    return target
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS forwarding (
+    user TEXT PRIMARY KEY,
+    always TEXT NOT NULL DEFAULT '',
+    busy TEXT NOT NULL DEFAULT '',
+    no_answer TEXT NOT NULL DEFAULT '',
+    no_answer_after INTEGER NOT NULL DEFAULT 20,
+    unavailable TEXT NOT NULL DEFAULT ''
+)
+"""
+
+
+class ForwardingStore:
+    """Forwarding settings in SQLite (WAL), read through on every lookup."""
+
+    def __init__(self, path: str):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+        self.path = path
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=5)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(_SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def get(self, user: str) -> ForwardSettings:
+        row = self._db.execute(
+            "SELECT user, always, busy, no_answer, no_answer_after, unavailable FROM forwarding WHERE user = ?", (user,)
+        ).fetchone()
+        return ForwardSettings(*row) if row else ForwardSettings(user=user)
+
+    def all(self) -> list[ForwardSettings]:
+        rows = self._db.execute(
+            "SELECT user, always, busy, no_answer, no_answer_after, unavailable FROM forwarding ORDER BY user"
+        ).fetchall()
+        return [ForwardSettings(*row) for row in rows]
+
+    def put(self, settings: ForwardSettings) -> None:
+        for kind in KINDS:
+            value = getattr(settings, kind)
+            if value:
+                check_target(value)
+        if not 1 <= settings.no_answer_after <= 600:
+            raise ForwardingError("the no-answer time must be 1 to 600 seconds")
+        if settings.is_empty():
+            self._db.execute("DELETE FROM forwarding WHERE user = ?", (settings.user,))
+            return
+        self._db.execute(
+            "INSERT OR REPLACE INTO forwarding (user, always, busy, no_answer, no_answer_after, unavailable) "
+            "VALUES (?, ?, ?, ?, ?, ?)", attrs.astuple(settings))
+
+    def update(self, user: str, **changes) -> ForwardSettings:
+        settings = attrs.evolve(self.get(user), **changes)
+        self.put(settings)
+        return settings
+
+
+@attrs.frozen
+class FeatureCodes:
+    """Dialled codes that set and clear a user's own forwarding (PBX style)."""
+
+    always_on: str = "*72"
+    always_off: str = "*73"
+    busy_on: str = "*90"
+    busy_off: str = "*91"
+    no_answer_on: str = "*92"
+    no_answer_off: str = "*93"
+
+    def parse(self, dialled: str) -> tuple[str, str, str | None] | None:
+        """('set'|'clear', kind, target) for a feature code, else None. Longest code first."""
+        codes = [
+            (self.always_on, "set", "always"), (self.always_off, "clear", "always"),
+            (self.busy_on, "set", "busy"), (self.busy_off, "clear", "busy"),
+            (self.no_answer_on, "set", "no_answer"), (self.no_answer_off, "clear", "no_answer"),
+        ]
+        for code, action, kind in sorted(codes, key=lambda c: -len(c[0])):
+            if code and dialled.startswith(code):
+                rest = dialled[len(code):]
+                if action == "clear":
+                    return (action, kind, None) if not rest else None
+                return (action, kind, rest) if rest else None
+        return None
+
+
+@attrs.frozen
+class Diversion:
+    """One forwarding step, as the Diversion header names it (RFC 5806)."""
+
+    user_uri: str
+    reason: str
+
+
+@attrs.frozen
+class Plan:
+    """How to reach a user: its own contacts (user) or a forward target, plus what to do on busy / no answer."""
+
+    user: str  # the user whose contacts are rung ("" when the plan is a foreign target)
+    target_uri: str  # the Request-URI to use when `user` is "" (a number or foreign URI)
+    diversions: tuple[Diversion, ...] = ()
+    on_busy: "Plan | None" = None
+    no_answer_after: int = 0
+    on_no_answer: "Plan | None" = None
+    loop: bool = False  # forwarding came back to a user already in the chain
+
+
+class Forwarding:
+    """Turns a user's settings into the Plan a call follows."""
+
+    def __init__(self, store: ForwardingStore, domain: str, *, max_depth: int = 5, has_bindings=None):
+        self.store = store
+        self.domain = domain
+        self.max_depth = max_depth
+        self.has_bindings = has_bindings or (lambda user: True)
+
+    def uri_for(self, target: str) -> tuple[str, str]:
+        """(local user or "", Request-URI) for a stored target."""
+        if target.startswith(("sip:", "sips:")):
+            user, _, host = target.partition(":")[2].partition("@")
+            if host.lower() == self.domain:
+                return user, f"sip:{user}@{self.domain}"
+            return "", target
+        if "@" in target:
+            user, _, host = target.partition("@")
+            if host.lower() == self.domain:
+                return user, f"sip:{user}@{self.domain}"
+            return "", f"sip:{target}"
+        return target, f"sip:{target}@{self.domain}"
+
+    def plan(self, user: str, *, is_local_user, chain: tuple[str, ...] = (), diversions=()) -> Plan:
+        """The plan to reach `user` (a local user), following unconditional/unavailable chains eagerly."""
+        if user in chain:
+            log.info("Forwarding loop: {chain}", chain=" -> ".join(chain + (user,)))
+            return Plan(user=user, target_uri="", diversions=tuple(diversions), loop=True)
+        chain = chain + (user,)
+        settings = self.store.get(user)
+        me = f"sip:{user}@{self.domain}"
+        if len(chain) > self.max_depth:
+            return Plan(user=user, target_uri=me, diversions=tuple(diversions))
+        if settings.always:
+            return self._follow(settings.always, Diversion(me, "unconditional"), is_local_user, chain, diversions)
+        if settings.unavailable and not self.has_bindings(user):
+            return self._follow(settings.unavailable, Diversion(me, "unavailable"), is_local_user, chain, diversions)
+        on_busy = on_no_answer = None
+        if settings.busy:
+            on_busy = self._follow(settings.busy, Diversion(me, "user-busy"), is_local_user, chain, diversions)
+        if settings.no_answer:
+            on_no_answer = self._follow(settings.no_answer, Diversion(me, "no-answer"), is_local_user, chain,
+                                        diversions)
+        return Plan(user=user, target_uri=me, diversions=tuple(diversions), on_busy=on_busy,
+                    no_answer_after=settings.no_answer_after if on_no_answer else 0, on_no_answer=on_no_answer)
+
+    def _follow(self, target: str, step: Diversion, is_local_user, chain, diversions) -> Plan:
+        local, uri = self.uri_for(target)
+        diversions = tuple(diversions) + (step,)
+        if local and is_local_user(local):
+            return self.plan(local, is_local_user=is_local_user, chain=chain, diversions=diversions)
+        return Plan(user="", target_uri=uri, diversions=diversions)
+
+
+def diversion_header(diversions: tuple[Diversion, ...]) -> str:
+    """RFC 5806: the most recent diversion first, each with its reason and counter."""
+    return ", ".join(f"<{d.user_uri}>;reason={d.reason};counter=1" for d in reversed(diversions))
