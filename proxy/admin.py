@@ -21,6 +21,7 @@ from proxy.adminapi import TOKEN_FILE
 from proxy.config import ProxyConfig, load_config
 from proxy.credentials import USERS_FILE, UserFileError, UserRecord, compute_ha1, locked_users, read_users, valid_user_name
 from proxy.errors import ConfigError
+from proxy.forwarding import ForwardingError, ForwardingStore, check_target
 
 
 class AdminError(Exception):
@@ -30,7 +31,7 @@ class AdminError(Exception):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sipproxy-admin",
-        description="Administer a sipproxy server: users, registrations.",
+        description="Administer a sipproxy server: users, registrations, call forwarding.",
     )
     parser.add_argument("--version", action="version", version=f"sipproxy {__version__}")
     parser.add_argument("-c", "--config", default=os.environ.get("SIPPROXY_CONFIG"),
@@ -56,6 +57,23 @@ def build_parser() -> argparse.ArgumentParser:
     listing = user_commands.add_parser("list", help="list users")
     listing.add_argument("--json", action="store_true")
 
+    forward = commands.add_parser("forward", help="set, clear and show users' call forwarding")
+    forward_commands = forward.add_subparsers(dest="forward_command", metavar="ACTION", required=True)
+    fset = forward_commands.add_parser("set", help="set forwarding for a user")
+    fset.add_argument("user")
+    fset.add_argument("--always", help="forward every call to this number/user/URI")
+    fset.add_argument("--busy", help="forward when the user is busy (486/600)")
+    fset.add_argument("--no-answer", help="forward when the user does not answer in time")
+    fset.add_argument("--after", type=int, help="seconds to ring before --no-answer applies (default 20)")
+    fset.add_argument("--unavailable", help="forward when the user has no registered phone")
+    fclear = forward_commands.add_parser("clear", help="clear a user's forwarding (all of it, or the kinds named)")
+    fclear.add_argument("user")
+    for kind in ("always", "busy", "no-answer", "unavailable"):
+        fclear.add_argument(f"--{kind}", action="store_true")
+    fshow = forward_commands.add_parser("show", help="show forwarding (of one user, or of everyone who has some)")
+    fshow.add_argument("user", nargs="?")
+    fshow.add_argument("--json", action="store_true")
+
     regs = commands.add_parser("registrations", help="list current registrations (needs the running server)")
     regs.add_argument("--json", action="store_true")
     return parser
@@ -73,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
             return _user(config, args)
         if args.command == "registrations":
             return _registrations(config, args)
-    except (ConfigError, AdminError, UserFileError) as e:
+        if args.command == "forward":
+            return _forward(config, args)
+    except (ConfigError, AdminError, UserFileError, ForwardingError) as e:
         print(f"sipproxy-admin: {e}", file=sys.stderr)
         return 1
     parser.error(f"unknown command {args.command}")
@@ -162,6 +182,53 @@ def _user(config: ProxyConfig, args) -> int:
         print(f"removed {name}")
         return 0
     raise AdminError(f"unknown action {action}")
+
+
+def _forward(config: ProxyConfig, args) -> int:
+    """Forwarding settings are edited in the state store directly: the running server reads them per call."""
+    store = ForwardingStore(os.path.join(config.server.state_dir, "location.sqlite"))
+    try:
+        action = args.forward_command
+        if action == "set":
+            changes = {}
+            for kind, value in (("always", args.always), ("busy", args.busy), ("no_answer", args.no_answer),
+                                ("unavailable", args.unavailable)):
+                if value is not None:
+                    changes[kind] = check_target(value)
+            if args.after is not None:
+                changes["no_answer_after"] = args.after
+            if not changes:
+                raise AdminError("say what to set: --always, --busy, --no-answer [--after N], --unavailable")
+            settings = store.update(args.user, **changes)
+            print(_describe(settings))
+            return 0
+        if action == "clear":
+            kinds = [k for k in ("always", "busy", "no_answer", "unavailable") if getattr(args, k)]
+            settings = store.update(args.user, **{k: "" for k in (kinds or ["always", "busy", "no_answer", "unavailable"])})
+            print(_describe(settings))
+            return 0
+        rows = [store.get(args.user)] if args.user else store.all()
+        if args.json:
+            print(json.dumps([r.as_json() for r in rows], indent=1))
+        else:
+            for row in rows:
+                print(_describe(row))
+        return 0
+    finally:
+        store.close()
+
+
+def _describe(s) -> str:
+    parts = []
+    if s.always:
+        parts.append(f"always -> {s.always}")
+    if s.busy:
+        parts.append(f"busy -> {s.busy}")
+    if s.no_answer:
+        parts.append(f"no answer ({s.no_answer_after} s) -> {s.no_answer}")
+    if s.unavailable:
+        parts.append(f"unavailable -> {s.unavailable}")
+    return f"{s.user}: " + ("; ".join(parts) if parts else "no forwarding")
 
 
 def api_get(config: ProxyConfig, path: str, timeout: float = 5.0) -> dict:

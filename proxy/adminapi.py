@@ -7,8 +7,11 @@ directory can administer the server, and nobody else. Every request needs
 in constant time.
 
 Routes (later issues add more):
-  GET /api/health          {"status": "ok", "version": ...}
-  GET /api/registrations   every current binding
+  GET /api/health                  {"status": "ok", "version": ...}
+  GET /api/registrations           every current binding
+  GET /api/forwarding              everyone's forwarding settings
+  GET|PUT|DELETE /api/forwarding/<user>   one user's (PUT a JSON object with any of
+                                   always, busy, no_answer, no_answer_after, unavailable)
 """
 
 import hmac
@@ -71,19 +74,22 @@ class _JsonResource(resource.Resource):
 class AdminApi(resource.Resource):
     """The /api tree. Handlers return (status, JSON-able body)."""
 
-    def __init__(self, token: str, clock: IReactorTime, location: ILocationService):
+    def __init__(self, token: str, clock: IReactorTime, location: ILocationService, forwarding_store=None):
         super().__init__()
         self._token = token.encode()
         self.clock = clock
         self.location = location
+        self.forwarding_store = forwarding_store
         api = resource.Resource()
         self.putChild(b"api", api)
         self.routes = api
         self.add_route("health", self._health)
         self.add_route("registrations", self._registrations)
+        if forwarding_store is not None:
+            self.add_route("forwarding", self._forwarding)
 
     def add_route(self, name: str, handler) -> None:
-        """Mount `handler(method, request) -> (status, body)` at /api/<name>."""
+        """Mount `handler(method, request) -> (status, body)` at /api/<name>; the rest of the path is in request.postpath."""
         self.routes.putChild(name.encode(), _JsonResource(self, handler))
 
     def authorized(self, request) -> bool:
@@ -93,6 +99,33 @@ class AdminApi(resource.Resource):
 
     def _health(self, method, request):
         return 200, {"status": "ok", "version": __version__}
+
+    def _forwarding(self, method, request):
+        from proxy.forwarding import KINDS, ForwardingError
+
+        path = [p.decode("utf-8", "replace") for p in request.postpath if p]
+        if not path:
+            if method != "GET":
+                return 405, {"error": "use GET, or /api/forwarding/<user>"}
+            return 200, {"forwarding": [s.as_json() for s in self.forwarding_store.all()]}
+        user = path[0]
+        try:
+            if method == "GET":
+                return 200, self.forwarding_store.get(user).as_json()
+            if method == "DELETE":
+                return 200, self.forwarding_store.update(user, **{k: "" for k in KINDS}).as_json()
+            if method == "PUT":
+                try:
+                    body = json.loads(request.content.read() or b"{}")
+                except ValueError:
+                    return 400, {"error": "the body must be JSON"}
+                allowed = set(KINDS) | {"no_answer_after"}
+                if not isinstance(body, dict) or set(body) - allowed:
+                    return 400, {"error": f"keys must be among {sorted(allowed)}"}
+                return 200, self.forwarding_store.update(user, **body).as_json()
+        except (ForwardingError, TypeError) as e:
+            return 400, {"error": str(e)}
+        return 405, {"error": "use GET, PUT or DELETE"}
 
     def _registrations(self, method, request):
         if method != "GET":

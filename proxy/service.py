@@ -153,7 +153,7 @@ def build_service(config: ProxyConfig, reactor) -> tuple[service.MultiService, S
     server.components = {"credentials": credentials, "authenticator": authenticator, "location": location,
                          "registrar": registrar, "router": router, "forwarding": forwarding}
 
-    api = AdminApi(load_or_create_token(state_dir), reactor, location)
+    api = AdminApi(load_or_create_token(state_dir), reactor, location, forwarding_store)
     strports.service(config.admin.listen, server_mod.Site(api), reactor=reactor).setServiceParent(top)
     factories = {}
 

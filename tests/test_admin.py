@@ -127,3 +127,66 @@ class AdminApiTests(SynchronousTestCase):
 
     def test_token_is_stable_across_restarts(self):
         self.assertEqual(load_or_create_token(self.state), self.token)
+
+
+class ForwardCommandTests(SynchronousTestCase):
+    def setUp(self):
+        self.state = os.path.abspath(self.mktemp())
+        self.config = os.path.join(os.path.dirname(self.state), "site.toml")
+        os.makedirs(os.path.dirname(self.state), exist_ok=True)
+        with open(self.config, "w") as f:
+            f.write(f'[server]\nstate_dir = "{self.state}"\n')
+
+    def test_set_show_clear(self):
+        code, out, _ = run("-c", self.config, "forward", "set", "1007", "--always", "1002")
+        self.assertEqual((code, out), (0, "1007: always -> 1002\n"))
+        run("-c", self.config, "forward", "set", "1007", "--busy", "1003", "--no-answer", "1003", "--after", "15")
+        code, out, _ = run("-c", self.config, "forward", "show", "1007", "--json")
+        (row,) = json.loads(out)
+        self.assertEqual((row["always"], row["busy"], row["no_answer"], row["no_answer_after"]), ("1002", "1003", "1003", 15))
+        self.assertEqual(run("-c", self.config, "forward", "clear", "1007", "--always")[1],
+                         "1007: busy -> 1003; no answer (15 s) -> 1003\n")
+        run("-c", self.config, "forward", "clear", "1007")
+        self.assertEqual(run("-c", self.config, "forward", "show")[1], "")
+
+    def test_bad_target(self):
+        code, _, err = run("-c", self.config, "forward", "set", "1007", "--always", "not a target")
+        self.assertEqual(code, 1)
+        self.assertIn("is not a number, user or SIP URI", err)
+
+    def test_nothing_to_set(self):
+        self.assertIn("say what to set", run("-c", self.config, "forward", "set", "1007")[2])
+
+
+class ForwardingApiTests(SynchronousTestCase):
+    def setUp(self):
+        from proxy.forwarding import ForwardingStore
+
+        clock = Clock()
+        state = self.mktemp()
+        self.token = load_or_create_token(state)
+        self.store = ForwardingStore(os.path.join(state, "loc.sqlite"))
+        location = SqliteLocationService(os.path.join(state, "loc.sqlite"), clock)
+        self.api = AdminApi(self.token, clock, location, self.store)
+
+    def call(self, method, path, body=None):
+        request = DummyRequest([p.encode() for p in path.strip("/").split("/")])
+        request.method = method.encode()
+        request.requestHeaders.setRawHeaders(b"authorization", [f"Bearer {self.token}".encode()])
+        if body is not None:
+            request.content = io.BytesIO(json.dumps(body).encode())
+        resource = self.api
+        while request.postpath and not getattr(resource, "isLeaf", False):
+            segment = request.postpath.pop(0)
+            request.prepath.append(segment)
+            resource = resource.getChildWithDefault(segment, request)
+        out = resource.render(request)
+        return request.responseCode or 200, json.loads(out)
+
+    def test_put_get_delete(self):
+        status, body = self.call("PUT", "/api/forwarding/1007", {"busy": "1003", "no_answer_after": 30})
+        self.assertEqual((status, body["busy"], body["no_answer_after"]), (200, "1003", 30))
+        self.assertEqual(self.store.get("1007").busy, "1003")
+        self.assertEqual(self.call("GET", "/api/forwarding")[1]["forwarding"][0]["user"], "1007")
+        self.assertEqual(self.call("PUT", "/api/forwarding/1007", {"bogus": 1})[0], 400)
+        self.assertEqual(self.call("DELETE", "/api/forwarding/1007")[1]["busy"], "")

@@ -4,7 +4,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tests.integration.harness import ServerProcess, SippPeer, free_port, run_sipp, sipp_errors
 
-PASSWORDS = {"1001": "pw-1001", "1002": "pw-1002"}
+PASSWORDS = {"1001": "pw-1001", "1002": "pw-1002", "1003": "pw-1003"}
 
 
 class CallTestCase(SynchronousTestCase):
