@@ -13,7 +13,9 @@ import getpass
 import json
 import os
 import sys
+import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 from proxy import __version__
@@ -31,7 +33,7 @@ class AdminError(Exception):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sipproxy-admin",
-        description="Administer a sipproxy server: users, registrations, call forwarding.",
+        description="Administer a sipproxy server: users, registrations, call forwarding, phones and reboots.",
     )
     parser.add_argument("--version", action="version", version=f"sipproxy {__version__}")
     parser.add_argument("-c", "--config", default=os.environ.get("SIPPROXY_CONFIG"),
@@ -74,6 +76,28 @@ def build_parser() -> argparse.ArgumentParser:
     fshow.add_argument("user", nargs="?")
     fshow.add_argument("--json", action="store_true")
 
+    phones = commands.add_parser("phones", help="list the phones known from their registrations (one row each)")
+    phones.add_argument("--json", action="store_true")
+    phones.add_argument("--firmware", help="glob on the firmware version or image, e.g. '7.*' or 'P0S3-07*'")
+    phones.add_argument("--model", help="7940 or 7960")
+    phones.add_argument("--where", help="firmware<8.0, firmware>=7.4, model=7940")
+
+    for name, help_text in (("reboot", "reboot phones: new SYNC in syncinfo.xml, then a paced check-sync NOTIFY each"),
+                            ("push-dialplan", "make phones fetch dialplan.xml (check-sync NOTIFY, no reboot)")):
+        cmd = commands.add_parser(name, help=help_text)
+        cmd.add_argument("lines", nargs="*", help="line (user) names whose phones to reach")
+        cmd.add_argument("--phone", action="append", default=[], help="a phone: SEP<MAC> or address:port")
+        cmd.add_argument("--all", action="store_true", help="every registered phone")
+        cmd.add_argument("--firmware", help="only phones whose firmware matches this glob")
+        cmd.add_argument("--model", help="only this model")
+        cmd.add_argument("--where", help="only phones where: firmware<8.0, model=7940 ...")
+        cmd.add_argument("--rate", type=float, help="NOTIFYs per second (default from the config, 1)")
+        cmd.add_argument("--dry-run", action="store_true", help="show what would be sent, send nothing")
+        cmd.add_argument("--json", action="store_true")
+        if name == "reboot":
+            cmd.add_argument("--wait", action="store_true", help="follow each phone until it has registered again")
+            cmd.add_argument("--timeout", type=float, help="seconds to wait for each phone (default 600)")
+
     regs = commands.add_parser("registrations", help="list current registrations (needs the running server)")
     regs.add_argument("--json", action="store_true")
     return parser
@@ -93,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
             return _registrations(config, args)
         if args.command == "forward":
             return _forward(config, args)
+        if args.command == "phones":
+            return _phones(config, args)
+        if args.command in ("reboot", "push-dialplan"):
+            return _reboot(config, args)
     except (ConfigError, AdminError, UserFileError, ForwardingError) as e:
         print(f"sipproxy-admin: {e}", file=sys.stderr)
         return 1
@@ -231,8 +259,95 @@ def _describe(s) -> str:
     return f"{s.user}: " + ("; ".join(parts) if parts else "no forwarding")
 
 
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    table = [header] + rows
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
+
+
+def _phones(config: ProxyConfig, args) -> int:
+    query = urllib.parse.urlencode({k: v for k, v in (("firmware", args.firmware), ("model", args.model),
+                                                      ("where", args.where)) if v})
+    rows = api_get(config, "/api/phones" + (f"?{query}" if query else ""))["phones"]
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    if not rows:
+        print("no phones")
+        return 0
+    _table(("PHONE", "LINES", "MODEL", "FIRMWARE", "ADDRESS", "LAST REGISTERED"),
+           [(r["device"], ",".join(a.partition(":")[2].partition("@")[0] for a in r["lines"]), r["model"] or "-",
+             r["firmware"] or r["user_agent"] or "-", r["address"],
+             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["last_registration"]))) for r in rows])
+    return 0
+
+
+def _reboot(config: ProxyConfig, args) -> int:
+    body = {"lines": args.lines, "phones": args.phone, "all": args.all, "dry_run": args.dry_run,
+            "push_dialplan": args.command == "push-dialplan"}
+    for key in ("firmware", "model", "where", "rate"):
+        if getattr(args, key) is not None:
+            body[key] = getattr(args, key)
+    if args.command == "reboot":
+        body["wait"] = args.wait
+        if args.timeout is not None:
+            body["timeout"] = args.timeout
+    if not (args.lines or args.phone or args.all or args.firmware or args.model or args.where):
+        raise AdminError("name the phones: line names, --phone, --all, or --firmware/--model/--where")
+    job = api_request(config, "POST", "/api/reboot", body)
+    if args.dry_run:
+        if args.json:
+            print(json.dumps(job, indent=1))
+            return 0
+        print(f"would {'push the dial plan to' if job['kind'] == 'push-dialplan' else 'reboot'} "
+              f"{len(job['phones'])} phone(s)" + ("" if job["syncinfo"] is None else f" after bumping {job['syncinfo']}"))
+        for phone in job["phones"]:
+            print(f"--- {phone['device']} ({phone['address']})")
+            print(phone["notify"].rstrip())
+        for line in job["not_registered"]:
+            print(f"--- {line}: not registered")
+        return 0
+    seen: dict[str, str] = {}
+    wait_limit = time.monotonic() + (body.get("timeout", config.checksync.wait_timeout) if body.get("wait") else 0) \
+        + len(job["phones"]) / max(body.get("rate", config.checksync.rate), 0.01) + 60
+    while True:
+        for phone in job["phones"]:
+            state = phone["outcome"] or phone["state"]
+            if seen.get(phone["device"]) != state and not args.json:
+                seen[phone["device"]] = state
+                print(_progress(phone))
+        if job["done"] or time.monotonic() > wait_limit:
+            break
+        time.sleep(0.5)
+        job = api_get(config, f"/api/jobs/{job['id']}")
+    if args.json:
+        print(json.dumps(job, indent=1))
+    else:
+        summary = ", ".join(f"{count} {state.replace('_', ' ')}" for state, count in sorted(job["summary"].items()))
+        print(f"{job['kind']} job {job['id']}: {summary}")
+    bad = {"refused", "no_answer", "not_registered", "not_back"}
+    return 1 if any(k in bad for k in job["summary"]) else 0
+
+
+def _progress(phone: dict) -> str:
+    name = f"{phone['device']} ({','.join(l.partition(':')[2].partition('@')[0] for l in phone['lines'])})"
+    state = phone["outcome"] or phone["state"]
+    detail = {
+        "pending": "waiting its turn", "sent": "NOTIFY sent", "accepted": f"accepted ({phone['status']})",
+        "refused": f"refused: {phone['status']} {phone['reason']}", "no_answer": "no answer",
+        "not_registered": "not registered", "rebooted": f"back with firmware {phone['firmware_after']}",
+        "same_firmware": f"back, still firmware {phone['firmware_after']}", "not_back": "not back within the timeout",
+    }.get(state, state)
+    return f"{name}: {detail}"
+
+
 def api_get(config: ProxyConfig, path: str, timeout: float = 5.0) -> dict:
-    """GET from the running server's admin API."""
+    return api_request(config, "GET", path, timeout=timeout)
+
+
+def api_request(config: ProxyConfig, method: str, path: str, body: dict | None = None, timeout: float = 10.0) -> dict:
+    """Call the running server's admin API."""
     base = api_base(config.admin.listen)
     token_path = os.path.join(config.server.state_dir, TOKEN_FILE)
     try:
@@ -240,12 +355,18 @@ def api_get(config: ProxyConfig, path: str, timeout: float = 5.0) -> dict:
             token = f.read().strip()
     except OSError as e:
         raise AdminError(f"cannot read the admin token {token_path}: {e.strerror} (has the server run?)") from None
-    request = urllib.request.Request(base + path, headers={"Authorization": f"Bearer {token}"})
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(base + path, data=data, method=method,
+                                     headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return json.load(response)
     except urllib.error.HTTPError as e:
-        raise AdminError(f"the server answered {e.code} for {path}") from None
+        try:
+            detail = json.load(e).get("error", "")
+        except ValueError:
+            detail = ""
+        raise AdminError(f"the server answered {e.code} for {path}" + (f": {detail}" if detail else "")) from None
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
         raise AdminError(f"cannot reach the server's admin API at {base}: {reason} (is it running?)") from None

@@ -12,6 +12,11 @@ Routes (later issues add more):
   GET /api/forwarding              everyone's forwarding settings
   GET|PUT|DELETE /api/forwarding/<user>   one user's (PUT a JSON object with any of
                                    always, busy, no_answer, no_answer_after, unavailable)
+  GET /api/phones[?firmware=GLOB&model=7940&where=firmware<8.0]   one row per phone
+  POST /api/reboot                 {"lines": [...], "phones": [...], "all": true, "firmware"/"model"/"where",
+                                    "rate": 1, "wait": false, "timeout": 600, "dry_run": false,
+                                    "push_dialplan": false} -> the job (202), 409 if a phone is busy in one
+  GET /api/jobs[/<id>]             progress and results of reboot / push jobs
 """
 
 import hmac
@@ -74,8 +79,13 @@ class _JsonResource(resource.Resource):
 class AdminApi(resource.Resource):
     """The /api tree. Handlers return (status, JSON-able body)."""
 
-    def __init__(self, token: str, clock: IReactorTime, location: ILocationService, forwarding_store=None):
+    def __init__(self, token: str, clock: IReactorTime, location: ILocationService, forwarding_store=None,
+                 checksync=None, domain: str = "", *, checksync_rate: float = 1.0, checksync_wait: float = 600.0):
         super().__init__()
+        self.checksync = checksync
+        self.domain = domain
+        self.checksync_rate = checksync_rate
+        self.checksync_wait = checksync_wait
         self._token = token.encode()
         self.clock = clock
         self.location = location
@@ -87,6 +97,10 @@ class AdminApi(resource.Resource):
         self.add_route("registrations", self._registrations)
         if forwarding_store is not None:
             self.add_route("forwarding", self._forwarding)
+        self.add_route("phones", self._phones)
+        if checksync is not None:
+            self.add_route("reboot", self._reboot)
+            self.add_route("jobs", self._jobs)
 
     def add_route(self, name: str, handler) -> None:
         """Mount `handler(method, request) -> (status, body)` at /api/<name>; the rest of the path is in request.postpath."""
@@ -126,6 +140,77 @@ class AdminApi(resource.Resource):
         except (ForwardingError, TypeError) as e:
             return 400, {"error": str(e)}
         return 405, {"error": "use GET, PUT or DELETE"}
+
+    def _phones(self, method, request):
+        from proxy.inventory import FilterError, matches, phones
+
+        if method != "GET":
+            return 405, {"error": "use GET"}
+        args = {k.decode(): v[0].decode("utf-8", "replace") for k, v in (request.args or {}).items()}
+        try:
+            rows = [p.as_json() for p in phones(self.location.all_bindings())
+                    if matches(p, firmware=args.get("firmware"), model=args.get("model"), where=args.get("where"))]
+        except FilterError as e:
+            return 400, {"error": str(e)}
+        return 200, {"phones": rows}
+
+    def _reboot(self, method, request):
+        from proxy.checksync import JobConflict, SyncInfoError
+        from proxy.inventory import FilterError, phones, select
+
+        if method != "POST":
+            return 405, {"error": "use POST"}
+        try:
+            body = json.loads(request.content.read() or b"{}")
+            if not isinstance(body, dict):
+                raise ValueError
+        except ValueError:
+            return 400, {"error": "the body must be a JSON object"}
+        unknown = set(body) - {"lines", "phones", "all", "firmware", "model", "where", "rate", "wait", "timeout",
+                               "dry_run", "push_dialplan"}
+        if unknown:
+            return 400, {"error": f"unknown keys: {sorted(unknown)}"}
+        try:
+            chosen, missing = select(phones(self.location.all_bindings()), lines=body.get("lines", ()),
+                                     devices=body.get("phones", ()), everyone=bool(body.get("all")),
+                                     firmware=body.get("firmware"), model=body.get("model"), where=body.get("where"),
+                                     domain=self.domain)
+        except FilterError as e:
+            return 400, {"error": str(e)}
+        if not chosen and not missing:
+            return 400, {"error": "no phone matches: name lines, phones, all, or a filter"}
+        push = bool(body.get("push_dialplan"))
+        if body.get("dry_run"):
+            return 200, {"dry_run": True, "kind": "push-dialplan" if push else "reboot",
+                         "syncinfo": None if push else f"{self.checksync.tftp_root or '(tftp_root not set)'}/syncinfo.xml",
+                         "phones": [{**p.as_json(), "notify": self.checksync.build_notify(p.notify_binding())
+                                     .serialize().decode("utf-8", "replace")} for p in chosen],
+                         "not_registered": missing}
+        try:
+            rate = float(body.get("rate", self.checksync_rate))
+            if not 0.01 <= rate <= 100:
+                raise ValueError
+        except (TypeError, ValueError):
+            return 400, {"error": "rate must be 0.01 to 100 per second"}
+        try:
+            job = self.checksync.start(chosen, missing, reboot=not push, rate=rate, wait=bool(body.get("wait")),
+                                       wait_timeout=float(body.get("timeout", self.checksync_wait)))
+        except JobConflict as e:
+            return 409, {"error": str(e)}
+        except SyncInfoError as e:
+            return 500, {"error": str(e)}
+        return 202, job.as_json()
+
+    def _jobs(self, method, request):
+        if method != "GET":
+            return 405, {"error": "use GET"}
+        path = [p.decode("utf-8", "replace") for p in request.postpath if p]
+        if not path:
+            return 200, {"jobs": [j.as_json() for j in self.checksync.jobs.values()]}
+        job = self.checksync.jobs.get(int(path[0])) if path[0].isdigit() else None
+        if job is None:
+            return 404, {"error": f"no job {path[0]}"}
+        return 200, job.as_json()
 
     def _registrations(self, method, request):
         if method != "GET":

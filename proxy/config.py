@@ -151,6 +151,14 @@ class ForwardingConfig:
 
 
 @attrs.frozen
+class CheckSyncConfig:
+    tftp_root: str = ""  # where syncinfo.xml lives (the phones' TFTP server root)
+    rate: float = 1.0  # NOTIFYs per second
+    wait_timeout: float = 600.0  # how long --wait waits for a phone to register again
+    from_user: str = "webadmin"  # the seed's sample NOTIFY comes from sip:webadmin@...
+
+
+@attrs.frozen
 class TlsConfig:
     """Outgoing TLS (trunks): whom to trust. Empty = the platform's trust store."""
 
@@ -170,6 +178,7 @@ class ProxyConfig:
     routes: tuple[RouteConfig, ...] = ()
     emergency: EmergencyConfig = EmergencyConfig()
     forwarding: ForwardingConfig = ForwardingConfig()
+    checksync: CheckSyncConfig = CheckSyncConfig()
 
     @property
     def realm(self) -> str:
@@ -251,9 +260,26 @@ def parse_config(data: dict, path: str = "<config>") -> ProxyConfig:
     routes = _parse_routes(root, path)
     emergency = _parse_emergency(root.table("emergency"))
     forwarding = _parse_forwarding(root.table("forwarding"))
+    checksync = _parse_checksync(root.table("checksync"))
     root.finish()
     return ProxyConfig(path=path, server=server, timers=timers, tls=tls, registrar=registrar, auth=auth, admin=admin,
-                       proxy=proxy, routes=routes, emergency=emergency, forwarding=forwarding)
+                       proxy=proxy, routes=routes, emergency=emergency, forwarding=forwarding, checksync=checksync)
+
+
+def _parse_checksync(t: _Table) -> CheckSyncConfig:
+    d = CheckSyncConfig()
+    root = t.get("tftp_root", d.tftp_root, str)
+    if root and not os.path.isdir(root):
+        raise t.error("tftp_root", f"no such directory: {root}")
+    config = CheckSyncConfig(
+        tftp_root=root,
+        rate=t.get("rate", d.rate, float, lambda v: 0.01 <= v <= 100, "must be 0.01 to 100 per second"),
+        wait_timeout=t.get("wait_timeout", d.wait_timeout, float, lambda v: v >= 10, "must be at least 10 seconds"),
+        from_user=t.get("from_user", d.from_user, str, lambda v: bool(re.fullmatch(r"[A-Za-z0-9._-]+", v)),
+                        "must be a plain user name"),
+    )
+    t.finish()
+    return config
 
 
 def _parse_forwarding(t: _Table) -> ForwardingConfig:

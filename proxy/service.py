@@ -16,6 +16,7 @@ from twisted.web import server as server_mod
 
 from proxy.adminapi import AdminApi, load_or_create_token
 from proxy.auth import DigestAuthenticator, load_secret
+from proxy.checksync import CheckSync
 from proxy.config import ProxyConfig
 from proxy.credentials import USERS_FILE, FileCredentials
 from proxy.location import SqliteLocationService
@@ -153,7 +154,13 @@ def build_service(config: ProxyConfig, reactor) -> tuple[service.MultiService, S
     server.components = {"credentials": credentials, "authenticator": authenticator, "location": location,
                          "registrar": registrar, "router": router, "forwarding": forwarding}
 
-    api = AdminApi(load_or_create_token(state_dir), reactor, location, forwarding_store)
+    host, ports = advertised(config, identity)
+    checksync = CheckSync(reactor, server, location, advertise=(host, ports.get("UDP") or next(iter(ports.values()))),
+                          tftp_root=config.checksync.tftp_root, nat_mode=config.registrar.nat_mode,
+                          from_user=config.checksync.from_user)
+    server.components["checksync"] = checksync
+    api = AdminApi(load_or_create_token(state_dir), reactor, location, forwarding_store, checksync, domain,
+                   checksync_rate=config.checksync.rate, checksync_wait=config.checksync.wait_timeout)
     strports.service(config.admin.listen, server_mod.Site(api), reactor=reactor).setServiceParent(top)
     factories = {}
 
