@@ -136,6 +136,7 @@ class DigestAuthenticator:
         self.challenges = 0
         self.failures_by_reason: dict[str, int] = {}
         self.lockouts = 0
+        self.observer = None  # observer(event, **fields): auth_failure, auth_lockout (plugins, metrics)
 
     # -- nonces -----------------------------------------------------------
 
@@ -244,11 +245,17 @@ class DigestAuthenticator:
             mac=f", MAC {mac}" if (mac := mac_from_request(request)) else "",
         )
         self.failures_by_reason["unprovisioned"] = self.failures_by_reason.get("unprovisioned", 0) + 1
+        self._emit("auth_failure", reason="unprovisioned", address=address)
         return Refused("Unprovisioned line")
+
+    def _emit(self, event: str, **fields) -> None:
+        if self.observer is not None:
+            self.observer(event, **fields)
 
     def _fail(self, address: str, reason: str, detail: str) -> AuthResult:
         now = self.clock.seconds()
         self.failures_by_reason[reason] = self.failures_by_reason.get(reason, 0) + 1
+        self._emit("auth_failure", reason=reason, address=address)
         recent = [t for t in self._failures.get(address, []) if now - t < self.config.failure_window]
         recent.append(now)
         self._failures[address] = recent
@@ -256,6 +263,7 @@ class DigestAuthenticator:
             self._locked_until[address] = now + self.config.lockout
             self._failures.pop(address, None)
             self.lockouts += 1
+            self._emit("auth_lockout", address=address)
             log.warn("{address} locked out for {seconds:.0f} s after {count} failed authentications",
                      address=address, seconds=self.config.lockout, count=len(recent))
             return Refused("Too many failed attempts")

@@ -159,6 +159,19 @@ class CheckSyncConfig:
 
 
 @attrs.frozen
+class PluginsConfig:
+    enabled: tuple[str, ...] = ()
+    tables: dict = attrs.field(factory=dict, eq=False)  # [plugins.<name>] -> checked by the plugin at startup
+
+
+@attrs.frozen
+class PhoneWebConfig:
+    """The phone-facing HTTP site (services_url, directory_url)."""
+
+    listen: str = "tcp:8081"
+
+
+@attrs.frozen
 class TlsConfig:
     """Outgoing TLS (trunks): whom to trust. Empty = the platform's trust store."""
 
@@ -179,6 +192,8 @@ class ProxyConfig:
     emergency: EmergencyConfig = EmergencyConfig()
     forwarding: ForwardingConfig = ForwardingConfig()
     checksync: CheckSyncConfig = CheckSyncConfig()
+    plugins: PluginsConfig = PluginsConfig()
+    phone_web: PhoneWebConfig = PhoneWebConfig()
 
     @property
     def realm(self) -> str:
@@ -261,9 +276,34 @@ def parse_config(data: dict, path: str = "<config>") -> ProxyConfig:
     emergency = _parse_emergency(root.table("emergency"))
     forwarding = _parse_forwarding(root.table("forwarding"))
     checksync = _parse_checksync(root.table("checksync"))
+    plugins = _parse_plugins(root.table("plugins"))
+    phone_web = _parse_phone_web(root.table("phone_web"))
     root.finish()
     return ProxyConfig(path=path, server=server, timers=timers, tls=tls, registrar=registrar, auth=auth, admin=admin,
-                       proxy=proxy, routes=routes, emergency=emergency, forwarding=forwarding, checksync=checksync)
+                       proxy=proxy, routes=routes, emergency=emergency, forwarding=forwarding, checksync=checksync,
+                       plugins=plugins, phone_web=phone_web)
+
+
+def _parse_plugins(t: _Table) -> PluginsConfig:
+    enabled = t.strings("enabled", ())
+    tables = {}
+    for key, value in t.data.items():
+        if key == "enabled":
+            continue
+        if not isinstance(value, dict):
+            raise t.error(key, "must be a table ([plugins.<name>])")
+        t.used.add(key)
+        tables[key] = value
+    t.finish()
+    return PluginsConfig(enabled=enabled, tables=tables)
+
+
+def _parse_phone_web(t: _Table) -> PhoneWebConfig:
+    listen = t.get("listen", PhoneWebConfig().listen, str, bool, "must not be empty")
+    if listen.split(":", 1)[0] not in ("tcp", "tcp6", "ssl", "tls", "unix"):
+        raise t.error("listen", "must be a stream endpoint such as tcp:8081")
+    t.finish()
+    return PhoneWebConfig(listen=listen)
 
 
 def _parse_checksync(t: _Table) -> CheckSyncConfig:

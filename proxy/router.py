@@ -39,6 +39,7 @@ from proxy.errors import SipError, SipParseError
 from proxy.forking import ProxyCall, Target
 from proxy.forwarding import FeatureCodes, Forwarding, ForwardingError, Plan, check_target
 from proxy.location import ILocationService
+from proxy.plugin import Forward, Respond
 from proxy.routes import Hop, RouteTable, gateway_uri, hop_for_uri
 from proxy.server import SipServer
 from proxy.sip.grammar import for_log
@@ -77,6 +78,7 @@ class Router:
         self.trusted = [ipaddress.ip_network(n, strict=False) for n in settings.trusted]
         self.calls: dict[int, ProxyCall] = {}
         self.observers: list = []  # observer(event, **fields): "answered", "finished"
+        self.plugins = None  # a PluginHost: request policies are asked before routing
         self.stats = {"calls_answered": 0, "calls_failed": 0, "stateless_forwarded": 0}
         self.forwards: dict[str, int] = {}  # by kind: unconditional, user-busy, no-answer, unavailable
         self.redirects: dict[int, int] = {}  # 3xx answered as a redirect server, by code
@@ -269,6 +271,15 @@ class Router:
             log.info("Relay attempt from {host} to {uri}", host=source.host, uri=for_log(request.uri_text))
             raise SipError(403, "Relaying Not Allowed")
         authenticated = self._authenticate(tx, request, source)
+        if self.plugins is not None:
+            verdict = self.plugins.check_request(request, source, authenticated)
+            if isinstance(verdict, Respond):
+                log.info("{method} {uri} rejected by policy: {status} {reason}", method=request.method,
+                         uri=for_log(request.uri_text), status=verdict.status, reason=verdict.reason)
+                raise SipError(verdict.status, verdict.reason)
+            if isinstance(verdict, Forward):
+                self._start(tx, request, [self.target_for_uri(SipUri.parse(verdict.uri), kind="gateway")])
+                return
         if ours:
             if dialled is None:
                 raise SipError(404, "Not Found")

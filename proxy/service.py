@@ -17,6 +17,9 @@ from twisted.web import server as server_mod
 from proxy.adminapi import AdminApi, load_or_create_token
 from proxy.auth import DigestAuthenticator, load_secret
 from proxy.checksync import CheckSync
+from proxy.errors import ConfigError
+from proxy.phoneweb import build_site_root
+from proxy.plugin import IProxyPlugin, IServicePlugin, IWebResources, PluginContext, PluginHost
 from proxy.config import ProxyConfig
 from proxy.credentials import USERS_FILE, FileCredentials
 from proxy.location import SqliteLocationService
@@ -88,6 +91,41 @@ def advertised(config: ProxyConfig, identity: LocalIdentity) -> tuple[str, dict[
     return "127.0.0.1", ports
 
 
+def _build_plugins(config: ProxyConfig, reactor, top, server: SipServer, api: AdminApi, enabled) -> PluginHost:
+    """Build the enabled plugins and connect them: events, request policy, services, web resources."""
+    c = server.components
+    host = PluginHost()
+    context = PluginContext(clock=reactor, reactor=reactor, config=config, server=server, location=c["location"],
+                            credentials=c["credentials"], router=c["router"], registrar=c["registrar"],
+                            authenticator=c["authenticator"], checksync=c["checksync"], forwarding=c["forwarding"])
+    for item in enabled:
+        plugin = item.factory.build(item.config, context)
+        if not IProxyPlugin.providedBy(plugin):
+            raise ConfigError(config.path, f"plugins.{item.name}", "its factory built something that is not a plugin")
+        host.add(plugin)
+        context.plugins[item.name] = plugin
+        log.info("Plugin {name} enabled", name=item.name)
+    server.components["plugins"] = host
+    c["router"].plugins = host
+    c["location"].add_observer(lambda event, binding: host.emit(f"registration_{event}", binding=binding))
+    c["router"].observers.append(lambda event, **fields: host.emit(f"call_{'ended' if event == 'finished' else event}",
+                                                                   **fields))
+    c["authenticator"].observer = host.emit
+    for _, svc in host.collect(IServicePlugin, "service"):
+        svc.setServiceParent(top)
+    entries, phone_resources = [], {}
+    for _, resources in host.collect(IWebResources, "phone_resources"):
+        phone_resources.update(resources)
+    for _, items in host.collect(IWebResources, "services_menu"):
+        entries.extend(items)
+    for _, resources in host.collect(IWebResources, "admin_resources"):
+        for path, child in resources.items():
+            api.putChild(path, child)
+    site = server_mod.Site(build_site_root(entries, phone_resources))
+    strports.service(config.phone_web.listen, site, reactor=reactor).setServiceParent(top)
+    return host
+
+
 def make_connector(reactor, factory_for, trust_root=None):
     """Opens outgoing TCP/TLS connections.
 
@@ -122,7 +160,7 @@ class _LocationService(service.Service):
         return super().stopService()
 
 
-def build_service(config: ProxyConfig, reactor) -> tuple[service.MultiService, SipServer]:
+def build_service(config: ProxyConfig, reactor, enabled_plugins=None) -> tuple[service.MultiService, SipServer]:
     top = service.MultiService()
     state_dir = config.server.state_dir
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
@@ -161,6 +199,8 @@ def build_service(config: ProxyConfig, reactor) -> tuple[service.MultiService, S
     server.components["checksync"] = checksync
     api = AdminApi(load_or_create_token(state_dir), reactor, location, forwarding_store, checksync, domain,
                    checksync_rate=config.checksync.rate, checksync_wait=config.checksync.wait_timeout)
+
+    host = _build_plugins(config, reactor, top, server, api, enabled_plugins or [])
     strports.service(config.admin.listen, server_mod.Site(api), reactor=reactor).setServiceParent(top)
     factories = {}
 

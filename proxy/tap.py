@@ -16,8 +16,12 @@ class Options(usage.Options):
     ]
 
     def postOptions(self):
+        from proxy.plugin import resolve
+
         try:
-            self["proxy_config"] = load_config(self["config"])
+            config = load_config(self["config"])
+            self["proxy_config"] = config
+            self["plugins"] = resolve(config.plugins.enabled, config.plugins.tables, config.path)
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
 
@@ -27,5 +31,5 @@ def makeService(options):
 
     from proxy.service import build_service
 
-    top, _ = build_service(options["proxy_config"], reactor)
+    top, _ = build_service(options["proxy_config"], reactor, options["plugins"])
     return top

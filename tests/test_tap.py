@@ -50,9 +50,9 @@ class TapTests(SynchronousTestCase):
         reactor = UdpMemoryReactor()
         top, server = build_service(config, reactor)
         verifyObject(IService, top)
-        self.assertEqual(len(list(top)), 4)  # location sweeper, admin API, udp:5060, tcp:5060
+        self.assertEqual(len(list(top)), 5)  # location sweeper, phone web, admin API, udp:5060, tcp:5060
         top.startService()
         self.assertEqual([(p[0], p[3]) for p in reactor.udpServers], [(5060, 65535)])
-        self.assertEqual(sorted(p[0] for p in reactor.tcpServers if p[1] is not None), [5060, 8060])
+        self.assertEqual(sorted(p[0] for p in reactor.tcpServers if p[1] is not None), [5060, 8060, 8081])
         self.assertIn("REGISTER", server.handlers)
         top.stopService()

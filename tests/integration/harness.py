@@ -66,9 +66,11 @@ class ServerProcess:
     """`twistd -n sipproxy` in a subprocess with a config written for the test."""
 
     def __init__(self, config_text: str = "", port: int | None = None, state_dir: str | None = None,
-                 admin_port: int | None = None):
+                 admin_port: int | None = None, pythonpath: tuple[str, ...] = ()):
+        self.pythonpath = pythonpath
         self.port = port or free_port()
         self.admin_port = admin_port or free_port()
+        self.web_port = free_port()
         self.dir = tempfile.mkdtemp(prefix="sipproxy-test-")
         self.state_dir = state_dir or os.path.join(self.dir, "state")
         self.config_path = os.path.join(self.dir, "sipproxy.toml")
@@ -80,12 +82,13 @@ class ServerProcess:
                 f'state_dir = "{self.state_dir}"\n'
                 'domains = ["localhost", "127.0.0.1"]\n'
                 f'[admin]\nlisten = "tcp:{self.admin_port}:interface=127.0.0.1"\n'
+                f'[phone_web]\nlisten = "tcp:{self.web_port}:interface=127.0.0.1"\n'
                 + config_text
             )
         self.process = None
 
     def start(self, timeout: float = 15.0) -> "ServerProcess":
-        env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join((REPO, *self.pythonpath, os.environ.get("PYTHONPATH", ""))))
         self.process = subprocess.Popen(
             [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=", "--logfile", self.log_path,
              "sipproxy", "--config", self.config_path],
@@ -120,6 +123,13 @@ class ServerProcess:
         if check and result.returncode != 0:
             raise AssertionError(f"sipproxy-admin {' '.join(args)} failed: {result.stderr}")
         return result
+
+    def phone_get(self, path: str, timeout: float = 10.0) -> tuple[dict, bytes]:
+        """GET from the phone-facing site, as a phone would: (headers, body)."""
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.web_port}{path}", timeout=timeout) as response:
+            return dict(response.headers), response.read()
 
     def log(self) -> str:
         try:

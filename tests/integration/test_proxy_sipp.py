@@ -9,9 +9,10 @@ PASSWORDS = {"1001": "pw-1001", "1002": "pw-1002", "1003": "pw-1003"}
 
 class CallTestCase(SynchronousTestCase):
     config = ""
+    pythonpath: tuple[str, ...] = ()
 
     def setUp(self):
-        self.server = ServerProcess(self.config, port=getattr(self, "port", None))
+        self.server = ServerProcess(self.config, port=getattr(self, "port", None), pythonpath=self.pythonpath)
         for user, password in PASSWORDS.items():
             self.server.admin("user", "add", user, "--password", password)
         self.server.start()

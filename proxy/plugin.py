@@ -1,0 +1,199 @@
+"""Plugins: the interfaces, their discovery, and the guarded calls the core makes into them.
+
+A plugin ships a factory providing `IProxyPluginFactory` (and `IPlugin`),
+found by name with `twisted.plugin.getPlugins` among the first-party
+`plugins/` package and every `twisted.plugins` dropin, so a third party can
+ship one as its own package. It runs only when `[plugins] enabled` names it;
+its `[plugins.<name>]` table is checked by `parse_config` at startup, and a
+bad one stops startup with file, key and reason (Kamailio's fixup idea).
+
+`build(config, context)` returns the plugin: an object providing
+`IProxyPlugin` and any of the capability interfaces below. The core calls
+them guarded: a plugin that raises is logged with its name and never takes
+the request path down; a request policy that raises fails closed (500).
+"""
+
+import attrs
+from twisted.application.service import IService
+from twisted.logger import Logger
+from twisted.plugin import IPlugin, getPlugins
+from zope.interface import Attribute, Interface
+
+from proxy.errors import ConfigError
+
+log = Logger()
+
+
+class IProxyPluginFactory(Interface):
+    name = Attribute("The name [plugins] enabled uses, and the [plugins.<name>] table")
+
+    def parse_config(table: dict, path: str) -> object:
+        """Check the plugin's table and return its config; raise ConfigError(path, key, reason)."""
+
+    def build(config: object, context: "PluginContext") -> "IProxyPlugin":
+        """Build the plugin (import its implementation here, not at module level)."""
+
+
+class IProxyPlugin(Interface):
+    name = Attribute("The plugin's name, for logs")
+
+
+class IRequestPolicy(Interface):
+    """Sees each initial request before routing (after authentication)."""
+
+    def check_request(request, source, user: str | None) -> "Verdict":
+        """Continue(), Respond(status, reason) or Forward(uri). `user` is the authenticated user, if any."""
+
+
+class IEventObserver(Interface):
+    """Hears what happens: registration_added/removed, call_answered/ended, auth_failure, and others."""
+
+    def event(name: str, fields: dict) -> None:
+        """Called for each event; must return quickly."""
+
+
+class IWebResources(Interface):
+    """Mounts twisted.web resources on the phone-facing or admin HTTP site."""
+
+    def phone_resources() -> dict:
+        """{b"path": resource} under the phone-facing site (directory_url, services_url point there)."""
+
+    def admin_resources() -> dict:
+        """{b"path": resource} under the admin site (token-protected by the plugin itself)."""
+
+    def services_menu() -> list:
+        """[(title, path)] entries for the phones' Services menu."""
+
+
+class IServicePlugin(Interface):
+    def service() -> IService:
+        """A service started and stopped with the server."""
+
+
+@attrs.frozen
+class Continue:
+    pass
+
+
+@attrs.frozen
+class Respond:
+    status: int
+    reason: str
+
+
+@attrs.frozen
+class Forward:
+    """Route the request to this URI instead of its Request-URI's target."""
+
+    uri: str
+
+
+Verdict = Continue | Respond | Forward
+
+
+@attrs.define
+class PluginContext:
+    """What plugins may use of the core. Plugins find each other here (`plugins` by name), never by import."""
+
+    clock: object
+    reactor: object
+    config: object
+    server: object = None
+    location: object = None
+    credentials: object = None
+    router: object = None
+    registrar: object = None
+    authenticator: object = None
+    checksync: object = None
+    forwarding: object = None
+    plugins: dict = attrs.field(factory=dict)
+    phone_base_url: str = ""
+
+
+@attrs.frozen
+class EnabledPlugin:
+    name: str
+    factory: object
+    config: object
+
+
+def find_factories(extra_packages=()) -> dict[str, object]:
+    """Every plugin factory: first-party `plugins/`, then `twisted.plugins` dropins. First name wins."""
+    import plugins as first_party
+    import twisted.plugins as dropins
+
+    found: dict[str, object] = {}
+    for package in (first_party, *extra_packages, dropins):
+        for factory in getPlugins(IProxyPluginFactory, package):
+            if IPlugin.providedBy(factory):
+                found.setdefault(factory.name, factory)
+    return found
+
+
+def resolve(enabled: tuple[str, ...], tables: dict, path: str, factories: dict | None = None) -> list[EnabledPlugin]:
+    """The enabled plugins with their checked config; ConfigError for unknown names or bad tables."""
+    factories = find_factories() if factories is None else factories
+    out = []
+    for name in enabled:
+        factory = factories.get(name)
+        if factory is None:
+            known = ", ".join(sorted(factories)) or "none"
+            raise ConfigError(path, "plugins.enabled", f"no plugin called {name!r} (found: {known})")
+        out.append(EnabledPlugin(name=name, factory=factory, config=factory.parse_config(tables.get(name, {}), path)))
+    for name in tables:
+        if name not in enabled:
+            raise ConfigError(path, f"plugins.{name}", "configured but not in plugins.enabled")
+    return out
+
+
+class PluginHost:
+    """The built plugins, and the guarded ways the core calls them."""
+
+    def __init__(self):
+        self.plugins: list = []
+        self.failures: dict[str, int] = {}
+
+    def add(self, plugin) -> None:
+        self.plugins.append(plugin)
+
+    def providers(self, interface) -> list:
+        return [p for p in self.plugins if interface.providedBy(p)]
+
+    def _failed(self, plugin, what: str) -> None:
+        name = getattr(plugin, "name", type(plugin).__name__)
+        self.failures[name] = self.failures.get(name, 0) + 1
+        log.failure("Plugin {plugin} failed in {what}", plugin=name, what=what)
+
+    def emit(self, name: str, **fields) -> None:
+        for plugin in self.providers(IEventObserver):
+            try:
+                plugin.event(name, fields)
+            except Exception:
+                self._failed(plugin, f"event {name}")
+
+    def check_request(self, request, source, user) -> Verdict:
+        """Policies in config order; the first that does not Continue decides. A failure rejects (fails closed)."""
+        for plugin in self.providers(IRequestPolicy):
+            try:
+                verdict = plugin.check_request(request, source, user)
+            except Exception:
+                self._failed(plugin, "check_request")
+                return Respond(500, "Policy Failure")
+            if not isinstance(verdict, (Continue, Respond, Forward)):
+                log.error("Plugin {plugin} returned {verdict!r} from check_request: rejecting",
+                          plugin=getattr(plugin, "name", "?"), verdict=verdict)
+                return Respond(500, "Policy Failure")
+            if not isinstance(verdict, Continue):
+                return verdict
+        return Continue()
+
+    def collect(self, interface, method: str) -> list:
+        out = []
+        for plugin in self.providers(interface):
+            try:
+                result = getattr(plugin, method)()
+            except Exception:
+                self._failed(plugin, method)
+                continue
+            out.append((plugin, result))
+        return out
