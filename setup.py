@@ -12,6 +12,8 @@ setup(
         "zope.interface>=6.0",
         "service-identity>=24.1",
         "pyOpenSSL>=24.0",
+        "ldap3>=2.9,<3",
+        "prometheus-client>=0.20,<1",
     ],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6.100"],
