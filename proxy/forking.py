@@ -223,6 +223,7 @@ class ProxyCall:
                  record_route: bool, sequential: bool, redirects_left: int):
         self.router = router
         self.clock = router.server.clock
+        self.created_at = self.clock.seconds()  # for call-setup time (metrics)
         self.tx = tx
         self.request = request
         self.call_id = request.call_id
