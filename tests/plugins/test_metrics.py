@@ -10,19 +10,31 @@ from proxy.plugin import PluginContext
 from tests.test_router import Net
 
 
+def built_plugin(test):
+    """The metrics plugin over the in-memory proxy of test_router, with a directory plugin beside it."""
+    from proxy.checksync import CheckSync
+
+    net = Net(test)
+    directory = type("Directory", (), {"errors": 0, "query_seconds": [0.01]})()
+    context = PluginContext(clock=net.clock, reactor=net.clock, config=None, server=net.server,
+                            location=net.location, router=net.router, registrar=type("R", (), {"results": {}})(),
+                            authenticator=net.auth, plugins={"ldapdir": directory},
+                            checksync=CheckSync(net.clock, net.server, net.location, advertise=("192.0.2.1", 5060)))
+    return net, MetricsFactory().build({"listen": ""}, context)
+
+
+def exported_names(plugin) -> set[str]:
+    plugin.drain()
+    text = generate_latest(plugin.registry).decode()
+    return {sample.name for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
 class CollectorTests(SynchronousTestCase):
     def test_unknown_methods_are_other_and_no_user_data_in_labels(self):
-        net = Net(self)
+        net, plugin = built_plugin(self)
         net.server.requests["FOO-RANDOM-1"] += 3
         net.server.requests["INVITE"] += 1
         net.register("1002", ("192.0.2.11", 5060))
-        from proxy.checksync import CheckSync
-
-        context = PluginContext(clock=net.clock, reactor=net.clock, config=None, server=net.server,
-                                location=net.location, router=net.router, registrar=type("R", (), {"results": {}})(),
-                                authenticator=net.auth,
-                                checksync=CheckSync(net.clock, net.server, net.location, advertise=("192.0.2.1", 5060)))
-        plugin = MetricsFactory().build({"listen": ""}, context)
         text = generate_latest(plugin.registry).decode()
         labels = set()
         for family in text_string_to_metric_families(text):
@@ -36,3 +48,32 @@ class CollectorTests(SynchronousTestCase):
     def test_config_is_checked(self):
         self.assertRaises(ConfigError, MetricsFactory().parse_config, {"port": 1}, "s.toml")
         self.assertRaises(ConfigError, MetricsFactory().parse_config, {"listen": "udp:9"}, "s.toml")
+
+
+class DashboardTests(SynchronousTestCase):
+    def test_dashboard_uses_only_exported_metric_names(self):
+        import json
+        import os
+        import re
+
+        path = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "etc", "grafana-sipproxy.json")
+        with open(path) as f:
+            dashboard = json.load(f)
+        names = set()
+        for panel in dashboard["panels"]:
+            for target in panel["targets"]:
+                names.update(re.findall(r"\b(sipproxy_[a-z_]+|process_[a-z_]+)", target["expr"]))
+        net, plugin = built_plugin(self)
+        # Something in every counter, so that every labelled family has samples to scrape.
+        net.server.requests["INVITE"] += 1
+        net.server.replies[("INVITE", 200)] += 1
+        net.server.dropped["malformed"] += 1
+        net.register("1002", ("192.0.2.11", 5060))
+        plugin.context.registrar.results["ok"] = 1
+        net.auth.failures_by_reason["wrong_password"] = 1
+        net.router.forwards["user-busy"] = 1
+        net.router.redirects[302] = 1
+        plugin.context.checksync.notifies["accepted"] = 1
+        exported = exported_names(plugin)
+        self.assertEqual(names - exported, set())
+        self.assertGreater(len(dashboard["panels"]), 10)
