@@ -72,6 +72,7 @@ class ServerConfig:
     max_message_size: int = 65507
     tcp_idle_timeout: float = 300.0
     server_header: str = "sipproxy"
+    debug: bool = False  # a log line per SIP message
 
 
 @attrs.frozen
@@ -503,6 +504,7 @@ def _parse_server(t: _Table) -> ServerConfig:
                                "must be between 1024 and 65507"),
         tcp_idle_timeout=t.get("tcp_idle_timeout", d.tcp_idle_timeout, float, lambda v: v > 0, "must be greater than 0"),
         server_header=t.get("server_header", d.server_header, str),
+        debug=t.get("debug", d.debug, bool),
     )
     t.finish()
     return server

@@ -118,14 +118,18 @@ class ForwardingStore:
 
 @attrs.frozen
 class FeatureCodes:
-    """Dialled codes that set and clear a user's own forwarding (PBX style)."""
+    """Dialled codes that set and clear a user's own forwarding (PBX style; defaults in ForwardingConfig)."""
 
-    always_on: str = "*72"
-    always_off: str = "*73"
-    busy_on: str = "*90"
-    busy_off: str = "*91"
-    no_answer_on: str = "*92"
-    no_answer_off: str = "*93"
+    always_on: str
+    always_off: str
+    busy_on: str
+    busy_off: str
+    no_answer_on: str
+    no_answer_off: str
+
+    @classmethod
+    def from_config(cls, config) -> "FeatureCodes":
+        return cls(**{f.name: getattr(config, f.name) for f in attrs.fields(cls)})
 
     def parse(self, dialled: str) -> tuple[str, str, str | None] | None:
         """('set'|'clear', kind, target) for a feature code, else None. Longest code first."""

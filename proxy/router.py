@@ -61,9 +61,7 @@ class Router:
         self.server = server
         self.forwarding = forwarding
         self.forwarding_config = forwarding_config
-        c = forwarding_config
-        self.feature_codes = FeatureCodes(c.always_on, c.always_off, c.busy_on, c.busy_off, c.no_answer_on,
-                                          c.no_answer_off) if c.feature_codes else None
+        self.feature_codes = FeatureCodes.from_config(forwarding_config) if forwarding_config.feature_codes else None
         self.clock = server.clock
         self.identity = server.identity
         self.location = location

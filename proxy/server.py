@@ -82,10 +82,14 @@ class SipServer:
     """Parses, validates and dispatches; the transaction user of the core."""
 
     def __init__(self, clock: IReactorTime, transports, identity: LocalIdentity, timers, *,
-                 max_message_size: int = MAX_DATAGRAM, server_header: str = "sipproxy", nat_mode: str = "auto"):
+                 max_message_size: int = MAX_DATAGRAM, server_header: str = "sipproxy", nat_mode: str = "auto",
+                 debug: bool = False):
         self.clock = clock
         self.transports = transports
         self.identity = identity
+        # Per-message log lines only when asked for: twistd's log file keeps debug events,
+        # and a line per message would cost a write per message (and the disk).
+        self.debug = debug
         self.max_message_size = max_message_size
         self.server_header = server_header
         self.transactions = TransactionLayer(clock, transports, timers, user=self, nat_mode=nat_mode)
@@ -141,8 +145,10 @@ class SipServer:
             self._reject(request, source, e)
             return
         self.requests[request.method] += 1
-        log.debug("{method} {uri} from {host}:{port} (Call-ID {call_id})", method=request.method,
-                  uri=for_log(request.uri_text), host=source.host, port=source.port, call_id=for_log(request.call_id))
+        if self.debug:
+            log.debug("{method} {uri} from {host}:{port} (Call-ID {call_id})", method=request.method,
+                      uri=for_log(request.uri_text), host=source.host, port=source.port,
+                      call_id=for_log(request.call_id))
         self.transactions.request_received(request, source)
 
     def _response_received(self, response: Response, source: Source) -> None:

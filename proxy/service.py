@@ -172,6 +172,7 @@ def build_service(config: ProxyConfig, reactor, enabled_plugins=None) -> tuple[s
         max_message_size=config.server.max_message_size,
         server_header=config.server.server_header,
         nat_mode=config.registrar.nat_mode,
+        debug=config.server.debug,
     )
     credentials = FileCredentials(os.path.join(state_dir, USERS_FILE), reactor)
     authenticator = DigestAuthenticator(reactor, credentials, config.realm, load_secret(state_dir), config.auth)

@@ -165,7 +165,7 @@ class FeatureCodeTests(SynchronousTestCase):
         self.assertEqual(net.forwarding.store.get("1001").always, "")
 
     def test_code_parsing(self):
-        codes = FeatureCodes()
+        codes = FeatureCodes.from_config(ForwardingConfig())
         self.assertEqual(codes.parse("*721002"), ("set", "always", "1002"))
         self.assertEqual(codes.parse("*73"), ("clear", "always", None))
         self.assertIsNone(codes.parse("*72"))
