@@ -88,9 +88,11 @@ class NextHopResolver:
                 out = []
                 for record in order_srv(srv, self.rng):
                     for address in await self._addresses(str(record.target)):
-                        out.append(Destination(transport, address, record.port))
+                        # RFC 5922: a TLS peer found by SRV is verified against the domain asked for.
+                        out.append(Destination(transport, address, record.port, tls_name=host))
                 return out
-        return [Destination(transport, a, port or _DEFAULT_PORT.get(transport, 5060)) for a in await self._addresses(host)]
+        return [Destination(transport, a, port or _DEFAULT_PORT.get(transport, 5060), tls_name=host)
+                for a in await self._addresses(host)]
 
     async def _addresses(self, name: str) -> list[str]:
         out = []

@@ -61,11 +61,12 @@ class Source:
 
 @attrs.frozen
 class Destination:
-    """Where to send: transport name, numeric address, port."""
+    """Where to send: transport name, numeric address, port; for TLS, the name the certificate must match."""
 
     transport: str
     host: str
     port: int
+    tls_name: str | None = attrs.field(default=None, eq=False)
 
 
 class SipDatagramProtocol(protocol.DatagramProtocol):
@@ -195,9 +196,9 @@ class Transports:
         if existing is not None:
             existing.send(data)
             return
-        self._connect_and_send(key, data)
+        self._connect_and_send(key, data, dest.tls_name)
 
-    def _connect_and_send(self, key, data: bytes) -> None:
+    def _connect_and_send(self, key, data: bytes, tls_name: str | None = None) -> None:
         queue = self._pending.get(key)
         if queue is not None:
             queue.append(data)
@@ -206,7 +207,7 @@ class Transports:
             log.warn("No {transport} client to reach {host}:{port}", transport=key[0], host=key[1], port=key[2])
             return
         self._pending[key] = [data]
-        d = self.connector(*key)
+        d = self.connector(*key, tls_name=tls_name) if tls_name else self.connector(*key)
 
         def connected(proto):
             for item in self._pending.pop(key, []):

@@ -123,3 +123,31 @@ class DatagramTests(SynchronousTestCase):
         proto = SipDatagramProtocol(controller, Transports(clock=Clock()))
         proto.datagramReceived(b"data", ("192.0.2.11", 49170))
         self.assertEqual(controller.messages[0][1].port, 49170)
+
+
+class TlsNameTests(SynchronousTestCase):
+    def test_tls_connections_are_verified_against_the_name_not_the_address(self):
+        calls = []
+
+        def connector(transport, host, port, tls_name=None):
+            calls.append((transport, host, port, tls_name))
+            return defer.Deferred()
+
+        transports = Transports(clock=Clock(), connector=connector)
+        transports.send(b"x", Destination("TLS", "192.0.2.40", 5061, tls_name="trunk.example.net"))
+        self.assertEqual(calls, [("TLS", "192.0.2.40", 5061, "trunk.example.net")])
+
+    def test_resolver_keeps_the_name(self):
+        from twisted.names import dns
+
+        from proxy.dns import NextHopResolver
+
+        class Fake:
+            def lookupAddress(self, name, timeout=None):
+                return defer.succeed(([dns.RRHeader(name, dns.A, payload=dns.Record_A("192.0.2.40"))], [], []))
+
+            def lookupIPV6Address(self, name, timeout=None):
+                return defer.succeed(([], [], []))
+
+        (found,) = self.successResultOf(NextHopResolver(Fake()).resolve("trunk.example.net", 5061, "TLS"))
+        self.assertEqual((found.host, found.tls_name), ("192.0.2.40", "trunk.example.net"))
