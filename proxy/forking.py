@@ -54,6 +54,7 @@ class Branch:
         self.provisional = False
         self.done = False
         self.cancel_pending = False
+        self.cancelling = False  # CANCELled: it may only end now, never fail over to another hop
         self.timer_c: IDelayedCall | None = None
         self.attempt = 0
 
@@ -140,7 +141,7 @@ class Branch:
             self.done = True
             self.call.answered_by(self, response, first)
             return
-        if status in (408, 503) and not self.call.cancelled and self._next_destination_or_hop():
+        if status in (408, 503) and not self.cancelling and not self.call.cancelled and self._next_destination_or_hop():
             log.info("{status} from {host}; trying the next hop", status=status, host=self.hop.host)
             return
         self._finish(response)
@@ -149,7 +150,7 @@ class Branch:
         if self.done:
             return
         self._stop_timer_c()
-        if not self.call.cancelled and self._next_destination_or_hop():
+        if not self.cancelling and not self.call.cancelled and self._next_destination_or_hop():
             log.info("No answer from {host}; trying the next hop", host=self.hop.host)
             return
         self._finish(None)
@@ -183,6 +184,7 @@ class Branch:
         """CANCEL this branch (section 9.1): now if it has had a provisional, else when it gets one."""
         if self.done:
             return
+        self.cancelling = True
         if self.tx is None:
             self._finish(None)
             return

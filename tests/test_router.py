@@ -201,6 +201,33 @@ class BasicCallTests(SynchronousTestCase):
         self.assertIn(b"0.0.0.0", reinvite.body)
         self.assertIsNone(reinvite.headers.get("record-route"))
 
+    def test_in_dialog_refer_notify_info_follow_the_route_set(self):
+        for n, method in enumerate(("REFER", "NOTIFY", "INFO")):
+            with self.subTest(method):
+                extra = "Refer-To: <sip:1003@example.com>\nReferred-By: <sip:1001@example.com>" if method == "REFER" else ""
+                self.net.send(sip_bytes(f"""
+                    {method} sip:1002@192.0.2.11:5060 SIP/2.0
+                    Via: SIP/2.0/UDP 192.0.2.10:5060;branch=z9hG4bKdlg{n}
+                    Route: <sip:{PROXY}:5060;lr>
+                    Max-Forwards: 70
+                    From: <sip:1001@{REALM}>;tag=caller-tag
+                    To: <sip:1002@{REALM}>;tag=callee-tag
+                    Call-ID: call-1
+                    CSeq: {10 + n} {method}
+                    Event: refer
+                    {extra}
+                """), A)
+                sent = self.net.take()
+                ((forwarded, dest),) = requests(sent, method)
+                self.assertEqual(dest, Destination("UDP", *B))
+                self.assertEqual(statuses(sent), [])  # no challenge, no 100 for non-INVITE
+                if method == "REFER":
+                    # Transfer headers pass through untouched (DESIGN: REFER, Refer-To, Referred-By).
+                    self.assertEqual(forwarded.headers.get("refer-to"), "<sip:1003@example.com>")
+                    self.assertEqual(forwarded.headers.get("referred-by"), "<sip:1001@example.com>")
+                self.assertEqual(statuses(self.net.answer(forwarded, 202 if method == "REFER" else 200, B)),
+                                 [202 if method == "REFER" else 200])
+
     def test_unknown_user_404_and_unregistered_user_480(self):
         self.assertEqual(statuses(self.net.invite(to="9999")), [100, 404])
         self.assertEqual(statuses(self.net.invite(to="1003")), [100, 480])
@@ -447,6 +474,17 @@ class GatewayTests(SynchronousTestCase):
         self.net.clock.advance(0.1)
         ((second, dest),) = requests(self.net.take(), "INVITE")
         self.assertEqual(dest, Destination("UDP", *GW2))
+
+    def test_cancelled_branch_does_not_fail_over(self):
+        # Two gateways: the first rings and is CANCELled by the caller, then answers 503: no second INVITE.
+        ((invite, _),) = requests(self.net.invite(to="95551234", call_id="gw-cancel"), "INVITE")
+        self.net.answer(invite, 180, GW1)
+        call = next(iter(self.net.router.calls.values()))
+        call.cancel()
+        self.net.take()
+        sent = self.net.answer(invite, 503, GW1)
+        self.assertEqual(requests(sent, "INVITE"), [])
+        self.assertEqual(statuses(sent), [487])
 
     def test_busy_from_gateway_does_not_fail_over(self):
         ((invite, _),) = requests(self.net.invite(to="95551234"), "INVITE")
