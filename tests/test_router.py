@@ -475,16 +475,25 @@ class GatewayTests(SynchronousTestCase):
         ((second, dest),) = requests(self.net.take(), "INVITE")
         self.assertEqual(dest, Destination("UDP", *GW2))
 
-    def test_cancelled_branch_does_not_fail_over(self):
-        # Two gateways: the first rings and is CANCELled by the caller, then answers 503: no second INVITE.
-        ((invite, _),) = requests(self.net.invite(to="95551234", call_id="gw-cancel"), "INVITE")
-        self.net.answer(invite, 180, GW1)
-        call = next(iter(self.net.router.calls.values()))
-        call.cancel()
-        self.net.take()
-        sent = self.net.answer(invite, 503, GW1)
+    def test_branch_cancelled_after_another_answers_does_not_fail_over(self):
+        # Fork to phone B and to a two-gateway target; B answers, the gateway branch is CANCELled
+        # and then answers 503: it must end there, not INVITE the second gateway.
+        from proxy.forking import Target
+        from proxy.routes import Hop
+
+        self.net.register("1002", B)
+        gateway = Target(hops=(Hop(uri="sip:1002@192.0.2.20", host="192.0.2.20", port=5060),
+                               Hop(uri="sip:1002@192.0.2.21", host="192.0.2.21", port=5060)), kind="gateway")
+        own = self.net.router.targets_for_user
+        self.net.router.targets_for_user = lambda user: own(user) + [gateway]
+        sent = self.net.invite(to="1002")
+        invites = {d: m for m, d in requests(sent, "INVITE")}
+        to_b, to_gw = invites[Destination("UDP", *B)], invites[Destination("UDP", *GW1)]
+        self.net.answer(to_gw, 180, GW1)
+        sent = self.net.answer(to_b, 200, B)
+        self.assertEqual([d for _, d in requests(sent, "CANCEL")], [Destination("UDP", *GW1)])
+        sent = self.net.answer(to_gw, 503, GW1)
         self.assertEqual(requests(sent, "INVITE"), [])
-        self.assertEqual(statuses(sent), [487])
 
     def test_busy_from_gateway_does_not_fail_over(self):
         ((invite, _),) = requests(self.net.invite(to="95551234"), "INVITE")
