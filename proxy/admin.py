@@ -259,6 +259,11 @@ def _describe(s) -> str:
     return f"{s.user}: " + ("; ".join(parts) if parts else "no forwarding")
 
 
+def _line(aor: str) -> str:
+    """sip:1001@example.com -> 1001"""
+    return aor.partition(":")[2].partition("@")[0]
+
+
 def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
     table = [header] + rows
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
@@ -277,7 +282,7 @@ def _phones(config: ProxyConfig, args) -> int:
         print("no phones")
         return 0
     _table(("PHONE", "LINES", "MODEL", "FIRMWARE", "ADDRESS", "LAST REGISTERED"),
-           [(r["device"], ",".join(a.partition(":")[2].partition("@")[0] for a in r["lines"]), r["model"] or "-",
+           [(r["device"], ",".join(_line(a) for a in r["lines"]), r["model"] or "-",
              r["firmware"] or r["user_agent"] or "-", r["address"],
              time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["last_registration"]))) for r in rows])
     return 0
@@ -331,7 +336,7 @@ def _reboot(config: ProxyConfig, args) -> int:
 
 
 def _progress(phone: dict) -> str:
-    name = f"{phone['device']} ({','.join(l.partition(':')[2].partition('@')[0] for l in phone['lines'])})"
+    name = f"{phone['device']} ({','.join(_line(a) for a in phone['lines'])})"
     state = phone["outcome"] or phone["state"]
     detail = {
         "pending": "waiting its turn", "sent": "NOTIFY sent", "accepted": f"accepted ({phone['status']})",
@@ -395,15 +400,9 @@ def _registrations(config: ProxyConfig, args) -> int:
     if not rows:
         print("no registrations")
         return 0
-    header = ("AOR", "CONTACT", "EXPIRES", "SOURCE", "USER-AGENT", "INSTANCE")
-    table = [header] + [
-        (r["aor"], r["contact"], f"{r['expires_in']}s", f"{r['source']}/{r['transport'].lower()}",
-         r["user_agent"] or "-", r["mac"] or r["instance"] or "-")
-        for r in rows
-    ]
-    widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
-    for row in table:
-        print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:-1])) + "  " + row[-1])
+    _table(("AOR", "CONTACT", "EXPIRES", "SOURCE", "USER-AGENT", "INSTANCE"),
+           [(r["aor"], r["contact"], f"{r['expires_in']}s", f"{r['source']}/{r['transport'].lower()}",
+             r["user_agent"] or "-", r["mac"] or r["instance"] or "-") for r in rows])
     return 0
 
 
