@@ -61,15 +61,21 @@ def person_ldif(uid: str, given: str, surname: str, phone: str = "", mobile: str
 
 
 class Slapd:
-    def __init__(self, people_ldif: str = ""):
+    def __init__(self, people_ldif: str = "", tls: tuple[str, str] | None = None):
+        """`tls`: (certificate, key) PEM files; slapd then also listens on ldaps:// and offers StartTLS."""
         require("slapd")
         self.dir = tempfile.mkdtemp(prefix="slapd-")
         os.makedirs(os.path.join(self.dir, "db"))
         self.port = free_port()
         self.url = f"ldap://127.0.0.1:{self.port}"
+        self.ldaps_port = free_port() if tls else None
+        self.ldaps_url = f"ldaps://127.0.0.1:{self.ldaps_port}" if tls else None
         self.conf = os.path.join(self.dir, "slapd.conf")
+        conf = _CONF.format(dir=self.dir, base=BASE_DN, admin=ADMIN_DN, password=ADMIN_PASSWORD)
+        if tls:
+            conf = f"TLSCertificateFile {tls[0]}\nTLSCertificateKeyFile {tls[1]}\n" + conf
         with open(self.conf, "w") as f:
-            f.write(_CONF.format(dir=self.dir, base=BASE_DN, admin=ADMIN_DN, password=ADMIN_PASSWORD))
+            f.write(conf)
         base = (f"dn: {BASE_DN}\nobjectClass: dcObject\nobjectClass: organization\no: Example\ndc: example\n\n"
                 f"dn: ou=people,{BASE_DN}\nobjectClass: organizationalUnit\nou: people\n\n")
         data = os.path.join(self.dir, "data.ldif")
@@ -81,7 +87,8 @@ class Slapd:
 
     def start(self, timeout: float = 15.0) -> "Slapd":
         slapd = shutil.which("slapd") or "/usr/sbin/slapd"
-        self.process = subprocess.Popen([slapd, "-d", "0", "-f", self.conf, "-h", self.url],
+        urls = self.url + (f" {self.ldaps_url}" if self.ldaps_url else "")
+        self.process = subprocess.Popen([slapd, "-d", "0", "-f", self.conf, "-h", urls],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + timeout
         import socket

@@ -104,3 +104,40 @@ class DirectoryWithSlapdTests(SynchronousTestCase):
         _, root, _ = self.search(last="Smith")
         self.assertEqual(root.tag, "CiscoIPPhoneText")
         self.assertEqual(self.server.log().count("LDAP directory unavailable"), 1)  # once per outage
+
+
+class DirectoryOverTlsTests(SynchronousTestCase):
+    """LDAPS and StartTLS, verified against the configured CA and the server name."""
+
+    def setUp(self):
+        import tempfile
+
+        from tests.integration.certs import make_self_signed
+
+        directory = tempfile.mkdtemp()
+        self.cert, key = make_self_signed(directory, "localhost")
+        self.other_ca, _ = make_self_signed(tempfile.mkdtemp(), "localhost")  # a CA that did not sign slapd's cert
+        self.slapd = Slapd(person_ldif("tls1", "Tess", "Tlsuser", "7001"), tls=(self.cert, key)).start()
+        self.addCleanup(self.slapd.stop)
+
+    def server_with(self, url, ca_file, starttls=False):
+        server = ServerProcess(
+            '[plugins]\nenabled = ["ldapdir"]\n[plugins.ldapdir]\n'
+            f'urls = ["{url}"]\nbase_dn = "ou=people,{BASE_DN}"\nsearch_filter = "(objectClass=inetOrgPerson)"\n'
+            f'timeout = 2\nca_file = "{ca_file}"\nstarttls = {"true" if starttls else "false"}\n').start()
+        self.addCleanup(server.stop)
+        _, body = server.phone_get("/directory/search?last=Tls")
+        return ET.fromstring(body)
+
+    def test_ldaps_with_the_right_ca(self):
+        url = f"ldaps://localhost:{self.slapd.ldaps_port}"
+        root = self.server_with(url, self.cert)
+        self.assertEqual([e.find("Name").text for e in root.findall("DirectoryEntry")], ["Tess Tlsuser"])
+
+    def test_ldaps_with_an_untrusted_certificate_is_unavailable(self):
+        root = self.server_with(f"ldaps://localhost:{self.slapd.ldaps_port}", self.other_ca)
+        self.assertEqual(root.find("Text").text, "Directory unavailable. Please try again later.")
+
+    def test_starttls(self):
+        root = self.server_with(f"ldap://localhost:{self.slapd.port}", self.cert, starttls=True)
+        self.assertEqual([e.find("Name").text for e in root.findall("DirectoryEntry")], ["Tess Tlsuser"])
