@@ -271,21 +271,25 @@ def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
         print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
 
 
+def _show(rows: list[dict], as_json: bool, empty: str, header: tuple[str, ...], to_row) -> int:
+    """Rows from the API as JSON, or as a table (or `empty` when there are none)."""
+    if as_json:
+        print(json.dumps(rows, indent=1))
+    elif not rows:
+        print(empty)
+    else:
+        _table(header, [to_row(r) for r in rows])
+    return 0
+
+
 def _phones(config: ProxyConfig, args) -> int:
     query = urllib.parse.urlencode({k: v for k, v in (("firmware", args.firmware), ("model", args.model),
                                                       ("where", args.where)) if v})
     rows = api_get(config, "/api/phones" + (f"?{query}" if query else ""))["phones"]
-    if args.json:
-        print(json.dumps(rows, indent=1))
-        return 0
-    if not rows:
-        print("no phones")
-        return 0
-    _table(("PHONE", "LINES", "MODEL", "FIRMWARE", "ADDRESS", "LAST REGISTERED"),
-           [(r["device"], ",".join(_line(a) for a in r["lines"]), r["model"] or "-",
-             r["firmware"] or r["user_agent"] or "-", r["address"],
-             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["last_registration"]))) for r in rows])
-    return 0
+    return _show(rows, args.json, "no phones", ("PHONE", "LINES", "MODEL", "FIRMWARE", "ADDRESS", "LAST REGISTERED"),
+                 lambda r: (r["device"], ",".join(_line(a) for a in r["lines"]), r["model"] or "-",
+                            r["firmware"] or r["user_agent"] or "-", r["address"],
+                            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["last_registration"]))))
 
 
 def _reboot(config: ProxyConfig, args) -> int:
@@ -394,16 +398,9 @@ def api_base(listen: str) -> str:
 
 def _registrations(config: ProxyConfig, args) -> int:
     rows = api_get(config, "/api/registrations")["registrations"]
-    if args.json:
-        print(json.dumps(rows, indent=1))
-        return 0
-    if not rows:
-        print("no registrations")
-        return 0
-    _table(("AOR", "CONTACT", "EXPIRES", "SOURCE", "USER-AGENT", "INSTANCE"),
-           [(r["aor"], r["contact"], f"{r['expires_in']}s", f"{r['source']}/{r['transport'].lower()}",
-             r["user_agent"] or "-", r["mac"] or r["instance"] or "-") for r in rows])
-    return 0
+    return _show(rows, args.json, "no registrations", ("AOR", "CONTACT", "EXPIRES", "SOURCE", "USER-AGENT", "INSTANCE"),
+                 lambda r: (r["aor"], r["contact"], f"{r['expires_in']}s", f"{r['source']}/{r['transport'].lower()}",
+                            r["user_agent"] or "-", r["mac"] or r["instance"] or "-"))
 
 
 if __name__ == "__main__":

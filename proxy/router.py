@@ -350,9 +350,7 @@ class Router:
             self._count_forward(plan)
             self._redirect(tx, [(1.0, plan.target_uri if not plan.user else f"sip:{plan.user}@{self.domain}")])
             return
-        call = self._start(tx, request, [], plan=plan)
-        if call is None:
-            return
+        self._start(tx, request, [], plan=plan)
 
     def _answer_redirect(self, tx, plan: Plan) -> None:
         """Redirect server: 302 to the one contact, or 300 with the user's contacts then the forward targets."""

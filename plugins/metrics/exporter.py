@@ -36,6 +36,14 @@ def _method(method: str) -> str:
     return method if method in _KNOWN_METHODS else "other"
 
 
+def _family(kind, name: str, documentation: str, label: str, items) -> object:
+    """A metric family with one label, from (label value, number) pairs, in label order."""
+    family = kind(name, documentation, labels=[label])
+    for key, count in sorted(items, key=lambda kv: str(kv[0])):
+        family.add_metric([str(key)], count)
+    return family
+
+
 class SipProxyCollector:
     def __init__(self, context):
         self.context = context
@@ -61,16 +69,10 @@ class SipProxyCollector:
             replies.add_metric([method, code], count)
         yield replies
 
-        dropped = CounterMetricFamily("sipproxy_messages_dropped", "Messages dropped unanswered, by reason",
-                                      labels=["reason"])
-        for reason, count in sorted(srv.dropped.items()):
-            dropped.add_metric([reason], count)
-        yield dropped
-
-        transactions = GaugeMetricFamily("sipproxy_transactions", "Transactions in progress, by kind", labels=["kind"])
-        for kind, count in sorted(srv.transactions.counts().items()):
-            transactions.add_metric([kind], count)
-        yield transactions
+        yield _family(CounterMetricFamily, "sipproxy_messages_dropped", "Messages dropped unanswered, by reason",
+                      "reason", srv.dropped.items())
+        yield _family(GaugeMetricFamily, "sipproxy_transactions", "Transactions in progress, by kind", "kind",
+                      srv.transactions.counts().items())
         yield CounterMetricFamily("sipproxy_retransmissions", "Requests and responses retransmitted by timers",
                                   value=srv.transactions.retransmissions)
 
@@ -82,22 +84,15 @@ class SipProxyCollector:
         for phone in phones(bindings):
             key = phone.firmware or "unknown"
             by_firmware[key] = by_firmware.get(key, 0) + 1
-        phone_family = GaugeMetricFamily("sipproxy_phones", "Registered phones, by firmware", labels=["firmware"])
-        for firmware, count in sorted(by_firmware.items()):
-            phone_family.add_metric([firmware], count)
-        yield phone_family
-
-        registrations = CounterMetricFamily("sipproxy_registrations", "REGISTER outcomes", labels=["result"])
-        for result, count in sorted(c.registrar.results.items()):
-            registrations.add_metric([result], count)
-        yield registrations
+        yield _family(GaugeMetricFamily, "sipproxy_phones", "Registered phones, by firmware", "firmware",
+                      by_firmware.items())
+        yield _family(CounterMetricFamily, "sipproxy_registrations", "REGISTER outcomes", "result",
+                      c.registrar.results.items())
 
         auth = c.authenticator
         yield CounterMetricFamily("sipproxy_auth_challenges", "Digest challenges sent (401/407)", value=auth.challenges)
-        failures = CounterMetricFamily("sipproxy_auth_failures", "Failed authentications, by reason", labels=["reason"])
-        for reason, count in sorted(auth.failures_by_reason.items()):
-            failures.add_metric([reason], count)
-        yield failures
+        yield _family(CounterMetricFamily, "sipproxy_auth_failures", "Failed authentications, by reason", "reason",
+                      auth.failures_by_reason.items())
         yield CounterMetricFamily("sipproxy_auth_lockouts", "Addresses locked out after repeated failures",
                                   value=auth.lockouts)
 
@@ -109,21 +104,12 @@ class SipProxyCollector:
         results.add_metric(["answered"], router.stats["calls_answered"])
         results.add_metric(["failed"], router.stats["calls_failed"])
         yield results
-        forwards = CounterMetricFamily("sipproxy_forwards", "Calls forwarded, by kind (RFC 5806 reasons)",
-                                       labels=["kind"])
-        for kind, count in sorted(router.forwards.items()):
-            forwards.add_metric([kind], count)
-        yield forwards
-        redirects = CounterMetricFamily("sipproxy_redirects", "3xx answers as a redirect server", labels=["code"])
-        for code, count in sorted(router.redirects.items()):
-            redirects.add_metric([str(code)], count)
-        yield redirects
-
-        notifies = CounterMetricFamily("sipproxy_checksync_notifies", "check-sync NOTIFYs, by result",
-                                       labels=["result"])
-        for result, count in sorted(c.checksync.notifies.items()):
-            notifies.add_metric([result], count)
-        yield notifies
+        yield _family(CounterMetricFamily, "sipproxy_forwards", "Calls forwarded, by kind (RFC 5806 reasons)", "kind",
+                      router.forwards.items())
+        yield _family(CounterMetricFamily, "sipproxy_redirects", "3xx answers as a redirect server", "code",
+                      router.redirects.items())
+        yield _family(CounterMetricFamily, "sipproxy_checksync_notifies", "check-sync NOTIFYs, by result", "result",
+                      c.checksync.notifies.items())
 
         directory = c.plugins.get("ldapdir")
         if directory is not None:
