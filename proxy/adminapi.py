@@ -31,10 +31,15 @@ from proxy.location import Binding, ILocationService
 from proxy.statedir import secret_file
 
 TOKEN_FILE = "admin-token"
+METRICS_TOKEN_FILE = "metrics-token"  # read-only: /metrics and nothing else
 
 
 def load_or_create_token(state_dir: str) -> str:
     return secret_file(state_dir, TOKEN_FILE, lambda: secrets.token_urlsafe(32).encode()).decode()
+
+
+def load_or_create_metrics_token(state_dir: str) -> str:
+    return secret_file(state_dir, METRICS_TOKEN_FILE, lambda: secrets.token_urlsafe(32).encode()).decode()
 
 
 def binding_json(binding: Binding, now: float) -> dict:

@@ -13,11 +13,32 @@ Replay protection:
 - no qop (RFC 2069 answers, older 7940/7960 firmware): the nonce is bound to
   the source address, lives `nonce_lifetime_no_qop` seconds, and is accepted
   once.
+The replay table is bounded (`max_tracked`) and expires from its oldest end,
+so a REGISTER costs the same at any rate. When the bound forces an entry out
+before its nonce expired, every nonce issued up to then is answered with a
+fresh `stale=true` challenge: an evicted nonce can never be replayed.
+
+The digest `uri` must name the Request-URI (RFC 2617 3.2.2.5, compared as
+URIs, RFC 3261 22.4), else 400 "Digest uri mismatch": a response captured
+for one request cannot be spent on another. With `accept_uri_of_proxy`
+(default on) a `uri` naming this server itself is accepted too, for clients
+that authenticate to the server rather than to the request.
 
 Unknown users and wrong passwords get the same fresh challenge, after the
 same work (a digest against a dummy HA1), so names cannot be enumerated.
-After `max_failures` failures from one address within `failure_window`
-seconds, that address gets 403 for `lockout` seconds, logged once.
+Lockout (each an event: log line, counter, plugin event `auth_lockout`):
+- `max_failures` failures for one user from one address within
+  `failure_window` lock that pair for `lockout` seconds: one phone with a
+  wrong password behind the site's NAT does not lock the site out;
+- `address_max_failures` failures from one address (an IPv6 /64), any
+  users, within `failure_window` lock the address (spraying);
+- `slow_max_failures` failures for one user from anywhere within
+  `slow_window` lock that user (patient guessing), except from addresses
+  where the user authenticated within `slow_window`, so the real phone
+  keeps working.
+Only a wrong answer to a nonce this server issued to that very address
+counts: a made-up, foreign or replayed nonce is refused (fresh challenge)
+but cannot lock anyone out, since a forger never sees the nonce.
 
 A line whose auth name is UNPROVISIONED is a phone nobody configured
 (seed 001 lines 1112-1113, 2146: the default linex_authname): it gets 403
@@ -27,16 +48,22 @@ A line whose auth name is UNPROVISIONED is a phone nobody configured
 import base64
 import hashlib
 import hmac
+import ipaddress
 import secrets
+from collections import deque
+from typing import Callable
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from proxy.bounded import BoundedDict
 from proxy.config import AuthSettings
 from proxy.credentials import ICredentials
 from proxy.sip.grammar import for_log, quote, quoted_string_end, unquote
+from proxy.errors import SipParseError
 from proxy.sip.message import Request
+from proxy.sip.uri import SipUri, Uri, parse_uri
 from proxy.statedir import secret_file
 
 log = Logger()
@@ -61,9 +88,10 @@ class Challenge:
 
 @attrs.frozen
 class Refused:
-    """Answer 403 with this reason phrase."""
+    """Answer with this status (403, or 400 for credentials that do not fit the request) and reason phrase."""
 
     reason: str
+    status: int = 403
 
 
 AuthResult = Authenticated | Challenge | Refused
@@ -123,25 +151,38 @@ def digest_response(ha1: str, params: dict[str, str], method: str) -> str:
 
 class DigestAuthenticator:
     def __init__(self, clock: IReactorTime, credentials: ICredentials, realm: str, secret: bytes,
-                 config: AuthSettings = AuthSettings()):
+                 config: AuthSettings = AuthSettings(), names_this_server: Callable[[Uri], bool] | None = None):
         self.clock = clock
+        self.names_this_server = names_this_server  # a URI naming this server itself (no user)
         self.credentials = credentials
         self.realm = realm
         self.config = config
         self._secret = secret
-        self._nonce_counts: dict[str, int] = {}  # qop nonces: highest nc seen
-        self._used_nonces: dict[str, float] = {}  # no-qop nonces: used, with expiry
-        self._failures: dict[str, list[float]] = {}
-        self._locked_until: dict[str, float] = {}
+        bound = config.max_tracked
+        # nonce -> highest nc seen (qop=auth), or _USED (no qop); oldest first.
+        self._replay = BoundedDict(bound, on_evict=self._replay_evicted)
+        self._replay_floor = 0.0  # nonces issued at or before this may have lost their replay state
+        self._pair_failures = BoundedDict(bound)  # (user, address) -> recent failure times
+        self._address_failures = BoundedDict(bound)  # address (IPv6: /64) -> recent failure times
+        self._user_failures = BoundedDict(bound)  # user -> recent failure times (slow window)
+        self._good = BoundedDict(bound)  # (user, address) -> last successful authentication
+        self._locks = BoundedDict(bound)  # ("pair", user, address) | ("address", a) | ("user", u) -> until
         self.challenges = 0
         self.failures_by_reason: dict[str, int] = {}
         self.lockouts = 0
+        self.lockouts_by_scope: dict[str, int] = {}
         self.observer = None  # observer(event, **fields): auth_failure, auth_lockout (plugins, metrics)
+
+    @property
+    def evicted(self) -> int:
+        """Entries pushed out of the bounded tables before their time (a sign of a flood)."""
+        return sum(t.evicted for t in (self._replay, self._pair_failures, self._address_failures,
+                                       self._user_failures, self._good, self._locks))
 
     # -- nonces -----------------------------------------------------------
 
     def _mac(self, stamp: str, salt: str, address: str) -> str:
-        msg = f"{stamp}:{salt}:{self.realm}:{address}".encode()
+        msg = f"{stamp}:{salt}:{self.realm}:{address}".encode("utf-8", "surrogateescape")
         return base64.urlsafe_b64encode(hmac.new(self._secret, msg, hashlib.sha256).digest()[:18]).decode()
 
     def make_nonce(self, address: str) -> str:
@@ -157,11 +198,8 @@ class DigestAuthenticator:
         stamp, salt, mac = parts
         if not hmac.compare_digest(mac.encode("utf-8", "surrogateescape"), self._mac(stamp, salt, address).encode()):
             return None
-        try:
-            issued = int(stamp, 16) / 1000
-        except ValueError:
-            return None
-        return self.clock.seconds() - issued
+        issued = _issued_at(nonce)
+        return None if issued is None else self.clock.seconds() - issued
 
     def challenge_value(self, address: str, stale: bool = False) -> str:
         parts = [f"Digest realm={quote(self.realm)}", f"nonce={quote(self.make_nonce(address))}", "algorithm=MD5"]
@@ -176,9 +214,9 @@ class DigestAuthenticator:
 
     def authenticate(self, request: Request, address: str, *, proxy: bool) -> AuthResult:
         """Check the request's (Proxy-)Authorization for our realm."""
-        self._expire(self.clock.seconds())
-        locked = self._locked_until.get(address)
-        if locked is not None and locked > self.clock.seconds():
+        now = self.clock.seconds()
+        self._expire_replay(now)
+        if self._locked(("address", _address_key(address)), now):
             return Refused("Too many failed attempts")
         header = "proxy-authorization" if proxy else "authorization"
         params = None
@@ -195,23 +233,29 @@ class DigestAuthenticator:
             return self._unprovisioned(request, address)
         missing = [p for p in ("username", "nonce", "uri", "response") if not params.get(p)]
         if missing:
-            return self._fail(address, "malformed", f"Digest without {missing[0]}")
+            return self._refuse(address, "malformed", f"Digest without {missing[0]}")
         if params.get("algorithm", "MD5").lower() not in ("md5", "md5-sess"):
-            return self._fail(address, "malformed", "Unsupported digest algorithm")
+            return self._refuse(address, "malformed", "Unsupported digest algorithm")
+        if self._locked(("pair", username, address), now) or (
+                self._locked(("user", username), now) and not self._recently_good(username, address, now)):
+            return Refused("Too many failed attempts")
+        if not self._uri_fits(params["uri"], request.uri_text):
+            self._count("uri_mismatch")
+            return Refused("Digest uri mismatch", status=400)
         nonce = params["nonce"]
         age = self._nonce_age(nonce, address)
         if age is None:
-            return self._fail(address, "bad_nonce", "Nonce not issued to this address")
+            return self._refuse(address, "bad_nonce", "Nonce not issued to this address")
         qop = params.get("qop")
         if qop:
             if qop.lower() != "auth" or not params.get("cnonce") or not params.get("nc"):
-                return self._fail(address, "malformed", "Bad qop parameters")
+                return self._refuse(address, "malformed", "Bad qop parameters")
             lifetime = self.config.nonce_lifetime
         else:
             if not self.config.accept_rfc2069:
-                return self._fail(address, "malformed", "Digest without qop refused")
+                return self._refuse(address, "malformed", "Digest without qop refused")
             lifetime = self.config.nonce_lifetime_no_qop
-        if age > lifetime:
+        if age > lifetime or (nonce not in self._replay and now - age <= self._replay_floor):
             return Challenge(self.challenge_value(address, stale=True), "stale nonce")
         record = self.credentials.lookup(username)
         ha1 = record.ha1 if record is not None and record.realm == self.realm else _DUMMY_HA1
@@ -219,22 +263,40 @@ class DigestAuthenticator:
         if record is None or not hmac.compare_digest(expected.encode(), params["response"].lower().encode("utf-8", "surrogateescape")):
             reason = "unknown_user" if record is None else "wrong_password"
             log.info("Digest failed for {user} from {address}", user=for_log(username), address=address)
-            return self._fail(address, reason, "bad credentials")
+            return self._fail(username, address, reason)
         # Only a correct response may consume a nonce-count or a nonce.
         if qop:
             try:
                 nc = int(params["nc"], 16)
             except ValueError:
-                return self._fail(address, "malformed", "Bad nonce count")
-            if nc <= self._nonce_counts.get(nonce, 0):
-                return self._fail(address, "replay", "Nonce count replayed")
-            self._nonce_counts[nonce] = nc
+                return self._refuse(address, "malformed", "Bad nonce count")
+            if nc <= self._replay.get(nonce, 0):
+                return self._refuse(address, "replay", "Nonce count replayed")
+            self._replay[nonce] = nc
         else:
-            if nonce in self._used_nonces:
-                return self._fail(address, "replay", "Nonce replayed")
-            self._used_nonces[nonce] = self.clock.seconds() + lifetime
-        self._failures.pop(address, None)
+            if nonce in self._replay:
+                return self._refuse(address, "replay", "Nonce replayed")
+            self._replay[nonce] = _USED
+        self._pair_failures.pop((username, address), None)
+        self._good[(username, address)] = now
         return Authenticated(username)
+
+    def _uri_fits(self, digest_uri: str, request_uri: str) -> bool:
+        """The digest-uri names the Request-URI, or (accept_uri_of_proxy) this server itself.
+
+        Some clients (SIPp's [authentication] among them) put the address of the
+        server they authenticate to in `uri`, not the Request-URI. Their answers
+        bind the server, not the target; the phones' (the Request-URI) bind both.
+        """
+        if digest_uri == request_uri:
+            return True
+        try:
+            parsed = parse_uri(digest_uri)
+        except SipParseError:
+            return False
+        if _names_request(parsed, request_uri):
+            return True
+        return self.config.accept_uri_of_proxy and self.names_this_server is not None and self.names_this_server(parsed)
 
     def _unprovisioned(self, request: Request, address: str) -> Refused:
         log.warn(
@@ -244,7 +306,7 @@ class DigestAuthenticator:
             user_agent=for_log(request.headers.get("user-agent", "unknown firmware")),
             mac=f", MAC {mac}" if (mac := mac_from_request(request)) else "",
         )
-        self.failures_by_reason["unprovisioned"] = self.failures_by_reason.get("unprovisioned", 0) + 1
+        self._count("unprovisioned")
         self._emit("auth_failure", reason="unprovisioned", address=address)
         return Refused("Unprovisioned line")
 
@@ -252,38 +314,116 @@ class DigestAuthenticator:
         if self.observer is not None:
             self.observer(event, **fields)
 
-    def _fail(self, address: str, reason: str, detail: str) -> AuthResult:
-        now = self.clock.seconds()
+    def _count(self, reason: str) -> None:
         self.failures_by_reason[reason] = self.failures_by_reason.get(reason, 0) + 1
+
+    def _refuse(self, address: str, reason: str, detail: str) -> Challenge:
+        """Credentials we cannot accept but that prove nothing against anyone: a fresh challenge, no lockout."""
+        self._count(reason)
         self._emit("auth_failure", reason=reason, address=address)
-        recent = [t for t in self._failures.get(address, []) if now - t < self.config.failure_window]
-        recent.append(now)
-        self._failures[address] = recent
-        if len(recent) >= self.config.max_failures:
-            self._locked_until[address] = now + self.config.lockout
-            self._failures.pop(address, None)
-            self.lockouts += 1
-            self._emit("auth_lockout", address=address)
-            log.warn("{address} locked out for {seconds:.0f} s after {count} failed authentications",
-                     address=address, seconds=self.config.lockout, count=len(recent))
-            return Refused("Too many failed attempts")
         return Challenge(self.challenge_value(address), detail)
 
-    def _expire(self, now: float) -> None:
-        """Forget replay state of expired nonces (cheap: runs at most every few seconds' worth)."""
-        if len(self._used_nonces) > 1000 or len(self._nonce_counts) > 10000:
-            self._used_nonces = {n: t for n, t in self._used_nonces.items() if t > now}
-            self._nonce_counts = {n: c for n, c in self._nonce_counts.items()
-                                  if (age := self._issued_age(n, now)) is not None and age <= self.config.nonce_lifetime}
-        if self._locked_until and len(self._locked_until) > 1000:
-            self._locked_until = {a: t for a, t in self._locked_until.items() if t > now}
+    def _fail(self, user: str, address: str, reason: str) -> AuthResult:
+        """A wrong answer to our own nonce for this address: counts toward the three lockouts."""
+        now = self.clock.seconds()
+        self._count(reason)
+        self._emit("auth_failure", reason=reason, address=address, user=user)
+        c = self.config
+        checks = (
+            ("pair", (user, address), self._pair_failures, c.max_failures, c.failure_window),
+            ("address", _address_key(address), self._address_failures, c.address_max_failures, c.failure_window),
+            ("user", user, self._user_failures, c.slow_max_failures, c.slow_window),
+        )
+        locked = False
+        for scope, key, table, limit, window in checks:
+            times = table.get(key)
+            if times is None or times.maxlen != limit:
+                times = deque(maxlen=limit)
+            times.append(now)
+            table[key] = times
+            if len(times) == limit and now - times[0] < window:
+                table.pop(key, None)
+                self._lock(scope, key, user, address, limit)
+                locked = True
+        if locked:
+            return Refused("Too many failed attempts")
+        return Challenge(self.challenge_value(address), "bad credentials")
 
-    @staticmethod
-    def _issued_age(nonce: str, now: float) -> float | None:
-        try:
-            return now - int(nonce.partition(".")[0], 16) / 1000
-        except ValueError:
-            return None
+    def _lock(self, scope: str, key, user: str, address: str, count: int) -> None:
+        self._locks[(scope, *key) if isinstance(key, tuple) else (scope, key)] = self.clock.seconds() + self.config.lockout
+        self.lockouts += 1
+        self.lockouts_by_scope[scope] = self.lockouts_by_scope.get(scope, 0) + 1
+        self._emit("auth_lockout", scope=scope, user=user, address=address, count=count)
+        what = {"pair": "{user} from {address}", "address": "address {address} (any user)",
+                "user": "{user} (any address it has not authenticated from)"}[scope]
+        log.warn(what + " locked out for {seconds:.0f} s after {count} failed authentications",
+                 user=for_log(user), address=address, seconds=self.config.lockout, count=count, scope=scope)
+
+    def _locked(self, key: tuple, now: float) -> bool:
+        until = self._locks.get(key)
+        if until is None:
+            return False
+        if until > now:
+            return True
+        del self._locks[key]
+        return False
+
+    def _recently_good(self, user: str, address: str, now: float) -> bool:
+        last = self._good.get((user, address))
+        return last is not None and now - last < self.config.slow_window
+
+    def _replay_evicted(self, nonce: str, _value) -> None:
+        issued = _issued_at(nonce)
+        if issued is not None:
+            self._replay_floor = max(self._replay_floor, issued)
+
+    def _expire_replay(self, now: float) -> None:
+        """Forget replay state of expired nonces from the oldest end: O(1) per request, amortised."""
+        horizon = now - max(self.config.nonce_lifetime, self.config.nonce_lifetime_no_qop)
+        replay = self._replay
+        while replay:
+            nonce = next(iter(replay))
+            issued = _issued_at(nonce)
+            if issued is not None and issued >= horizon:
+                break
+            replay.popitem(last=False)
+
+
+_USED = -1
+
+
+def _issued_at(nonce: str) -> float | None:
+    try:
+        return int(nonce.partition(".")[0], 16) / 1000
+    except ValueError:
+        return None
+
+
+def _address_key(address: str) -> str:
+    """The unit of spraying: an IPv4 address, or an IPv6 /64 (one host can hold a whole /64)."""
+    if ":" not in address:
+        return address
+    try:
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    except ValueError:
+        return address
+
+
+def _names_request(digest_uri: Uri, request_uri: str) -> bool:
+    """RFC 2617 3.2.2.5 / RFC 3261 22.4: the digest-uri names the Request-URI.
+
+    Compared as URIs (19.1.4), except that an absent port is the scheme's
+    default: `sip:example.com` and `sip:example.com:5060` name the same thing.
+    """
+    try:
+        target = parse_uri(request_uri)
+    except SipParseError:
+        return False
+    if isinstance(digest_uri, SipUri) and isinstance(target, SipUri):
+        default = 5061 if target.scheme == "sips" else 5060
+        digest_uri = attrs.evolve(digest_uri, port=digest_uri.port or default)
+        target = attrs.evolve(target, port=target.port or default)
+    return digest_uri.equivalent_to(target)
 
 
 def mac_from_request(request: Request) -> str | None:

@@ -94,14 +94,20 @@ class AuthSettings:
     accept_rfc2069: bool = True
     nonce_lifetime: float = 300.0
     nonce_lifetime_no_qop: float = 30.0
-    max_failures: int = 10
+    max_failures: int = 10  # per user and source address, within failure_window
     failure_window: float = 60.0
     lockout: float = 300.0
+    address_max_failures: int = 100  # per source address (IPv6: /64), any users: spraying
+    slow_max_failures: int = 30  # per user, any address, within slow_window: patient guessing
+    slow_window: float = 3600.0
+    max_tracked: int = 100_000  # bound of each per-peer table (failures, lockouts, replay state)
+    accept_uri_of_proxy: bool = True  # a digest uri naming this server (SIPp does that), not only the Request-URI
 
 
 @attrs.frozen
 class AdminConfig:
     listen: str = "tcp:8060:interface=127.0.0.1"
+    allow_remote: bool = False  # a non-loopback listener; only with TLS (ssl: or tls:)
 
 
 @attrs.frozen
@@ -457,6 +463,11 @@ def _parse_auth(t: _Table) -> AuthSettings:
         max_failures=t.get("max_failures", d.max_failures, int, *_POSITIVE),
         failure_window=t.get("failure_window", d.failure_window, float, *_POSITIVE),
         lockout=t.get("lockout", d.lockout, float, lambda v: v >= 0, "must be 0 or more"),
+        address_max_failures=t.get("address_max_failures", d.address_max_failures, int, *_POSITIVE),
+        slow_max_failures=t.get("slow_max_failures", d.slow_max_failures, int, *_POSITIVE),
+        slow_window=t.get("slow_window", d.slow_window, float, *_POSITIVE),
+        max_tracked=t.get("max_tracked", d.max_tracked, int, lambda v: v >= 100, "must be at least 100"),
+        accept_uri_of_proxy=t.get("accept_uri_of_proxy", d.accept_uri_of_proxy, bool),
     )
     if '"' in config.realm or "\\" in config.realm:
         raise t.error("realm", "must not contain quotes or backslashes")
@@ -469,8 +480,48 @@ def _parse_admin(t: _Table) -> AdminConfig:
     kind = listen.split(":", 1)[0]
     if kind not in ("tcp", "tcp6", "unix", "ssl", "tls"):
         raise t.error("listen", "must be a stream endpoint such as tcp:8060:interface=127.0.0.1")
+    allow_remote = t.get("allow_remote", False, bool)
+    if kind != "unix" and not _is_loopback(endpoint_interface(listen)):
+        # The admin API reboots phones and changes forwarding: never on the network by accident.
+        if not allow_remote:
+            raise t.error("listen", "listens beyond loopback; use interface=127.0.0.1, or set allow_remote = true "
+                                    "with an ssl: or tls: listener")
+        if kind not in ("ssl", "tls"):
+            raise t.error("allow_remote", "a remote admin listener must use TLS (ssl: or tls:), not " + kind)
     t.finish()
-    return AdminConfig(listen=listen)
+    return AdminConfig(listen=listen, allow_remote=allow_remote)
+
+
+def endpoint_interface(description: str) -> str:
+    """The `interface=` of a Twisted stream endpoint description ("" when absent: every interface)."""
+    parts, current, i = [], [], 0
+    while i < len(description):
+        ch = description[i]
+        if ch == "\\" and i + 1 < len(description):
+            current.append(description[i + 1])
+            i += 2
+            continue
+        if ch == ":":
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+        i += 1
+    parts.append("".join(current))
+    for part in parts[1:]:
+        name, eq, value = part.partition("=")
+        if eq and name == "interface":
+            return value
+    return ""
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _parse_tls(t: _Table) -> TlsConfig:

@@ -18,6 +18,8 @@ Sequential forking (by q) starts the next q group only when the current one
 has ended without a 2xx or 6xx.
 """
 
+import os
+
 import attrs
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
@@ -25,7 +27,7 @@ from twisted.logger import Logger
 from proxy.errors import SipParseError
 from proxy.routes import Hop, hop_for_uri
 from proxy.sip.headers import Headers
-from proxy.sip.message import Request, Response
+from proxy.sip.message import Request, Response, make_response
 from proxy.sip.uri import NameAddr, SipUri
 from proxy.transaction import ClientTransaction, ServerTransaction
 from proxy.transport import Destination
@@ -82,8 +84,16 @@ class Branch:
         if self.call.cancelled:
             self._finish(None)
             return
-        self.destinations = list(destinations)
+        self.destinations = [d for d in destinations if not self.call.router.is_own_destination(d)]
         if not self.destinations:
+            if destinations:
+                # A hop that is this proxy itself (a route whose gateway is us): the request
+                # would come back as a stranger's, so the loop ends here (RFC 3261 16.3 step 4).
+                log.info("{host} is this proxy: loop", host=self.hop.host)
+                looped = self.call.router.forward_request(self.call.request, self.hop, destinations[0],
+                                                          self.call.branch_id(self), record_route=False)
+                self._next_hop_or_finish(make_response(looped, 482, "Loop Detected", to_tag=os.urandom(6).hex()))
+                return
             log.info("No address for {host}", host=self.hop.host)
             self._next_hop_or_finish(None)
             return

@@ -107,7 +107,7 @@ class Registrar:
             return
         if isinstance(result, Refused):
             self._count("refused")
-            self.server.respond(tx, 403, result.reason)
+            self.server.respond(tx, result.status, result.reason)
             return
         assert isinstance(result, Authenticated)
         if not self._may_register(result.user, aor):

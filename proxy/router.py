@@ -6,17 +6,21 @@ elsewhere. In order, as section 16 has it:
 16.3  Max-Forwards (483; OPTIONS at 0 answered here), Proxy-Require (420),
       loops (482: one of the Vias is ours with the same loop hash).
 16.4  A Request-URI that is our Record-Route URI comes from a strict router:
-      the last Route replaces it. Our own URI on top of Route is removed.
-auth  Initial requests from sources that are not trusted networks are
-      challenged with 407 (seed 001 line 3945); the From user must be the
-      authenticated user or one of its lines. In-dialog requests, ACK and
-      CANCEL are not challenged; emergency numbers never are.
-16.5  In-dialog (To tag) or routed requests follow the route set. Our
-      domain: emergency numbers -> emergency gateways; local users ->
-      their bindings (480 without one); others -> dial-pattern routes (404
-      without). Foreign domains -> domain routes, the outbound proxy, or
-      RFC 3263 on the Request-URI; only for authenticated users and trusted
-      peers (no open relay: 403).
+      the last Route replaces it. Our own URIs on top of Route are removed.
+      What they carried (our signature) is kept for the trust decision;
+      being ours grants nothing.
+trust proxy/trust.py decides whether the request is served: trusted
+      network, a dialog along our signed Record-Route, an emergency number,
+      or digest credentials (407, seed 001 line 3945). ACK cannot be
+      challenged: it is forwarded only along a signed route or from a
+      trusted peer.
+16.5  Signed dialogs and trusted peers follow the remaining route set.
+      Anyone else's Route headers are dropped (a preloaded Route must not
+      take a stranger's call to a gateway), as Kamailio's sample config
+      does. Our domain: emergency numbers -> emergency gateways; local
+      users -> their bindings (480 without one); others -> dial-pattern
+      routes (404 without). Foreign domains -> domain routes, the outbound
+      proxy, or RFC 3263 on the Request-URI.
 16.6  Each branch: new Request-URI, Max-Forwards - 1, Record-Route with ;lr
       on dialog-creating requests, our Via with a branch that carries the
       loop hash, our realm's Proxy-Authorization removed.
@@ -26,7 +30,6 @@ statelessly (16.11), so 2xx retransmissions reach the caller.
 """
 
 import hashlib
-import ipaddress
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -47,6 +50,7 @@ from proxy.sip.message import Request, Response
 from proxy.sip.uri import NameAddr, SipUri
 from proxy.transaction import MAGIC_COOKIE, ServerTransaction
 from proxy.transport import Destination, Source
+from proxy.trust import TOKEN_PARAM, Served, Trust
 
 log = Logger()
 
@@ -56,7 +60,7 @@ DIALOG_CREATING = frozenset({"INVITE", "SUBSCRIBE", "REFER"})
 class Router:
     def __init__(self, server: SipServer, location: ILocationService, authenticator: DigestAuthenticator,
                  credentials: ICredentials, settings: ProxySettings, routes: RouteTable, resolver: NextHopResolver,
-                 *, domain: str, advertise: tuple[str, dict[str, int]], nat_mode: str = "auto",
+                 *, trust: Trust, domain: str, advertise: tuple[str, dict[str, int]], nat_mode: str = "auto",
                  forwarding: Forwarding | None = None, forwarding_config: ForwardingConfig = ForwardingConfig()):
         self.server = server
         self.forwarding = forwarding
@@ -73,7 +77,7 @@ class Router:
         self.domain = domain
         self.advertise_host, self.advertise_ports = advertise
         self.nat_mode = nat_mode
-        self.trusted = [ipaddress.ip_network(n, strict=False) for n in settings.trusted]
+        self.trust = trust
         self.calls: dict[int, ProxyCall] = {}
         self.observers: list = []  # observer(event, **fields): "answered", "finished"
         self.plugins = None  # a PluginHost: request policies are asked before routing
@@ -87,16 +91,8 @@ class Router:
 
     # -- helpers ---------------------------------------------------------------
 
-    def is_self(self, source: Source) -> bool:
-        """A request this proxy sent to itself (a spiral through a route back to us): already authenticated."""
-        return source.host == self.advertise_host and source.port in self.advertise_ports.values()
-
     def is_trusted(self, host: str) -> bool:
-        try:
-            address = ipaddress.ip_address(host)
-        except ValueError:
-            return False
-        return any(address in network for network in self.trusted)
+        return self.trust.is_trusted_network(host)
 
     def is_our_uri(self, uri) -> bool:
         """A URI naming this proxy (our Record-Route / Route URI): host ours, port ours or absent."""
@@ -107,19 +103,23 @@ class Router:
         return ours and (uri.port is None or uri.port in self.identity.ports)
 
     def is_our_domain(self, uri: SipUri) -> bool:
-        """Our domain, or one of our addresses on one of our ports (another port there is someone else)."""
-        if self.identity.is_local_host(uri.host, uri.port):
-            return True
-        return uri.host == self.advertise_host and (uri.port or 5060) in self.identity.ports
+        return self.identity.is_our_domain(uri, self.advertise_host)
+
+    def is_own_destination(self, destination: Destination) -> bool:
+        """A destination that is one of our own sockets: sending there would loop through us."""
+        host = destination.host
+        ours = host == self.advertise_host or host in self.identity.addresses
+        return ours and destination.port in self.identity.ports
 
     def via_value(self, transport: str, branch: str) -> str:
         port = self.advertise_ports.get(transport) or self.advertise_ports.get("UDP", 5060)
         return f"SIP/2.0/{transport} {self.advertise_host}:{port};branch={branch}"
 
-    def record_route_value(self, transport: str) -> str:
+    def record_route_value(self, transport: str, call_id: str) -> str:
+        """Our Record-Route, signed for this Call-ID: in-dialog requests along it are served unchallenged."""
         port = self.advertise_ports.get(transport) or self.advertise_ports.get("UDP", 5060)
         extra = "" if transport == "UDP" else f";transport={transport.lower()}"
-        return f"<sip:{self.advertise_host}:{port};lr{extra}>"
+        return f"<sip:{self.advertise_host}:{port};lr{extra};{TOKEN_PARAM}={self.trust.route_token(call_id)}>"
 
     def loop_hash(self, request: Request) -> str:
         """16.6 step 8: what makes a request the same request again (a loop, not a spiral)."""
@@ -171,20 +171,37 @@ class Router:
             raise SipError(420, "Bad Extension", (("Unsupported", ", ".join(required)),))
         if self._is_loop(request):
             raise SipError(482, "Loop Detected")
-        request, had_our_route = self._preprocess_routes(request)
+        received = request  # what the client signed its digest over
+        request, consumed = self._preprocess_routes(request)
         if request.method == "INVITE":
             self.server.respond(tx, 100, "Trying")
         source = tx.source
         in_dialog = request.to.tag is not None
-        if in_dialog or request.headers.get("route") is not None:
-            self._route_along(tx, request, source, in_dialog, had_our_route)
-            return
-        self._route_initial(tx, request, source)
-
-    def _preprocess_routes(self, request: Request) -> tuple[Request, bool]:
-        """16.4: strict-routing upstreams, and our own Route on top."""
         uri = request.uri
-        had_our_route = False
+        if not isinstance(uri, SipUri):
+            raise SipError(416, "Unsupported URI Scheme")
+        ours = self.is_our_domain(uri)
+        emergency = ours and not in_dialog and self.routes.is_emergency(uri.decoded_user)
+        served = self.trust.decide(received, source, signed=self.trust.signed(request.call_id, consumed),
+                                   emergency=emergency, for_our_domain=ours)
+        if served.basis in ("signed-dialog", "trusted-network") and (
+                in_dialog or request.headers.get("route") is not None):
+            self._route_along(tx, request)
+            return
+        if request.headers.get("route") is not None:
+            # Nobody we trust set this route up: it grants nothing and decides nothing.
+            log.info("Dropped a preloaded Route from {host} (Call-ID {call_id})", host=source.host,
+                     call_id=for_log(request.call_id))
+            request = request.with_headers(request.headers.remove("route"))
+        if in_dialog:
+            self._route_unsigned_dialog(tx, request)
+            return
+        self._route_initial(tx, request, source, served)
+
+    def _preprocess_routes(self, request: Request) -> tuple[Request, list[SipUri]]:
+        """16.4: strict-routing upstreams, and our own Routes on top; returns the URIs of ours consumed."""
+        uri = request.uri
+        consumed: list[SipUri] = []
         if self.is_our_uri(uri) and uri.user is None and uri.param("lr") is not None:
             routes = request.headers.values("route")
             if routes:
@@ -192,29 +209,25 @@ class Router:
                 target = NameAddr.parse(last, "Route").uri_text
                 headers = _remove_last_route(request.headers)
                 request = Request(request.method, target, headers, request.body)
-                had_our_route = True
-        top = request.headers.first_value("route")
-        if top is not None:
+                consumed.append(uri)
+        while True:
+            top = request.headers.first_value("route")
+            if top is None:
+                break
             try:
                 top_uri = NameAddr.parse(top, "Route").uri
             except SipParseError:
                 raise SipError(400, "Bad Route") from None
-            if self.is_our_uri(top_uri):
-                request = request.with_headers(request.headers.remove_first_value("route"))
-                had_our_route = True
-        return request, had_our_route
+            if not self.is_our_uri(top_uri):
+                break
+            request = request.with_headers(request.headers.remove_first_value("route"))
+            consumed.append(top_uri)
+        return request, consumed
 
-    def _route_along(self, tx, request: Request, source: Source, in_dialog: bool, had_our_route: bool) -> None:
-        """In-dialog or pre-routed requests: follow the Route set, else the Request-URI."""
+    def _route_along(self, tx, request: Request) -> None:
+        """A signed dialog or a trusted peer: follow the Route set, else the Request-URI."""
         top = request.headers.first_value("route")
         uri = request.uri
-        if not had_our_route and not self.is_trusted(source.host):
-            # Not a dialog we record-routed: never a free relay to elsewhere.
-            if top is not None or not self.is_our_domain(uri):
-                if not in_dialog:
-                    self._authenticate(tx, request, source)
-                else:
-                    raise SipError(403, "Relaying Not Allowed")
         if top is not None:
             hop_uri = NameAddr.parse(top, "Route").uri
             if not isinstance(hop_uri, SipUri):
@@ -223,38 +236,29 @@ class Router:
                 request = _to_strict_router(request)
             hop = hop_for_uri(hop_uri, request_uri=request.uri_text)
             target = Target(hops=(hop,), kind="dialog")
-        elif self.is_our_domain(uri) and uri.user is not None and not in_dialog:
-            self._route_initial(tx, request, source)
+        elif self.is_our_domain(uri) and request.to.tag is None:
+            self._route_initial(tx, request, tx.source, Served("trusted-network"))
             return
         else:
-            target = self.target_for_uri(uri, kind="dialog")
+            target = self._dialog_target(uri)
         self._start(tx, request, [target], record_route=False)
 
-    def _authenticate(self, tx, request: Request, source: Source) -> str | None:
-        """Challenge untrusted sources (407); returns the authenticated user, or None for trusted peers."""
-        if self.is_trusted(source.host) or self.is_self(source):
-            return None
-        result = self.authenticator.authenticate(request, source.host, proxy=True)
-        if isinstance(result, Challenge):
-            raise SipError(407, "Proxy Authentication Required", (("Proxy-Authenticate", result.header_value),))
-        if not isinstance(result, Authenticated):
-            raise SipError(403, result.reason)
-        from_uri = request.from_.uri
-        from_user = from_uri.decoded_user if isinstance(from_uri, SipUri) else None
-        if from_user != result.user:
-            record = self.credentials.lookup(result.user)
-            if record is None or from_user is None or not record.may_register(from_user):
-                log.info("{user} sent a request From {from_user}", user=result.user, from_user=for_log(from_user or "?"))
-                raise SipError(403, "From does not match the credentials")
-        return result.user
+    def _route_unsigned_dialog(self, tx, request: Request) -> None:
+        """In-dialog, authenticated, but not along our Record-Route: straight to the remote target."""
+        self._start(tx, request, [self._dialog_target(request.uri)], record_route=False)
 
-    def _route_initial(self, tx, request: Request, source: Source) -> None:
+    def _dialog_target(self, uri: SipUri) -> Target:
+        """An in-dialog Request-URI is the peer's Contact: a binding of ours, or a foreign host."""
+        if self.is_our_domain(uri) and self.location.find_contact(str(uri)) is None:
+            # Our own domain is not a remote target; no dialog of ours ends here.
+            raise SipError(481, "Call/Transaction Does Not Exist")
+        return self.target_for_uri(uri, kind="dialog")
+
+    def _route_initial(self, tx, request: Request, source: Source, served: Served) -> None:
         uri = request.uri
-        if not isinstance(uri, SipUri):
-            raise SipError(416, "Unsupported URI Scheme")
         dialled = uri.decoded_user
         ours = self.is_our_domain(uri)
-        if ours and self.routes.is_emergency(dialled):
+        if served.basis == "emergency" or (ours and self.routes.is_emergency(dialled)):
             hops = self.routes.emergency_hops(dialled)
             if not hops:
                 log.error("Emergency call to {number} from {host} but no emergency gateway is configured",
@@ -264,11 +268,7 @@ class Router:
                      call_id=for_log(request.call_id))
             self._start(tx, request, [Target(hops=tuple(hops), kind="emergency")])
             return
-        if not ours and not self.is_trusted(source.host) and not self.is_self(source) and not self._claims_local_user(request):
-            # Neither from one of our users nor from a trusted peer, and not for us: an open relay attempt.
-            log.info("Relay attempt from {host} to {uri}", host=source.host, uri=for_log(request.uri_text))
-            raise SipError(403, "Relaying Not Allowed")
-        authenticated = self._authenticate(tx, request, source)
+        authenticated = served.user
         if self.plugins is not None:
             verdict = self.plugins.check_request(request, source, authenticated)
             if isinstance(verdict, Respond):
@@ -392,10 +392,6 @@ class Router:
             return [Target(hops=tuple(found[1]), kind="gateway")]
         return [self.target_for_uri(uri, kind="gateway")]
 
-    def _claims_local_user(self, request: Request) -> bool:
-        uri = request.from_.uri
-        return isinstance(uri, SipUri) and self.is_our_domain(uri)
-
     def targets_for_user(self, user: str) -> list[Target] | None:
         """Bindings of a local user as targets; [] when registered nowhere; None when not a local user."""
         aor = f"sip:{user}@{self.domain}"
@@ -455,7 +451,7 @@ class Router:
             for value in kept:
                 headers = headers.append("Proxy-Authorization", value)
         if record_route:
-            headers = headers.prepend("Record-Route", self.record_route_value(destination.transport))
+            headers = headers.prepend("Record-Route", self.record_route_value(destination.transport, request.call_id))
         headers = headers.prepend("Via", self.via_value(destination.transport, branch))
         return Request(request.method, hop.uri, headers, request.body)
 
@@ -491,11 +487,14 @@ class Router:
         call.cancel()
 
     def ack(self, request: Request, source: Source) -> None:
-        """ACK for a 2xx: end to end, forwarded statelessly along the route set."""
+        """ACK for a 2xx: end to end, forwarded statelessly along the route set we signed."""
         try:
             if request.max_forwards == 0 or self._is_loop(request):
                 return
-            request, had_our_route = self._preprocess_routes(request)
+            request, consumed = self._preprocess_routes(request)
+            if not self.trust.may_forward_ack(source, self.trust.signed(request.call_id, consumed)):
+                self.server.dropped["unsigned_ack"] += 1
+                return
             top = request.headers.first_value("route")
             if top is not None:
                 hop_uri = NameAddr.parse(top, "Route").uri
@@ -509,11 +508,6 @@ class Router:
                     # acknowledges nothing we forwarded (a late ACK for a final we sent).
                     self.server.dropped["stray_ack"] += 1
                     return
-                if not had_our_route and not self.is_trusted(source.host):
-                    binding = self.location.find_contact(str(uri))
-                    if binding is None:
-                        self.server.dropped["stray_ack"] += 1
-                        return
                 hop = self.target_for_uri(uri, kind="dialog").hops[0]
         except (SipError, SipParseError):
             return

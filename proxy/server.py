@@ -54,6 +54,12 @@ class LocalIdentity:
             return (port or 5060) in self.ports
         return False
 
+    def is_our_domain(self, uri: SipUri, advertise_host: str) -> bool:
+        """Our domain, or one of our addresses on one of our ports (another port there is someone else)."""
+        if self.is_local_host(uri.host, uri.port):
+            return True
+        return uri.host == advertise_host and (uri.port or 5060) in self.ports
+
     def is_me(self, uri) -> bool:
         """A URI that addresses this server itself (no user part, our host)."""
         return isinstance(uri, SipUri) and uri.user is None and self.is_local_host(uri.host, uri.port)

@@ -31,6 +31,7 @@ from proxy.routes import RouteTable
 from proxy.server import LocalIdentity, SipServer
 from proxy.transaction import Timers
 from proxy.transport import SipDatagramProtocol, SipStreamFactory, Transports
+from proxy.trust import Trust, load_route_signer
 
 log = Logger()
 
@@ -175,7 +176,8 @@ def build_service(config: ProxyConfig, reactor, enabled_plugins=None) -> tuple[s
         debug=config.server.debug,
     )
     credentials = FileCredentials(os.path.join(state_dir, USERS_FILE), reactor)
-    authenticator = DigestAuthenticator(reactor, credentials, config.realm, load_secret(state_dir), config.auth)
+    authenticator = DigestAuthenticator(reactor, credentials, config.realm, load_secret(state_dir), config.auth,
+                                        names_this_server=identity.is_me)
     location = SqliteLocationService(os.path.join(state_dir, "location.sqlite"), reactor)
     _LocationService(location).setServiceParent(top)
     registrar = Registrar(server, location, authenticator, config.registrar, identity, config.server.domains[0])
@@ -184,14 +186,17 @@ def build_service(config: ProxyConfig, reactor, enabled_plugins=None) -> tuple[s
     forwarding_store = ForwardingStore(os.path.join(state_dir, "location.sqlite"))
     forwarding = Forwarding(forwarding_store, domain, max_depth=config.forwarding.max_depth,
                             has_bindings=lambda user: bool(location.lookup(f"sip:{user}@{domain}")))
+    advertise = advertised(config, identity)
+    trust = Trust(config.proxy.trusted, load_route_signer(state_dir), authenticator, credentials,
+                  is_our_domain=lambda uri: identity.is_our_domain(uri, advertise[0]))
     router = Router(
         server, location, authenticator, credentials, config.proxy, RouteTable(config.routes, config.emergency),
         NextHopResolver(dns_client.createResolver()),
-        domain=domain, advertise=advertised(config, identity), nat_mode=config.registrar.nat_mode,
+        trust=trust, domain=domain, advertise=advertise, nat_mode=config.registrar.nat_mode,
         forwarding=forwarding, forwarding_config=config.forwarding,
     )
     server.components = {"credentials": credentials, "authenticator": authenticator, "location": location,
-                         "registrar": registrar, "router": router, "forwarding": forwarding}
+                         "registrar": registrar, "router": router, "forwarding": forwarding, "trust": trust}
 
     host, ports = advertised(config, identity)
     checksync = CheckSync(reactor, server, location, advertise=(host, ports.get("UDP") or next(iter(ports.values()))),

@@ -181,17 +181,165 @@ class AuthenticatorTests(SynchronousTestCase):
         self.assertEqual((type(unknown), unknown.reason), (type(wrong), wrong.reason))
         self.assertEqual(unknown.header_value.split("nonce=")[0], wrong.header_value.split("nonce=")[0])
 
-    def test_lockout_after_failures_then_cools_off(self):
+    def wrong(self, user="1001", address="192.0.2.50"):
+        nonce = self.challenge(address)
+        return self.check(request_with(client_answer(user, "wrong", nonce, qop="auth")), address)
+
+    def right(self, user="1001", address="192.0.2.50", password="secret"):
+        nonce = self.challenge(address)
+        return self.check(request_with(client_answer(user, password, nonce, qop="auth")), address)
+
+    def test_lockout_of_user_and_address_then_cools_off(self):
         with capturedLogs() as events:
-            for _ in range(3):
-                nonce = self.challenge()
-                self.check(request_with(client_answer("1001", "wrong", nonce, qop="auth")))
-        self.assertEqual(self.check(request_with()), Refused("Too many failed attempts"))
-        self.assertEqual(len([e for e in events if "locked out" in e["log_format"]]), 1)
-        self.assertIsInstance(self.check(request_with(), "198.51.100.8"), Challenge)  # others unaffected
+            results = [self.wrong() for _ in range(3)]
+        self.assertEqual(results[-1], Refused("Too many failed attempts"))
+        self.assertEqual(self.right(), Refused("Too many failed attempts"))  # even the right password
+        locked = [e for e in events if "locked out" in e["log_format"]]
+        self.assertEqual([(e["user"], e["address"], e["count"], e["scope"]) for e in locked],
+                         [("1001", "192.0.2.50", 3, "pair")])
+        self.assertEqual(self.right(address="198.51.100.8"), Authenticated("1001"))  # others unaffected
         self.clock.advance(300)
+        self.assertEqual(self.right(), Authenticated("1001"))
+
+    def test_one_wrong_phone_behind_the_site_nat_does_not_lock_out_the_others(self):
+        with locked_users(os.path.join(self.dir, "users.json")) as users:
+            users["1002"] = UserRecord("1002", REALM, compute_ha1("1002", REALM, "other"))
+        self.clock.advance(1)
+        for _ in range(5):
+            self.wrong("1001")
+        self.assertEqual(self.right("1002", password="other"), Authenticated("1002"))
+
+    def test_lockout_is_an_event_naming_user_address_and_count(self):
+        seen = []
+        self.auth.observer = lambda event, **fields: seen.append((event, fields))
+        for _ in range(3):
+            self.wrong()
+        lockouts = [f for e, f in seen if e == "auth_lockout"]
+        self.assertEqual(lockouts, [{"scope": "pair", "user": "1001", "address": "192.0.2.50", "count": 3}])
+        self.assertEqual((self.auth.lockouts, self.auth.lockouts_by_scope), (1, {"pair": 1}))
+
+    def test_forged_nonces_toward_a_victim_address_lock_nothing(self):
+        # The attack: spoofed REGISTERs "from" the victim with a nonce never issued to it.
+        victim = "192.0.2.50"
+        for i in range(20):
+            forged = f"{format(int(self.clock.seconds() * 1000), 'x')}.{i:08x}.AAAAAAAAAAAAAAAAAAAAAAAA"
+            result = self.check(request_with(client_answer("1001", "guess", forged, qop="auth")), victim)
+            self.assertIsInstance(result, Challenge)
+        # A nonce issued to the attacker's own address is not the victim's either.
+        theirs = self.challenge("203.0.113.66")
+        for _ in range(10):
+            self.assertIsInstance(self.check(request_with(client_answer("1001", "x", theirs, qop="auth")), victim),
+                                  Challenge)
+        self.assertEqual(self.auth.lockouts, 0)
+        self.assertEqual(self.right(address=victim), Authenticated("1001"))
+
+    def test_replays_are_refused_but_lock_nothing(self):
         nonce = self.challenge()
-        self.assertEqual(self.check(request_with(client_answer("1001", "secret", nonce, qop="auth"))), Authenticated("1001"))
+        line = client_answer("1001", "secret", nonce, qop="auth")
+        self.assertEqual(self.check(request_with(line)), Authenticated("1001"))
+        for _ in range(10):
+            self.assertIsInstance(self.check(request_with(line)), Challenge)
+        self.assertEqual((self.auth.lockouts, self.auth.failures_by_reason["replay"]), (0, 10))
+        self.assertEqual(self.right(), Authenticated("1001"))
+
+    def test_spraying_many_users_from_one_address_locks_the_address(self):
+        auth = DigestAuthenticator(self.clock, self.credentials, REALM, load_secret(self.dir),
+                                   AuthSettings(max_failures=3, address_max_failures=8))
+        results = []
+        for i in range(8):
+            nonce = nonce_of(auth.authenticate(request_with(), "203.0.113.9", proxy=False))
+            line = client_answer(f"20{i:02d}", "guess", nonce, qop="auth")
+            results.append(auth.authenticate(request_with(line), "203.0.113.9", proxy=False))
+        self.assertIsInstance(results[-2], Challenge)
+        self.assertEqual(results[-1], Refused("Too many failed attempts"))
+        # Now even a request without credentials from there is refused, and nothing else is.
+        self.assertEqual(auth.authenticate(request_with(), "203.0.113.9", proxy=False), Refused("Too many failed attempts"))
+        self.assertIsInstance(auth.authenticate(request_with(), "203.0.113.10", proxy=False), Challenge)
+        self.assertEqual(auth.lockouts_by_scope, {"address": 1})
+
+    def test_ipv6_spraying_is_counted_per_slash_64(self):
+        auth = DigestAuthenticator(self.clock, self.credentials, REALM, load_secret(self.dir),
+                                   AuthSettings(address_max_failures=4))
+        for i in range(4):
+            address = f"2001:db8:1:2::{i + 1:x}"
+            nonce = nonce_of(auth.authenticate(request_with(), address, proxy=False))
+            auth.authenticate(request_with(client_answer(f"30{i}", "guess", nonce, qop="auth")), address, proxy=False)
+        self.assertEqual(auth.authenticate(request_with(), "2001:db8:1:2::99", proxy=False),
+                         Refused("Too many failed attempts"))
+        self.assertIsInstance(auth.authenticate(request_with(), "2001:db8:1:3::1", proxy=False), Challenge)
+
+    def test_slow_guessing_is_caught_by_the_hourly_window(self):
+        # Defaults: 10 a minute per (user, address) is never reached at 9 a minute...
+        auth = DigestAuthenticator(self.clock, self.credentials, REALM, load_secret(self.dir), AuthSettings())
+        self.auth = auth
+        self.assertEqual(self.right(address="192.0.2.50"), Authenticated("1001"))  # the real phone
+        results = []
+        for _ in range(30):
+            self.clock.advance(60 / 9)
+            results.append(self.wrong(address="203.0.113.7"))
+        self.assertTrue(all(isinstance(r, Challenge) for r in results[:29]), results)
+        # ...but 30 in an hour lock the user everywhere it has not proved itself.
+        self.assertEqual(results[-1], Refused("Too many failed attempts"))
+        self.assertEqual(self.right(address="203.0.113.7"), Refused("Too many failed attempts"))
+        self.assertEqual(self.right(address="203.0.113.8"), Refused("Too many failed attempts"))
+        self.assertEqual(self.right(address="192.0.2.50"), Authenticated("1001"))
+        self.assertEqual(auth.lockouts_by_scope, {"user": 1})
+
+    def test_digest_uri_must_name_the_request_uri(self):
+        nonce = self.challenge()
+        line = client_answer("1001", "secret", nonce, qop="auth", uri="sip:other.example.net")
+        self.assertEqual(self.check(request_with(line)), Refused("Digest uri mismatch", status=400))
+        # The same URI written differently (case of the host, parameter order) is the same URI.
+        for same in ("sip:EXAMPLE.com", "sip:example.com:5060"):
+            nonce = self.challenge()
+            line = client_answer("1001", "secret", nonce, qop="auth", uri=same)
+            self.assertEqual(self.check(request_with(line)), Authenticated("1001"))
+        for other in ("sip:example.com:5070", "sip:1002@example.com", "not a uri", "sips:example.com"):
+            nonce = self.challenge()
+            line = client_answer("1001", "secret", nonce, qop="auth", uri=other)
+            self.assertEqual(self.check(request_with(line)), Refused("Digest uri mismatch", status=400), other)
+
+    def test_a_digest_uri_naming_this_server_is_accepted_only_when_allowed(self):
+        # SIPp's [authentication] puts the server's address in uri, whatever the Request-URI.
+        def is_me(uri):
+            return uri.user is None and uri.host == "192.0.2.1" and uri.port in (None, 5060)
+
+        for allowed, expected in ((True, Authenticated("1001")), (False, Refused("Digest uri mismatch", status=400))):
+            auth = DigestAuthenticator(self.clock, self.credentials, REALM, load_secret(self.dir),
+                                       AuthSettings(accept_uri_of_proxy=allowed), names_this_server=is_me)
+            self.auth = auth
+            nonce = self.challenge()
+            line = client_answer("1001", "secret", nonce, qop="auth", uri="sip:192.0.2.1:5060")
+            self.assertEqual(self.check(request_with(line)), expected)
+            # A user part makes it a target, not this server: never accepted for another Request-URI.
+            nonce = self.challenge()
+            line = client_answer("1001", "secret", nonce, qop="auth", uri="sip:9011@192.0.2.1:5060")
+            self.assertEqual(self.check(request_with(line)), Refused("Digest uri mismatch", status=400))
+
+    def test_replay_state_is_bounded_and_an_evicted_nonce_is_never_replayable(self):
+        auth = DigestAuthenticator(self.clock, self.credentials, REALM, load_secret(self.dir),
+                                   AuthSettings(max_tracked=100))
+        self.auth = auth
+        first = self.challenge()
+        first_line = client_answer("1001", "secret", first, qop="auth")
+        self.assertEqual(self.check(request_with(first_line)), Authenticated("1001"))
+        for _ in range(150):
+            self.clock.advance(0.01)
+            self.assertEqual(self.right(), Authenticated("1001"))
+        self.assertEqual(len(auth._replay), 100)
+        self.assertGreater(auth.evicted, 0)
+        # The first nonce's count was evicted: its replay gets a stale challenge, not a success.
+        result = self.check(request_with(client_answer("1001", "secret", first, qop="auth", nc=2)))
+        self.assertIsInstance(result, Challenge)
+        self.assertIn("stale=true", result.header_value)
+
+    def test_replay_state_expires_with_its_nonces(self):
+        for _ in range(50):
+            self.assertEqual(self.right(), Authenticated("1001"))
+        self.assertEqual(len(self.auth._replay), 50)
+        self.clock.advance(self.config.nonce_lifetime + 1)
+        self.challenge()
+        self.assertEqual(len(self.auth._replay), 0)
 
     def test_unprovisioned_line(self):
         nonce = self.challenge()

@@ -53,3 +53,35 @@ class ConfigTests(SynchronousTestCase):
             f.write("[server\n")
         e = self.assertRaises(ConfigError, load_config, path)
         self.assertIn("not valid TOML", str(e))
+
+
+class AdminListenTests(SynchronousTestCase):
+    def error(self, admin):
+        return self.assertRaises(ConfigError, parse_config, {"admin": admin}, "site.toml")
+
+    def test_loopback_listeners_are_accepted(self):
+        for listen in ("tcp:8060:interface=127.0.0.1", r"tcp6:8060:interface=\:\:1", "unix:/run/sipproxy/admin",
+                       "tcp:8060:interface=127.0.0.2"):
+            with self.subTest(listen):
+                self.assertEqual(parse_config({"admin": {"listen": listen}}, "site.toml").admin.listen, listen)
+
+    def test_any_other_interface_is_refused_with_the_key_and_why(self):
+        for listen in ("tcp:8060", "tcp:8060:interface=0.0.0.0", "tcp:8060:interface=192.0.2.1", r"tcp6:8060"):
+            with self.subTest(listen):
+                e = self.error({"listen": listen})
+                self.assertEqual(e.key, "admin.listen")
+                self.assertIn("allow_remote", e.reason)
+
+    def test_remote_needs_allow_remote_and_tls(self):
+        e = self.error({"listen": "tcp:8060:interface=192.0.2.1", "allow_remote": True})
+        self.assertEqual(e.key, "admin.allow_remote")
+        self.assertIn("TLS", e.reason)
+        listen = "ssl:8060:interface=192.0.2.1:privateKey=key.pem:certKey=cert.pem"
+        config = parse_config({"admin": {"listen": listen, "allow_remote": True}}, "site.toml")
+        self.assertTrue(config.admin.allow_remote)
+
+    def test_new_auth_limits_are_checked(self):
+        e = self.assertRaises(ConfigError, parse_config, {"auth": {"max_tracked": 5}}, "site.toml")
+        self.assertEqual(e.key, "auth.max_tracked")
+        config = parse_config({"auth": {"slow_max_failures": 20, "slow_window": 1800}}, "site.toml")
+        self.assertEqual((config.auth.slow_max_failures, config.auth.slow_window), (20, 1800.0))

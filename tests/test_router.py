@@ -18,6 +18,7 @@ from proxy.sip.message import Request, make_response
 from proxy.sip.wire import parse_message
 from proxy.testing import make_server, sip_bytes, udp_source
 from proxy.transport import Destination
+from proxy.trust import Trust, load_route_signer
 from tests.test_auth import client_answer
 
 REALM = "example.com"
@@ -53,10 +54,16 @@ class Net:
                                          max_depth=forwarding_config.max_depth,
                                          has_bindings=lambda u: bool(self.location.lookup(f"sip:{u}@{REALM}")))
             extra = {"forwarding": self.forwarding, "forwarding_config": forwarding_config}
+        self.trust = Trust(settings.trusted, load_route_signer(self.dir), self.auth, credentials,
+                           is_our_domain=lambda uri: self.server.identity.is_our_domain(uri, PROXY))
         self.router = Router(self.server, self.location, self.auth, credentials, settings,
                              RouteTable(tuple(routes), emergency), NextHopResolver(),
-                             domain=REALM, advertise=(PROXY, {"UDP": 5060}), **extra)
+                             trust=self.trust, domain=REALM, advertise=(PROXY, {"UDP": 5060}), **extra)
         self.cseq = 0
+
+    def rr(self, call_id="call-1"):
+        """Our signed Record-Route URI for a call, as a phone would copy it into Route."""
+        return f"sip:{PROXY}:5060;lr;sptk={self.trust.route_token(call_id)}"
 
     def register(self, user, host_port, q=1.0):
         self.location.save(Binding(aor=f"sip:{user}@{REALM}", contact=f"sip:{user}@{host_port[0]}:{host_port[1]}",
@@ -69,15 +76,17 @@ class Net:
     def take(self):
         return self.transports.take()
 
-    def invite(self, to="1002", frm="1001", source=A, auth=True, call_id="call-1", extra="", method="INVITE"):
+    def invite(self, to="1002", frm="1001", source=A, auth=True, call_id="call-1", extra="", method="INVITE",
+               to_tag="", uri=None):
         """A phone's INVITE through the proxy; with auth, answers the 407 first. Returns what the proxy sent."""
         self.cseq += 1
+        uri = uri or f"sip:{to}@{REALM}"
         text = f"""
-            {method} sip:{to}@{REALM} SIP/2.0
+            {method} {uri} SIP/2.0
             Via: SIP/2.0/UDP {source[0]}:{source[1]};branch=z9hG4bK{os.urandom(4).hex()}
             Max-Forwards: 70
             From: "Caller" <sip:{frm}@{REALM}>;tag=caller-tag
-            To: <sip:{to}@{REALM}>
+            To: <sip:{to}@{REALM}>{to_tag}
             Call-ID: {call_id}
             CSeq: {self.cseq} {method}
             Contact: <sip:{frm}@{source[0]}:{source[1]}>
@@ -98,7 +107,7 @@ class Net:
         assert self.take() == []
         nonce = parse_digest(challenge[0].headers.get("proxy-authenticate"))["nonce"]
         self.cseq += 1
-        answer = client_answer(frm, "secret", nonce, method=method, uri=f"sip:{to}@{REALM}", qop="auth",
+        answer = client_answer(frm, "secret", nonce, method=method, uri=uri, qop="auth",
                                header="Proxy-Authorization")
         text = text.replace(f"CSeq: {self.cseq - 1}", f"CSeq: {self.cseq}").replace("branch=z9hG4bK", "branch=z9hG4bKa")
         self.send(sip_bytes(text + "\n" + answer), source)
@@ -137,7 +146,7 @@ class BasicCallTests(SynchronousTestCase):
         self.assertEqual(dest, Destination("UDP", *B))
         self.assertEqual(invite.uri_text, "sip:1002@192.0.2.11:5060")
         self.assertEqual(invite.max_forwards, 69)
-        self.assertEqual(invite.headers.get("record-route"), f"<sip:{PROXY}:5060;lr>")
+        self.assertEqual(invite.headers.get("record-route"), f"<{self.net.rr()}>")
         self.assertEqual(invite.top_via.host, PROXY)
         self.assertIsNone(invite.headers.get("proxy-authorization"))  # our realm's credentials consumed
 
@@ -148,14 +157,14 @@ class BasicCallTests(SynchronousTestCase):
         self.assertEqual(len(resp.vias), 1)  # our Via removed
 
         ok = self.net.answer(invite, 200, B, contact="<sip:1002@192.0.2.11:5060>",
-                             extra=(("Record-Route", f"<sip:{PROXY}:5060;lr>"),))
+                             extra=(("Record-Route", f"<{self.net.rr()}>"),))
         self.assertEqual(statuses(ok), [200])
 
         # ACK for the 2xx follows the route set, statelessly, to the callee's contact.
         self.net.send(sip_bytes(f"""
             ACK sip:1002@192.0.2.11:5060 SIP/2.0
             Via: SIP/2.0/UDP 192.0.2.10:5060;branch=z9hG4bKack1
-            Route: <sip:{PROXY}:5060;lr>
+            Route: <{self.net.rr()}>
             Max-Forwards: 70
             From: "Caller" <sip:1001@{REALM}>;tag=caller-tag
             To: <sip:1002@{REALM}>;tag=callee-tag
@@ -171,7 +180,7 @@ class BasicCallTests(SynchronousTestCase):
         self.net.send(sip_bytes(f"""
             BYE sip:1001@192.0.2.10:5060 SIP/2.0
             Via: SIP/2.0/UDP 192.0.2.11:5060;branch=z9hG4bKbye1
-            Route: <sip:{PROXY}:5060;lr>
+            Route: <{self.net.rr()}>
             Max-Forwards: 70
             From: <sip:1002@{REALM}>;tag=callee-tag
             To: "Caller" <sip:1001@{REALM}>;tag=caller-tag
@@ -186,7 +195,7 @@ class BasicCallTests(SynchronousTestCase):
         self.net.send(sip_bytes(f"""
             INVITE sip:1002@192.0.2.11:5060 SIP/2.0
             Via: SIP/2.0/UDP 192.0.2.10:5060;branch=z9hG4bKhold
-            Route: <sip:{PROXY}:5060;lr>
+            Route: <{self.net.rr()}>
             Max-Forwards: 70
             From: <sip:1001@{REALM}>;tag=caller-tag
             To: <sip:1002@{REALM}>;tag=callee-tag
@@ -208,7 +217,7 @@ class BasicCallTests(SynchronousTestCase):
                 self.net.send(sip_bytes(f"""
                     {method} sip:1002@192.0.2.11:5060 SIP/2.0
                     Via: SIP/2.0/UDP 192.0.2.10:5060;branch=z9hG4bKdlg{n}
-                    Route: <sip:{PROXY}:5060;lr>
+                    Route: <{self.net.rr()}>
                     Max-Forwards: 70
                     From: <sip:1001@{REALM}>;tag=caller-tag
                     To: <sip:1002@{REALM}>;tag=callee-tag
@@ -336,7 +345,7 @@ class ValidationTests(SynchronousTestCase):
     def test_strict_routing_upstream(self):
         # 16.4: the Request-URI is our Record-Route URI; the last Route is the real target.
         self.net.send(sip_bytes(f"""
-            BYE sip:{PROXY}:5060;lr SIP/2.0
+            BYE {self.net.rr()} SIP/2.0
             Via: SIP/2.0/UDP 192.0.2.11:5060;branch=z9hG4bKstrict
             Route: <sip:1001@192.0.2.10:5060>
             Max-Forwards: 70
@@ -579,3 +588,199 @@ class DnsTests(SynchronousTestCase):
         found = self.successResultOf(resolver.resolve("gw.example.net", None, "UDP"))
         self.assertEqual(found, [Destination("UDP", "192.0.2.81", 5080), Destination("UDP", "192.0.2.82", 5070)])
         self.assertEqual(self.successResultOf(resolver.resolve("192.0.2.9", None)), [Destination("UDP", "192.0.2.9", 5060)])
+
+
+STRANGER = ("198.51.100.66", 5060)
+FOREIGN = "evil.example.net"
+
+
+class TrustAttackTests(SynchronousTestCase):
+    """Issue 11, written as the attacks: nothing a stranger sends reaches a gateway or a foreign host."""
+
+    def setUp(self):
+        route = RouteConfig(pattern="9[0-9]+", strip=1, gateways=("192.0.2.20",), name="pstn")
+        self.net = Net(self, routes=[route], settings=ProxySettings(trusted=("192.0.2.20/32",)))
+        self.net.register("1002", B)
+
+    def attack(self, method="INVITE", uri=f"sip:9011441234@{REALM}", routes=(f"<sip:{PROXY};lr>", "<sip:192.0.2.20;lr>"),
+               to_tag="", source=STRANGER, frm=f"sip:1001@{REALM}", call_id="attack", extra=""):
+        route_lines = "\n".join(f"Route: {r}" for r in routes)
+        self.net.send(sip_bytes(f"""
+            {method} {uri} SIP/2.0
+            Via: SIP/2.0/UDP {source[0]}:{source[1]};branch=z9hG4bK{os.urandom(4).hex()}
+            {route_lines}
+            Max-Forwards: 70
+            From: <{frm}>;tag=attacker
+            To: <sip:9011441234@{REALM}>{to_tag}
+            Call-ID: {call_id}
+            CSeq: 1 {method}
+            Contact: <sip:x@{source[0]}:{source[1]}>
+            Event: presence
+            Refer-To: <sip:9011441234@{REALM}>
+            {extra}
+        """, b"v=0\r\n"), source)
+        return self.net.take()
+
+    def assertNothingForwarded(self, sent):
+        self.assertEqual(requests(sent), [], sent)
+
+    def test_preloaded_route_to_the_gateway_is_challenged_for_every_method(self):
+        for method in ("INVITE", "MESSAGE", "OPTIONS", "SUBSCRIBE", "REFER", "NOTIFY", "INFO"):
+            with self.subTest(method):
+                sent = self.attack(method)
+                self.assertNothingForwarded(sent)
+                self.assertEqual(statuses(sent)[-1], 407)
+
+    def test_preloaded_route_to_a_foreign_host_is_challenged(self):
+        sent = self.attack(uri=f"sip:victim@{FOREIGN}", routes=(f"<sip:{PROXY}:5060;lr>", f"<sip:{FOREIGN};lr>"))
+        self.assertNothingForwarded(sent)
+        self.assertEqual(statuses(sent)[-1], 407)
+
+    def test_a_stranger_claiming_a_foreign_user_is_refused_as_relay(self):
+        sent = self.attack(uri=f"sip:victim@{FOREIGN}", routes=(f"<sip:{PROXY};lr>",), frm=f"sip:spam@{FOREIGN}")
+        self.assertNothingForwarded(sent)
+        self.assertEqual((statuses(sent)[-1], sent[-1][0].reason), (403, "Relaying Not Allowed"))
+
+    def test_forged_to_tag_without_a_token_is_an_initial_request(self):
+        for method in ("INVITE", "BYE", "MESSAGE", "REFER", "NOTIFY"):
+            with self.subTest(method):
+                sent = self.attack(method, to_tag=";tag=forged")
+                self.assertNothingForwarded(sent)
+                self.assertEqual(statuses(sent)[-1], 407)
+
+    def test_forged_to_tag_with_another_calls_token_is_an_initial_request(self):
+        stolen = self.net.rr("some-other-call")
+        sent = self.attack("BYE", to_tag=";tag=forged", routes=(f"<{stolen}>", "<sip:192.0.2.20;lr>"))
+        self.assertNothingForwarded(sent)
+        self.assertEqual(statuses(sent)[-1], 407)
+
+    def test_forged_token_with_a_wrong_mac_or_key_id_is_refused(self):
+        token = self.net.trust.route_token("attack")
+        kid, _, mac = token.partition(".")
+        for bad in (f"{kid}.{'0' * len(mac)}", f"kzzz.{mac}", "", kid, f"{kid}."):
+            with self.subTest(bad):
+                sent = self.attack("BYE", to_tag=";tag=forged",
+                                   routes=(f"<sip:{PROXY}:5060;lr;sptk={bad}>", "<sip:192.0.2.20;lr>"))
+                self.assertNothingForwarded(sent)
+
+    def test_a_valid_token_for_its_own_call_follows_the_route(self):
+        # The legitimate case: an in-dialog request along the Record-Route we signed for this Call-ID.
+        sent = self.attack("BYE", to_tag=";tag=callee", routes=(f"<{self.net.rr('attack')}>", "<sip:192.0.2.20;lr>"))
+        ((bye, dest),) = requests(sent, "BYE")
+        self.assertEqual(dest, Destination("UDP", *GW1))
+
+    def test_a_valid_token_does_not_make_an_initial_request_unchallenged(self):
+        sent = self.attack("INVITE", routes=(f"<{self.net.rr('attack')}>", "<sip:192.0.2.20;lr>"))
+        self.assertNothingForwarded(sent)
+        self.assertEqual(statuses(sent)[-1], 407)
+
+    def test_strict_route_request_uri_naming_the_proxy(self):
+        sent = self.attack("INVITE", uri=f"sip:{PROXY}:5060;lr",
+                           routes=("<sip:192.0.2.20;lr>", f"<sip:9011441234@{REALM}>"))
+        self.assertNothingForwarded(sent)
+        self.assertEqual(statuses(sent)[-1], 407)
+        sent = self.attack("BYE", uri=f"sip:{PROXY}:5060;lr", to_tag=";tag=forged",
+                           routes=("<sip:192.0.2.20;lr>", "<sip:5551234@192.0.2.20>"))
+        self.assertNothingForwarded(sent)
+
+    def test_stray_ack_with_a_preloaded_route_is_dropped(self):
+        for to_tag in ("", ";tag=forged"):
+            with self.subTest(to_tag=to_tag):
+                sent = self.attack("ACK", to_tag=to_tag, extra="Content-Type: application/sdp")
+                self.assertEqual(sent, [])
+        self.assertEqual(self.net.server.dropped["unsigned_ack"], 2)
+
+    def test_ack_along_our_signed_route_is_forwarded(self):
+        sent = self.attack("ACK", to_tag=";tag=callee", routes=(f"<{self.net.rr('attack')}>", "<sip:192.0.2.20;lr>"))
+        ((ack, dest),) = requests(sent, "ACK")
+        self.assertEqual(dest, Destination("UDP", *GW1))
+
+    def test_in_dialog_request_for_our_domain_without_a_binding_goes_nowhere(self):
+        sent = self.attack("BYE", uri=f"sip:1003@{REALM}", routes=(), to_tag=";tag=forged")
+        self.assertNothingForwarded(sent)
+        self.assertEqual(statuses(sent)[-1], 407)
+
+    def test_our_own_source_address_is_no_proof_of_anything(self):
+        for source in ((PROXY, 5060), (PROXY, 5061)):
+            with self.subTest(source=source):
+                sent = self.attack(source=source)
+                self.assertNothingForwarded(sent)
+                self.assertEqual(statuses(sent)[-1], 407)
+                sent = self.attack(source=source, routes=())
+                self.assertNothingForwarded(sent)
+
+    def test_authenticated_call_to_the_gateway_still_works_and_ignores_a_preloaded_route(self):
+        sent = self.net.invite(to="9011441234", extra=f"Route: <sip:{PROXY};lr>, <sip:{FOREIGN};lr>")
+        ((invite, dest),) = requests(sent, "INVITE")
+        self.assertEqual((invite.uri_text, dest), ("sip:011441234@192.0.2.20", Destination("UDP", *GW1)))
+        self.assertIsNone(invite.headers.get("route"))
+
+    def test_authenticated_in_dialog_request_without_token_for_our_domain_is_481(self):
+        # Before: sent, unchallenged, to the domain's host on port 5060. Now challenged, then 481.
+        sent = self.net.invite(to="1003", method="BYE", to_tag=";tag=x")
+        self.assertNothingForwarded(sent)
+        self.assertEqual(statuses(sent)[-1], 481)
+
+    def test_authenticated_in_dialog_request_without_token_goes_to_the_contact(self):
+        # record_route off, or a phone using the proxy as its outbound proxy: served once authenticated.
+        self.net.register("1002", B)
+        sent = self.net.invite(to="1002", method="BYE", to_tag=";tag=x", uri="sip:1002@192.0.2.11:5060",
+                               extra=f"Route: <sip:{PROXY};lr>, <sip:192.0.2.20;lr>")
+        self.assertEqual(statuses(sent), [])
+        ((bye, dest),) = requests(sent, "BYE")
+        self.assertEqual(dest, Destination("UDP", *B))  # the preloaded Route to the gateway was dropped
+        self.assertIsNone(bye.headers.get("route"))
+
+    def test_emergency_calls_stay_open_to_strangers(self):
+        # What a stranger can still do: call 911, which goes to the emergency gateway only.
+        sent = self.attack(uri=f"sip:911@{REALM}", routes=(f"<sip:{PROXY};lr>", f"<sip:{FOREIGN};lr>"))
+        ((invite, dest),) = requests(sent, "INVITE")
+        self.assertEqual(dest, Destination("UDP", "192.0.2.30", 5060))
+        self.assertIsNone(invite.headers.get("route"))
+
+    def test_trusted_gateway_may_still_use_a_route_set(self):
+        sent = self.attack("BYE", to_tag=";tag=x", source=GW1, uri="sip:1002@192.0.2.11:5060",
+                           routes=(f"<sip:{PROXY};lr>",))
+        ((bye, dest),) = requests(sent, "BYE")
+        self.assertEqual(dest, Destination("UDP", *B))
+
+
+class SelfRouteTests(SynchronousTestCase):
+    def test_a_route_whose_gateway_is_this_proxy_is_482_and_nothing_is_sent(self):
+        # Spirals through ourselves no longer pass as "already authenticated" by source address.
+        net = Net(self, routes=[RouteConfig(pattern="8[0-9]+", gateways=(f"{PROXY}:5060",), name="self")])
+        sent = net.invite(to="8123")
+        self.assertEqual(requests(sent), [])
+        self.assertEqual((statuses(sent)[-1], sent[-1][0].reason), (482, "Loop Detected"))
+
+
+class SignedRouteTests(SynchronousTestCase):
+    def test_token_verifies_after_restart_and_in_another_worker_sharing_the_keys(self):
+        d = self.mktemp()
+        signer = load_route_signer(d)
+        again = load_route_signer(d)  # a restart, or another worker reading the same state directory
+        self.assertTrue(again.verify(signer.token("c1"), "c1"))
+        self.assertFalse(again.verify(signer.token("c1"), "c2"))
+        self.assertEqual(oct(os.stat(os.path.join(d, "route-keys")).st_mode & 0o777), "0o600")
+
+    def test_rotation_old_key_still_verifies_new_key_signs(self):
+        d = self.mktemp()
+        old = load_route_signer(d)
+        token = old.token("c1")
+        path = os.path.join(d, "route-keys")
+        with open(path) as f:
+            content = f.read()
+        with open(path, "w") as f:
+            f.write("k2 " + "ab" * 32 + "\n" + content)
+        rotated = load_route_signer(d)
+        self.assertTrue(rotated.verify(token, "c1"))
+        self.assertTrue(rotated.token("c1").startswith("k2."))
+
+    def test_a_damaged_key_file_stops_startup_with_the_line(self):
+        d = self.mktemp()
+        os.makedirs(d)
+        with open(os.path.join(d, "route-keys"), "w") as f:
+            f.write("just-one-field\n")
+        from proxy.errors import ConfigError
+        error = self.assertRaises(ConfigError, load_route_signer, d)
+        self.assertIn("line 1", str(error))

@@ -93,8 +93,17 @@ class SipProxyCollector:
         yield CounterMetricFamily("sipproxy_auth_challenges", "Digest challenges sent (401/407)", value=auth.challenges)
         yield _family(CounterMetricFamily, "sipproxy_auth_failures", "Failed authentications, by reason", "reason",
                       auth.failures_by_reason.items())
-        yield CounterMetricFamily("sipproxy_auth_lockouts", "Addresses locked out after repeated failures",
+        yield CounterMetricFamily("sipproxy_auth_lockouts", "Lockouts after repeated failures (all scopes)",
                                   value=auth.lockouts)
+        yield _family(CounterMetricFamily, "sipproxy_auth_lockouts_by_scope",
+                      "Lockouts by scope: pair (user and address), address (spraying), user (slow guessing)",
+                      "scope", auth.lockouts_by_scope.items())
+        yield CounterMetricFamily("sipproxy_auth_table_evictions",
+                                  "Entries pushed out of the bounded auth tables before their time (a flood)",
+                                  value=auth.evicted)
+        trust = c.router.trust
+        yield _family(CounterMetricFamily, "sipproxy_trust_refused", "Requests not served, by reason", "reason",
+                      trust.refused.items())
 
         router = c.router
         calls = GaugeMetricFamily("sipproxy_calls", "Calls (INVITE transactions) being set up", labels=["state"])
@@ -123,16 +132,19 @@ class SipProxyCollector:
 class MetricsResource(resource.Resource):
     isLeaf = True
 
-    def __init__(self, plugin, token: bytes | None):
+    def __init__(self, plugin, tokens: tuple[bytes, ...] | None):
         super().__init__()
         self.plugin = plugin
-        self.token = token
+        self.tokens = tokens  # None: no token asked (the plugin's own listener)
 
     def render_GET(self, request):
-        if self.token is not None:
+        if self.tokens is not None:
             header = request.getHeader(b"authorization") or b""
             scheme, _, given = header.partition(b" ")
-            if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self.token):
+            given = given.strip()
+            # Every token is compared, so the time taken does not say which one nearly matched.
+            matches = [hmac.compare_digest(given, token) for token in self.tokens]
+            if scheme.lower() != b"bearer" or not any(matches):
                 request.setResponseCode(401)
                 request.setHeader(b"WWW-Authenticate", b'Bearer realm="sipproxy-admin"')
                 return b"missing or wrong bearer token\n"
@@ -187,10 +199,12 @@ class MetricsPlugin:
         return []
 
     def admin_resources(self):
-        from proxy.adminapi import load_or_create_token
+        from proxy.adminapi import load_or_create_metrics_token, load_or_create_token
 
-        token = load_or_create_token(self.context.config.server.state_dir).encode()
-        return {b"metrics": MetricsResource(self, token)}
+        # The scrape credential is read-only: <state_dir>/metrics-token. The admin token works too.
+        state_dir = self.context.config.server.state_dir
+        tokens = (load_or_create_metrics_token(state_dir).encode(), load_or_create_token(state_dir).encode())
+        return {b"metrics": MetricsResource(self, tokens)}
 
     def service(self):
         if not self.config["listen"]:

@@ -32,7 +32,7 @@ class MetricsTests(CallTestCase):
         super().setUp()
 
     def admin_scrape(self, token=True):
-        with open(os.path.join(self.server.state_dir, "admin-token")) as f:
+        with open(os.path.join(self.server.state_dir, "metrics-token")) as f:
             secret = f.read().strip()
         return scrape(f"http://127.0.0.1:{self.server.admin_port}/metrics", secret if token else None)
 
@@ -77,6 +77,16 @@ class MetricsTests(CallTestCase):
         self.assertEqual(raised.exception.code, 401)
         samples = scrape(f"http://127.0.0.1:{self.metrics_port}/metrics")
         self.assertIn(("sipproxy_build_info", (("version", "0.1.0"),)), samples)
+
+    def test_the_metrics_token_opens_metrics_and_nothing_else(self):
+        with open(os.path.join(self.server.state_dir, "metrics-token")) as f:
+            secret = f.read().strip()
+        self.assertIn(("sipproxy_build_info", (("version", "0.1.0"),)), self.admin_scrape())
+        request = urllib.request.Request(f"http://127.0.0.1:{self.server.admin_port}/api/registrations",
+                                         headers={"Authorization": f"Bearer {secret}"})
+        with self.assertRaises(urllib.error.HTTPError) as raised:
+            urllib.request.urlopen(request, timeout=10)
+        self.assertEqual(raised.exception.code, 401)
 
     def test_auth_failures_and_drops_are_counted(self):
         before = self.admin_scrape()
