@@ -101,13 +101,14 @@ class Registrar:
         aor = self.aor_of(to_uri)
         source = tx.source
         result = self.authenticator.authenticate(request, source.host, proxy=False)
+        # Challenges and refusals hold no transaction: a flood of forged REGISTERs pins no memory.
         if isinstance(result, Challenge):
             self._count("challenged")
-            self.server.respond(tx, 401, "Unauthorized", extra=(("WWW-Authenticate", result.header_value),))
+            self.server.respond_statelessly(tx, 401, "Unauthorized", extra=(("WWW-Authenticate", result.header_value),))
             return
         if isinstance(result, Refused):
             self._count("refused")
-            self.server.respond(tx, result.status, result.reason)
+            self.server.respond_statelessly(tx, result.status, result.reason)
             return
         assert isinstance(result, Authenticated)
         if not self._may_register(result.user, aor):

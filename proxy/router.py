@@ -49,7 +49,7 @@ from proxy.sip.grammar import for_log
 from proxy.sip.message import Request, Response
 from proxy.sip.uri import NameAddr, SipUri
 from proxy.transaction import MAGIC_COOKIE, ServerTransaction
-from proxy.transport import Destination, Source
+from proxy.transport import Destination, Source, is_ip_address
 from proxy.trust import TOKEN_PARAM, Served, Trust
 
 log = Logger()
@@ -133,7 +133,12 @@ class Router:
 
     def branch_for(self, tx: ServerTransaction, request: Request, index: int, attempt: int) -> str:
         key = hashlib.blake2s(repr(tx.key).encode("utf-8", "surrogateescape"), digest_size=8).hexdigest()
-        return f"{MAGIC_COOKIE}{key}{index}x{attempt}.{self.loop_hash(request)}"
+        return self._signed_branch(f"{key}{index}x{attempt}", request)
+
+    def _signed_branch(self, prefix: str, request: Request) -> str:
+        """Our Via branch: a unique prefix, a MAC over it and the Call-ID, the loop hash (16.6 step 8)."""
+        mac = self.trust.signer.branch_mac(request.call_id, prefix)
+        return f"{MAGIC_COOKIE}{prefix}.{mac}.{self.loop_hash(request)}"
 
     def _is_loop(self, request: Request) -> bool:
         mine = None
@@ -157,7 +162,11 @@ class Router:
                          uri=for_log(request.uri_text), call_id=for_log(request.call_id), status=e.status,
                          reason=e.reason)
             if tx.state in ("Trying", "Proceeding"):
-                self.server.respond(tx, e.status, e.reason, extra=e.headers)
+                if tx.last_response is None:
+                    # Nothing sent yet (no 100): nobody vouched for this request, so hold no state for it.
+                    self.server.respond_statelessly(tx, e.status, e.reason, extra=e.headers)
+                else:
+                    self.server.respond(tx, e.status, e.reason, extra=e.headers)
 
     def _route(self, tx: ServerTransaction, request: Request) -> None:
         max_forwards = request.max_forwards
@@ -173,8 +182,6 @@ class Router:
             raise SipError(482, "Loop Detected")
         received = request  # what the client signed its digest over
         request, consumed = self._preprocess_routes(request)
-        if request.method == "INVITE":
-            self.server.respond(tx, 100, "Trying")
         source = tx.source
         in_dialog = request.to.tag is not None
         uri = request.uri
@@ -184,6 +191,9 @@ class Router:
         emergency = ours and not in_dialog and self.routes.is_emergency(uri.decoded_user)
         served = self.trust.decide(received, source, signed=self.trust.signed(request.call_id, consumed),
                                    emergency=emergency, for_our_domain=ours)
+        if request.method == "INVITE":
+            # Only now: a challenge or refusal before this point is sent statelessly.
+            self.server.respond(tx, 100, "Trying")
         if served.basis in ("signed-dialog", "trusted-network") and (
                 in_dialog or request.headers.get("route") is not None):
             self._route_along(tx, request)
@@ -512,8 +522,9 @@ class Router:
         except (SipError, SipParseError):
             return
         incoming = request.top_via.branch or ""
-        branch = MAGIC_COOKIE + hashlib.blake2s(f"ack:{incoming}:{request.call_id}".encode("utf-8", "surrogateescape"),
-                                                digest_size=8).hexdigest() + "." + self.loop_hash(request)
+        prefix = hashlib.blake2s(f"ack:{incoming}:{request.call_id}".encode("utf-8", "surrogateescape"),
+                                 digest_size=8).hexdigest()
+        branch = self._signed_branch(prefix, request)
 
         def send(destinations):
             if not destinations:
@@ -526,9 +537,17 @@ class Router:
         self.destinations(hop).addCallback(send).addErrback(lambda f: log.failure("ACK forwarding failed", f))
 
     def stray_response(self, response: Response, source: Source) -> None:
-        """16.11: a response for no transaction whose top Via is ours goes to the next Via."""
+        """A response for no transaction (16.7, as RFC 6026 narrows it).
+
+        Only a 2xx to an INVITE whose top Via is ours, with a branch we signed
+        for its Call-ID, goes on to the next Via (a late 2xx retransmission
+        after Timer M). Anything else is dropped: a forged response must not
+        make us send datagrams to whatever its second Via names.
+        """
         via = response.top_via
-        if via.host != self.advertise_host or (via.port or 5060) not in self.advertise_ports.values():
+        if (via.host != self.advertise_host or (via.port or 5060) not in self.advertise_ports.values()
+                or not (200 <= response.status < 300 and response.cseq.method == "INVITE")
+                or not self.trust.signer.verify_branch(via.branch or "", response.call_id)):
             self.server.dropped["stray_response"] += 1
             return
         headers = response.headers.remove_first_value("via")
@@ -539,7 +558,10 @@ class Router:
             self.server.dropped["stray_response"] += 1
             return
         host = next_via.received or next_via.host
-        port = int(next_via.rport) if next_via.rport else (next_via.port or 5060)
+        port = int(next_via.rport) if next_via.rport and next_via.rport.isdigit() else (next_via.port or 5060)
+        if not is_ip_address(host) or not 0 < port < 65536:
+            self.server.dropped["stray_response"] += 1
+            return
         self.stats["stateless_forwarded"] += 1
         self.server.transports.send(upstream.serialize(), Destination(next_via.transport, host, port))
 

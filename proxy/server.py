@@ -13,6 +13,7 @@ whose reason phrase names the defect, and what cannot be answered is
 dropped, counted, and logged at most once per source per minute.
 """
 
+import hashlib
 import os
 from collections import Counter
 
@@ -110,6 +111,7 @@ class SipServer:
         self.requests: Counter = Counter()
         self.replies: Counter = Counter()
         self._garbage_log = _RateLimitedLog(clock)
+        self._tag_key = os.urandom(16)  # stateless To tags: recognisable by us, unguessable by others
 
     # -- from the transports --------------------------------------------
 
@@ -166,12 +168,16 @@ class SipServer:
         self.transactions.response_received(response, source)
 
     def _stamp_via(self, request: Request, source: Source) -> Request:
-        """Add received= when the source differs from sent-by; fill rport (RFC 3581)."""
+        """Add received= when the source differs from sent-by; fill rport (RFC 3581).
+
+        A `received` the client wrote itself is replaced by the real source:
+        it must never choose where our answers go (amplification toward a victim).
+        """
         via = request.top_via
         changed = via
         if via.rport is not None:
             changed = changed.with_param("received", source.host).with_param("rport", str(source.port))
-        elif via.host != source.host:
+        elif via.host != source.host or via.received is not None:
             changed = changed.with_param("received", source.host)
         if changed is via:
             return request
@@ -239,6 +245,24 @@ class SipServer:
         response = make_response(tx.request, status, reason, to_tag=self._to_tag(tx), extra=extra, body=body)
         self.send_response(tx, response)
         return response
+
+    def respond_statelessly(self, tx: ServerTransaction, status: int, reason: str | None = None, *,
+                            extra: tuple[tuple[str, str], ...] = ()) -> None:
+        """A final answer that holds no transaction (challenges and refusals, as Kamailio's sl does).
+
+        Its To tag is derived from the request, so the ACK a phone sends for
+        it (seed 001 line 3945, step 3) is recognised and absorbed.
+        """
+        if self.server_header:
+            extra = extra + (("Server", self.server_header),)
+        request = tx.request
+        response = make_response(request, status, reason, to_tag=self.stateless_tag(request), extra=extra)
+        self.replies[(request.method, status)] += 1
+        tx.respond_statelessly(response)
+
+    def stateless_tag(self, request: Request) -> str:
+        text = f"{request.call_id}\x00{request.top_via.branch or ''}".encode("utf-8", "surrogateescape")
+        return hashlib.blake2s(text, key=self._tag_key, digest_size=6).hexdigest()
 
     def send_response(self, tx: ServerTransaction, response: Response) -> None:
         self.replies[(tx.request.method, response.status)] += 1
@@ -322,6 +346,9 @@ class SipServer:
             self.respond(invite_tx, 487, "Request Terminated")
 
     def ack_received(self, request: Request, source: Source) -> None:
+        if request.to.tag is not None and request.to.tag == self.stateless_tag(request):
+            self.dropped["ack_for_stateless_answer"] += 1  # hop by hop: it ends here
+            return
         if self.ack_hook is not None:
             self.ack_hook(request, source)
 

@@ -76,7 +76,7 @@ def response_destination(request: Request, source: Source, nat_mode: str = "neve
 
     Reliable: back to the source (the connection is tried first by the
     caller). UDP: `received` (or the source) and the `rport` value when the
-    client asked for it, else the Via port. The top Via here already carries
+    client asked for it, else the Via port; never `maddr` (a third party). The top Via here already carries
     received/rport filled in on receipt.
 
     The phones send no rport, and behind NAT their Via names a private
@@ -87,9 +87,8 @@ def response_destination(request: Request, source: Source, nat_mode: str = "neve
     via = request.top_via
     if source.reliable:
         return Destination(source.transport, source.host, source.port)
-    maddr = via.param("maddr")
-    if maddr:
-        return Destination("UDP", maddr, via.port or 5060)
+    # maddr is not honoured: it would let one datagram aim our answers (and their
+    # retransmissions) at a third party. received is always ours (SipServer stamps it).
     host = via.received or source.host
     rport = via.rport
     if rport:
@@ -194,6 +193,19 @@ class ServerTransaction(_Transaction):
                 self._terminate()
             else:
                 self._start("J", self.timers.b, self._terminate)
+
+    def respond_statelessly(self, response: Response) -> None:
+        """Send one final response and forget the transaction: no retransmission, no state held.
+
+        For answers to requests nobody has vouched for yet (challenges, refusals):
+        a stranger's datagram must not pin 7 KB for 32 s or make us send twelve.
+        A retransmitted request is simply answered again.
+        """
+        if self.state in ("Completed", "Confirmed", "Terminated", "Accepted"):
+            return
+        self.last_response = response
+        self.layer.send_response_bytes(response.serialize(), self)
+        self._terminate()
 
     def _send(self, response: Response) -> None:
         self.last_response = response

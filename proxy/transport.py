@@ -12,6 +12,7 @@ phone is therefore never moved to TCP because it is large (RFC 3261 18.1.1's
 sent and received.
 """
 
+import functools
 import ipaddress
 
 import attrs
@@ -35,6 +36,16 @@ _NAT_NETWORKS = tuple(ipaddress.ip_network(n) for n in (
     "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "169.254.0.0/16", "127.0.0.0/8",
     "fc00::/7", "fe80::/10", "::1/128",
 ))
+
+
+@functools.lru_cache(maxsize=4096)
+def is_ip_address(host: str) -> bool:
+    """A numeric IPv4/IPv6 address (what a socket takes), not a name. Cached: this is on every send."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def is_private_address(host: str) -> bool:
@@ -168,6 +179,7 @@ class Transports:
     udp: SipDatagramProtocol | None = None
     _connections: dict = attrs.field(factory=dict)
     _pending: dict = attrs.field(factory=dict)
+    unsendable: int = 0  # messages for a destination that is not a numeric address and port
 
     def connection_made(self, transport: str, peer, proto) -> None:
         self._connections[(transport, peer[0], peer[1])] = proto
@@ -182,6 +194,12 @@ class Transports:
 
     def send(self, data: bytes, dest: Destination, connection=None) -> None:
         """Send bytes toward `dest`; for streams prefer `connection` when it is still up."""
+        if not is_ip_address(dest.host) or not 0 < dest.port < 65536:
+            # Names are resolved before this (RFC 3263, proxy/dns.py); one that slips through is a
+            # bug upstream, which must cost this one message, never a traceback per retransmission.
+            self.unsendable += 1
+            log.debug("Not sending to {host}:{port}: not a numeric address", host=dest.host, port=dest.port)
+            return
         if dest.transport == "UDP":
             if self.udp is None:
                 log.warn("No UDP listener to send to {host}:{port}", host=dest.host, port=dest.port)

@@ -68,6 +68,20 @@ class RouteSigner:
                                            self._mac(secret, call_id).encode())
         return False
 
+    def branch_mac(self, call_id: str, prefix: str) -> str:
+        """A short MAC for our Via branches: a stray 2xx is forwarded only if we really sent its request."""
+        return self._mac(self.keys[0][1], f"branch:{prefix}:{call_id}")[:10]
+
+    def verify_branch(self, branch: str, call_id: str) -> bool:
+        """`z9hG4bK<prefix>.<mac>.<loop hash>` made by `branch_mac` for this Call-ID."""
+        parts = branch.split(".")
+        if len(parts) != 3 or not parts[0].startswith("z9hG4bK"):
+            return False
+        prefix = parts[0][7:]
+        return any(hmac.compare_digest(parts[1].encode("utf-8", "surrogateescape"),
+                                       self._mac(secret, f"branch:{prefix}:{call_id}")[:10].encode())
+                   for _, secret in self.keys)
+
     @staticmethod
     def _mac(secret: bytes, call_id: str) -> str:
         return hmac.new(secret, call_id.encode("utf-8", "surrogateescape"), hashlib.sha256).digest()[:_MAC_BYTES].hex()

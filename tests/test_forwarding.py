@@ -161,7 +161,7 @@ class FeatureCodeTests(SynchronousTestCase):
     def test_needs_authentication(self):
         net = net_with(self)
         sent = net.invite(to="*721003", auth=False)
-        self.assertEqual(statuses(sent), [100, 407])
+        self.assertEqual(statuses(sent), [407])
         self.assertEqual(net.forwarding.store.get("1001").always, "")
 
     def test_code_parsing(self):

@@ -134,10 +134,33 @@ class BasicCallTests(SynchronousTestCase):
         self.net = Net(self)
         self.net.register("1002", B)
 
-    def test_unauthenticated_invite_gets_100_then_407(self):
+    def test_unauthenticated_invite_gets_a_stateless_407(self):
         sent = self.net.invite(auth=False)
-        self.assertEqual(statuses(sent), [100, 407])
-        self.assertIn('realm="example.com"', sent[1][0].headers.get("proxy-authenticate"))
+        self.assertEqual(statuses(sent), [407])  # no 100: nothing is held for a stranger's INVITE
+        self.assertIn('realm="example.com"', sent[0][0].headers.get("proxy-authenticate"))
+        self.assertEqual(self.net.server.transactions.counts()["server_invite"], 0)
+        self.net.clock.advance(0.5)  # no Timer G retransmission either
+        self.assertEqual(self.net.take(), [])
+
+    def test_the_challenge_goes_to_the_source_never_to_a_received_or_maddr_the_client_chose(self):
+        self.net.send(sip_bytes(f"""
+            INVITE sip:1002@{REALM} SIP/2.0
+            Via: SIP/2.0/UDP 192.0.2.10:5060;branch=z9hG4bKamp;received=203.0.113.99;maddr=203.0.113.98
+            Max-Forwards: 70
+            From: <sip:1001@{REALM}>;tag=1
+            To: <sip:1002@{REALM}>
+            Call-ID: amp
+            CSeq: 1 INVITE
+        """), A)
+        sent = self.net.take()
+        self.assertEqual([(m.status, d) for m, d in sent], [(407, Destination("UDP", *A))])
+        self.net.clock.advance(40)
+        self.assertEqual(self.net.take(), [])
+
+    def test_the_ack_for_a_stateless_challenge_is_absorbed(self):
+        self.net.invite()  # answers the 407 with an ACK and asserts nothing is sent for it
+        self.assertEqual(self.net.server.dropped["ack_for_stateless_answer"], 1)
+        self.assertEqual(self.net.server.dropped["unsigned_ack"], 0)
 
     def test_full_call_through_the_proxy(self):
         sent = self.net.invite()
@@ -253,7 +276,7 @@ class BasicCallTests(SynchronousTestCase):
             Call-ID: spoof
             CSeq: 1 INVITE
         """), A)
-        nonce = parse_digest(self.net.take()[1][0].headers.get("proxy-authenticate"))["nonce"]
+        nonce = parse_digest(self.net.take()[0][0].headers.get("proxy-authenticate"))["nonce"]
         self.net.send(sip_bytes(f"""
             INVITE sip:1002@{REALM} SIP/2.0
             Via: SIP/2.0/UDP 192.0.2.10:5060;branch=z9hG4bKspoof2
