@@ -212,7 +212,7 @@ class AdminApi(resource.Resource):
         path = [p.decode("utf-8", "replace") for p in request.postpath if p]
         if not path:
             return 200, {"jobs": [j.as_json() for j in self.checksync.jobs.values()]}
-        job = self.checksync.jobs.get(int(path[0])) if path[0].isdigit() else None
+        job = self.checksync.jobs.get(int(path[0])) if path[0].isascii() and path[0].isdigit() else None
         if job is None:
             return 404, {"error": f"no job {path[0]}"}
         return 200, job.as_json()

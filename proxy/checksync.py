@@ -52,7 +52,7 @@ class SyncInfoError(Exception):
 
 def next_sync(value: str) -> str:
     """A SYNC value different from `value`: numbers count up, anything else gets a fresh token."""
-    if value.isdigit() and len(str(int(value) + 1)) <= _SYNC_MAX:
+    if value.isascii() and value.isdigit() and len(str(int(value) + 1)) <= _SYNC_MAX:
         return str(int(value) + 1)
     return secrets.token_hex(4)
 

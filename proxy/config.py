@@ -71,6 +71,8 @@ class ServerConfig:
     state_dir: str = "state"
     max_message_size: int = 65507
     tcp_idle_timeout: float = 300.0
+    max_transactions: int = 100_000  # server transactions at once; past it new requests get 503
+    max_connections: int = 2_000  # TCP/TLS connections at once, per listener
     server_header: str = "sipproxy"
     debug: bool = False  # a log line per SIP message
 
@@ -554,6 +556,8 @@ def _parse_server(t: _Table) -> ServerConfig:
         max_message_size=t.get("max_message_size", d.max_message_size, int, lambda v: 1024 <= v <= 65507,
                                "must be between 1024 and 65507"),
         tcp_idle_timeout=t.get("tcp_idle_timeout", d.tcp_idle_timeout, float, lambda v: v > 0, "must be greater than 0"),
+        max_transactions=t.get("max_transactions", d.max_transactions, int, lambda v: v >= 100, "must be at least 100"),
+        max_connections=t.get("max_connections", d.max_connections, int, lambda v: v >= 1, "must be at least 1"),
         server_header=t.get("server_header", d.server_header, str),
         debug=t.get("debug", d.debug, bool),
     )

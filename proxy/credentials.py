@@ -24,6 +24,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
+from proxy.errors import ConfigError
+
 log = Logger()
 
 USERS_FILE = "users.json"
@@ -92,8 +94,40 @@ def read_users(path: str) -> dict[str, UserRecord]:
     return out
 
 
+LAST_GOOD_SUFFIX = ".last-good"
+
+
 def write_users(path: str, users: dict[str, UserRecord]) -> None:
-    """Atomically replace the users file (mode 0600)."""
+    """Atomically replace the users file (mode 0600), and its last good copy beside it."""
+    _write_users_file(path, users)
+    _write_users_file(path + LAST_GOOD_SUFFIX, users)
+
+
+def load_users_at_startup(path: str) -> tuple[dict[str, UserRecord], str | None]:
+    """The users, and a warning when they came from the last good copy; ConfigError when neither reads.
+
+    A damaged users file must never be read as "no users": every phone would get
+    401 and the failures would lock the site out once the file is repaired.
+    """
+    try:
+        return read_users(path), None
+    except UserFileError as damage:
+        backup = path + LAST_GOOD_SUFFIX
+        try:
+            users = read_users(backup) if os.path.exists(backup) else None
+        except UserFileError:
+            users = None
+        if users is None:
+            raise ConfigError(path, "", f"{_why(damage, path)}; restore it (or remove it to start with no users)") from None
+        return users, f"{_why(damage, path)}; serving the last good copy {backup} ({len(users)} users)"
+
+
+def _why(error: UserFileError, path: str) -> str:
+    text = str(error)
+    return text[len(path) + 2:] if text.startswith(path + ": ") else text
+
+
+def _write_users_file(path: str, users: dict[str, UserRecord]) -> None:
     data = {
         "version": 1,
         "users": {
@@ -143,10 +177,13 @@ class FileCredentials:
         self.path = path
         self.clock = clock
         self.check_interval = check_interval
-        self._users: dict[str, UserRecord] = {}
-        self._stamp = None
-        self._checked_at = None
-        self._reload()
+        self._users, warning = load_users_at_startup(path)  # ConfigError: damaged, no good copy
+        if warning:
+            log.error("{warning}", warning=warning)
+        else:
+            log.info("Loaded {count} users from {path}", count=len(self._users), path=path)
+        self._stamp = self._file_stamp()
+        self._checked_at = clock.seconds()
 
     def _file_stamp(self):
         try:

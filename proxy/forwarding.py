@@ -24,6 +24,8 @@ import sqlite3
 import attrs
 from twisted.logger import Logger
 
+from proxy.location import open_state_database
+
 log = Logger()
 
 KINDS = ("always", "busy", "no_answer", "unavailable")
@@ -77,8 +79,7 @@ class ForwardingStore:
     def __init__(self, path: str):
         os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
         self.path = path
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=5)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db = open_state_database(path)
         self._db.execute(_SCHEMA)
 
     def close(self) -> None:

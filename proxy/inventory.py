@@ -34,12 +34,12 @@ def parse_user_agent(user_agent: str) -> tuple[str, str]:
 
 def version_key(version: str) -> tuple:
     """Comparable parts: numbers as numbers; text sorts after them ("8.0(1)" > "8.0")."""
-    return tuple((int(p), "") if p.isdigit() else (-1, p) for p in re.split(r"[.\-()]+", version) if p)
+    return tuple((int(p), "") if p.isascii() and p.isdigit() else (-1, p) for p in re.split(r"[.\-()]+", version) if p)
 
 
 def image_name(version: str) -> str:
     """The SIP image name a version implies: 7.5 -> P0S3-07-5-00 (seed 002 line 65)."""
-    parts = [p for p in re.split(r"[.\-]", version) if p.isdigit()]
+    parts = [p for p in re.split(r"[.\-]", version) if p.isascii() and p.isdigit()]
     if len(parts) < 2:
         return ""
     sub = parts[2] if len(parts) > 2 else "0"

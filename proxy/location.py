@@ -20,6 +20,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
+from proxy.errors import ConfigError
 from proxy.transport import Destination, is_private_address
 
 log = Logger()
@@ -106,6 +107,31 @@ CREATE TABLE IF NOT EXISTS bindings (
 _FIELDS = [a.name for a in attrs.fields(Binding)]
 
 
+LOCATION_FILE = "location.sqlite"
+
+
+def open_state_database(path: str) -> sqlite3.Connection:
+    """The SQLite file of bindings and forwarding, checked: a damaged one stops startup, never reads as empty.
+
+    SQLite takes a zero-length file for a new, empty database; here that means a
+    truncated file (ours always holds a schema), so every binding and every
+    forwarding rule would silently be gone.
+    """
+    if os.path.exists(path) and os.path.getsize(path) == 0:
+        raise ConfigError(path, "", "the file is empty (0 bytes; truncated?): restore it, or remove it to start "
+                                    "with no bindings and no forwarding")
+    try:
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=5)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        result = db.execute("PRAGMA quick_check").fetchone()
+    except sqlite3.DatabaseError as e:
+        raise ConfigError(path, "", f"not a readable SQLite database ({e}): restore it") from None
+    if not result or result[0] != "ok":
+        raise ConfigError(path, "", f"the database is damaged ({result[0] if result else 'no answer'}): restore it")
+    return db
+
+
 @implementer(ILocationService)
 class SqliteLocationService:
     """Bindings in memory, written through to SQLite (WAL)."""
@@ -119,12 +145,13 @@ class SqliteLocationService:
         self._by_contact: dict[str, Binding] = {}
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, mode=0o700, exist_ok=True)
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute(_SCHEMA)
-        os.chmod(path, 0o600)
-        self._load()
+        self._db = open_state_database(path)
+        try:
+            self._db.execute(_SCHEMA)
+            os.chmod(path, 0o600)
+            self._load()
+        except sqlite3.DatabaseError as e:
+            raise ConfigError(path, "", f"cannot read the bindings: {e}; restore the file") from None
         self._sweeper: LoopingCall | None = None
 
     def _load(self) -> None:

@@ -28,6 +28,7 @@ from proxy.sip.headers import parse_uint
 from proxy.sip.message import Request
 from proxy.sip.uri import NameAddr, SipUri
 from proxy.transaction import ServerTransaction
+from proxy.transport import is_ip_address
 
 log = Logger()
 
@@ -149,6 +150,10 @@ class Registrar:
             if not isinstance(uri, SipUri):
                 raise SipError(400, "Bad Contact URI scheme")
             expires = self._contact_expires(contact, header_expires)
+            if expires > 0 and not is_ip_address(uri.param("maddr") or uri.host):
+                # Requests to a binding go straight to the socket: a name would have to be resolved
+                # on every call. The phones register numeric addresses (their own IP).
+                raise SipError(400, "Contact must be a numeric address, not a host name")
             if 0 < expires < self.config.min_expires:
                 raise SipError(423, "Interval Too Brief", (("Min-Expires", str(self.config.min_expires)),))
             q_text = contact.param("q")

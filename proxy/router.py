@@ -558,7 +558,8 @@ class Router:
             self.server.dropped["stray_response"] += 1
             return
         host = next_via.received or next_via.host
-        port = int(next_via.rport) if next_via.rport and next_via.rport.isdigit() else (next_via.port or 5060)
+        rport = next_via.rport or ""
+        port = int(rport) if rport.isascii() and rport.isdigit() else (next_via.port or 5060)
         if not is_ip_address(host) or not 0 < port < 65536:
             self.server.dropped["stray_response"] += 1
             return

@@ -21,6 +21,7 @@ import attrs
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from proxy.bounded import BoundedDict
 from proxy.errors import SipError, SipParseError
 from proxy.sip.grammar import for_log
 from proxy.sip.message import Request, Response, make_response
@@ -72,16 +73,14 @@ class _RateLimitedLog:
 
     clock: IReactorTime
     interval: float = GARBAGE_LOG_INTERVAL
-    _last: dict = attrs.field(factory=dict)
+    _last: BoundedDict = attrs.field(factory=lambda: BoundedDict(10_000))
 
     def should_log(self, host: str) -> bool:
         now = self.clock.seconds()
         last = self._last.get(host)
         if last is not None and now - last < self.interval:
             return False
-        if len(self._last) > 10000:
-            self._last = {h: t for h, t in self._last.items() if now - t < self.interval}
-        self._last[host] = now
+        self._last[host] = now  # bounded: address rotation evicts the oldest, never a scan
         return True
 
 
@@ -90,7 +89,7 @@ class SipServer:
 
     def __init__(self, clock: IReactorTime, transports, identity: LocalIdentity, timers, *,
                  max_message_size: int = MAX_DATAGRAM, server_header: str = "sipproxy", nat_mode: str = "auto",
-                 debug: bool = False):
+                 debug: bool = False, max_transactions: int = 100_000):
         self.clock = clock
         self.transports = transports
         self.identity = identity
@@ -99,7 +98,8 @@ class SipServer:
         self.debug = debug
         self.max_message_size = max_message_size
         self.server_header = server_header
-        self.transactions = TransactionLayer(clock, transports, timers, user=self, nat_mode=nat_mode)
+        self.transactions = TransactionLayer(clock, transports, timers, user=self, nat_mode=nat_mode,
+                                             max_server=max_transactions)
         self.handlers: dict[str, object] = {}  # method -> handler(tx, request), e.g. REGISTER -> registrar
         # Hooks the router sets: CANCEL matched to an INVITE, ACK for a 2xx, a response for no transaction.
         self.cancel_hook = None
@@ -344,6 +344,18 @@ class SipServer:
             self.cancel_hook(invite_tx, request)
         elif invite_tx.state == "Proceeding":
             self.respond(invite_tx, 487, "Request Terminated")
+
+    def overloaded(self, request: Request, source: Source) -> None:
+        """The transaction table is full: 503 with a spread Retry-After, statelessly (RFC 3261 21.5.4)."""
+        self.dropped["transaction_table_full"] += 1
+        if self._garbage_log.should_log("overload"):
+            log.warn("Transaction table full ({count}): answering new requests with 503",
+                     count=self.transactions.max_server)
+        retry = str(5 + int.from_bytes(os.urandom(1), "big") % 10)
+        response = make_response(request, 503, "Service Unavailable", to_tag=self.stateless_tag(request),
+                                 extra=(("Retry-After", retry),))
+        destination = response_destination(request, source, self.transactions.nat_mode)
+        self.send_stateless_response(response, destination, source, method=request.method)
 
     def ack_received(self, request: Request, source: Source) -> None:
         if request.to.tag is not None and request.to.tag == self.stateless_tag(request):

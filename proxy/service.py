@@ -12,7 +12,6 @@ from twisted.internet import endpoints, ssl
 from twisted.names import client as dns_client
 from twisted.logger import Logger
 
-from twisted.web import server as server_mod
 
 from proxy.adminapi import AdminApi, load_or_create_token
 from proxy.auth import DigestAuthenticator, load_secret
@@ -21,8 +20,8 @@ from proxy.errors import ConfigError
 from proxy.phoneweb import build_site_root
 from proxy.plugin import IProxyPlugin, IServicePlugin, IWebResources, PluginContext, PluginHost
 from proxy.config import ProxyConfig
-from proxy.credentials import USERS_FILE, FileCredentials
-from proxy.location import SqliteLocationService
+from proxy.credentials import USERS_FILE, FileCredentials, load_users_at_startup
+from proxy.location import LOCATION_FILE, SqliteLocationService, open_state_database
 from proxy.dns import NextHopResolver
 from proxy.forwarding import Forwarding, ForwardingStore
 from proxy.registrar import Registrar
@@ -31,7 +30,8 @@ from proxy.routes import RouteTable
 from proxy.server import LocalIdentity, SipServer
 from proxy.transaction import Timers
 from proxy.transport import SipDatagramProtocol, SipStreamFactory, Transports
-from proxy.trust import Trust, load_route_signer
+from proxy.trust import KEYS_FILE, Trust, load_route_signer
+from proxy.web import bounded_site
 
 log = Logger()
 
@@ -122,7 +122,7 @@ def _build_plugins(config: ProxyConfig, reactor, top, server: SipServer, api: Ad
     for _, resources in host.collect(IWebResources, "admin_resources"):
         for path, child in resources.items():
             api.putChild(path, child)
-    site = server_mod.Site(build_site_root(entries, phone_resources))
+    site = bounded_site(build_site_root(entries, phone_resources), max_body=16 * 1024)
     strports.service(config.phone_web.listen, site, reactor=reactor).setServiceParent(top)
     return host
 
@@ -161,6 +161,22 @@ class _LocationService(service.Service):
         return super().stopService()
 
 
+def check_state(config: ProxyConfig) -> list[str]:
+    """Read every state file once before startup: damage stops it (ConfigError: file and reason), never reads empty.
+
+    Returns warnings to log (a last good copy in use). `tap.Options` calls this,
+    so the message comes before twistd daemonises.
+    """
+    state_dir = config.server.state_dir
+    _, warning = load_users_at_startup(os.path.join(state_dir, USERS_FILE))
+    database = os.path.join(state_dir, LOCATION_FILE)
+    if os.path.exists(database):
+        open_state_database(database).close()
+    if os.path.exists(os.path.join(state_dir, KEYS_FILE)):
+        load_route_signer(state_dir)
+    return [warning] if warning else []
+
+
 def build_service(config: ProxyConfig, reactor, enabled_plugins=None) -> tuple[service.MultiService, SipServer]:
     top = service.MultiService()
     state_dir = config.server.state_dir
@@ -174,16 +190,17 @@ def build_service(config: ProxyConfig, reactor, enabled_plugins=None) -> tuple[s
         server_header=config.server.server_header,
         nat_mode=config.registrar.nat_mode,
         debug=config.server.debug,
+        max_transactions=config.server.max_transactions,
     )
     credentials = FileCredentials(os.path.join(state_dir, USERS_FILE), reactor)
     authenticator = DigestAuthenticator(reactor, credentials, config.realm, load_secret(state_dir), config.auth,
                                         names_this_server=identity.is_me)
-    location = SqliteLocationService(os.path.join(state_dir, "location.sqlite"), reactor)
+    location = SqliteLocationService(os.path.join(state_dir, LOCATION_FILE), reactor)
     _LocationService(location).setServiceParent(top)
     registrar = Registrar(server, location, authenticator, config.registrar, identity, config.server.domains[0])
     server.handlers["REGISTER"] = registrar.handle
     domain = config.server.domains[0]
-    forwarding_store = ForwardingStore(os.path.join(state_dir, "location.sqlite"))
+    forwarding_store = ForwardingStore(os.path.join(state_dir, LOCATION_FILE))
     forwarding = Forwarding(forwarding_store, domain, max_depth=config.forwarding.max_depth,
                             has_bindings=lambda user: bool(location.lookup(f"sip:{user}@{domain}")))
     advertise = advertised(config, identity)
@@ -207,13 +224,13 @@ def build_service(config: ProxyConfig, reactor, enabled_plugins=None) -> tuple[s
                    checksync_rate=config.checksync.rate, checksync_wait=config.checksync.wait_timeout)
 
     host = _build_plugins(config, reactor, top, server, api, enabled_plugins or [])
-    strports.service(config.admin.listen, server_mod.Site(api), reactor=reactor).setServiceParent(top)
+    strports.service(config.admin.listen, bounded_site(api, max_body=1024 * 1024), reactor=reactor).setServiceParent(top)
     factories = {}
 
     def factory_for(name: str) -> SipStreamFactory:
         if name not in factories:
             factories[name] = SipStreamFactory(name, server, transports, config.server.tcp_idle_timeout,
-                                               config.server.max_message_size)
+                                               config.server.max_message_size, config.server.max_connections)
         return factories[name]
 
     transports.connector = make_connector(reactor, factory_for, load_trust_root(config.tls.ca_file))

@@ -1,7 +1,7 @@
 """twistd glue: `twistd -n sipproxy [--config FILE]`.
 
-The config is read in `postOptions`, so a bad file is reported (file, key,
-reason) before twistd daemonises, and startup stops.
+The config and the state files are read in `postOptions`, so a bad file is
+reported (file, key, reason) before twistd daemonises, and startup stops.
 """
 
 from twisted.python import usage
@@ -18,10 +18,14 @@ class Options(usage.Options):
     def postOptions(self):
         from proxy.plugin import resolve
 
+        from proxy.service import check_state
+
         try:
             config = load_config(self["config"])
             self["proxy_config"] = config
             self["plugins"] = resolve(config.plugins.enabled, config.plugins.tables, config.path)
+            # Damaged state files stop startup here, with the file and the reason, before twistd forks.
+            check_state(config)
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
 

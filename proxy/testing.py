@@ -30,12 +30,13 @@ class RecordingTransports:
 
 
 def make_server(clock: Clock | None = None, *, domains=("example.com",), ports=(5060,),
-                addresses=("192.0.2.1",), timers: Timers = Timers()) -> tuple[SipServer, RecordingTransports, Clock]:
+                addresses=("192.0.2.1",), timers: Timers = Timers(),
+                max_transactions: int = 100_000) -> tuple[SipServer, RecordingTransports, Clock]:
     """A SipServer on a Clock with recording transports, for tests."""
     clock = clock or Clock()
     transports = RecordingTransports()
     identity = LocalIdentity(domains=frozenset(domains), addresses=frozenset(addresses), ports=frozenset(ports))
-    server = SipServer(clock, transports, identity, timers)
+    server = SipServer(clock, transports, identity, timers, max_transactions=max_transactions)
     return server, transports, clock
 
 

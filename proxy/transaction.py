@@ -372,10 +372,13 @@ class TransactionLayer:
       ack_received(request, source)   an ACK matching no transaction (ACK for 2xx)
       cancel_received(tx, request, invite_tx)  a CANCEL (its own transaction), and the INVITE's
       stray_response(response, source)  a response matching no client transaction
+      overloaded(request, source)     a new request while the server table is full (max_server)
     """
 
-    def __init__(self, clock: IReactorTime, transports, timers: Timers = Timers(), user=None, nat_mode: str = "auto"):
+    def __init__(self, clock: IReactorTime, transports, timers: Timers = Timers(), user=None, nat_mode: str = "auto",
+                 max_server: int = 100_000):
         self.clock = clock
+        self.max_server = max_server  # a flood gets 503s, never an unbounded table
         self.nat_mode = nat_mode
         self.transports = transports
         self.timers = timers
@@ -410,6 +413,9 @@ class TransactionLayer:
             return
         if tx is not None:
             tx.request_retransmitted(request)
+            return
+        if len(self.server) >= self.max_server:
+            self.user.overloaded(request, source)
             return
         tx = ServerTransaction(self, key, request, source)
         self.server[key] = tx

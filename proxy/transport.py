@@ -117,12 +117,14 @@ class SipStreamProtocol(protocol.Protocol, TimeoutMixin):
         self.peer: tuple[str, int] | None = None
 
     def connectionMade(self):
+        self.factory.open += 1
         peer = self.transport.getPeer()
         self.peer = (peer.host, peer.port)
         self.setTimeout(self.factory.idle_timeout)
         self.factory.transports.connection_made(self.factory.name, self.peer, self)
 
     def connectionLost(self, reason=None):
+        self.factory.open -= 1
         self.setTimeout(None)
         self.factory.transports.connection_lost(self.factory.name, self.peer, self)
 
@@ -152,14 +154,21 @@ class SipStreamProtocol(protocol.Protocol, TimeoutMixin):
 class SipStreamFactory(protocol.Factory):
     """Builds stream protocols for both listening and connecting."""
 
-    def __init__(self, name: str, controller, transports: "Transports", idle_timeout: float, max_size: int):
+    def __init__(self, name: str, controller, transports: "Transports", idle_timeout: float, max_size: int,
+                 max_connections: int = 2_000):
         self.name = name
         self.controller = controller
         self.transports = transports
         self.idle_timeout = idle_timeout
         self.max_size = max_size
+        self.max_connections = max_connections
+        self.open = 0
+        self.refused = 0  # connections closed at once: max_connections reached
 
     def buildProtocol(self, addr):
+        if self.open >= self.max_connections:
+            self.refused += 1
+            return None  # Twisted closes the connection
         return SipStreamProtocol(self)
 
 

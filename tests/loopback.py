@@ -52,15 +52,18 @@ class LoopbackServer:
 
     def __init__(self, state_dir: str, extra: dict | None = None):
         self.port = free_port()
+        self.admin_port = free_port()
+        self.web_port = free_port()
         self.clock = Clock()
         self.clock.advance(1_700_000_000)
         data = {
             "server": {"listen": [f"udp:{self.port}:interface=127.0.0.1", f"tcp:{self.port}:interface=127.0.0.1"],
                        "state_dir": state_dir, "domains": ["example.com", "127.0.0.1"]},
-            "admin": {"listen": f"tcp:{free_port()}:interface=127.0.0.1"},
-            "phone_web": {"listen": f"tcp:{free_port()}:interface=127.0.0.1"},
+            "admin": {"listen": f"tcp:{self.admin_port}:interface=127.0.0.1"},
+            "phone_web": {"listen": f"tcp:{self.web_port}:interface=127.0.0.1"},
             "proxy": {"advertise": f"127.0.0.1:{self.port}"},
             "routes": [{"name": "pstn", "pattern": "9[0-9]+", "strip": 1, "gateways": ["127.0.0.1:9"]}],
+            "emergency": {"gateways": ["127.0.0.1:9"]},
         }
         for key, value in (extra or {}).items():
             data.setdefault(key, {}).update(value)
@@ -112,12 +115,41 @@ class LoopbackServer:
         with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.pump(2)
-            for chunk in chunks:
-                s.sendall(chunk)
-                self.pump(2)
-            s.shutdown(socket.SHUT_WR)
+            try:
+                for chunk in chunks:
+                    s.sendall(chunk)
+                    self.pump(2)
+                s.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass  # the server closed a stream it cannot resynchronise: that is its answer
             self.pump(5)
         self.pump(3)
+
+    def http(self, raw: bytes, port: int | None = None, read_timeout: float = 2.0) -> bytes:
+        """Send raw bytes to one of the HTTP sites and return what came back before it closed."""
+        with socket.create_connection(("127.0.0.1", port or self.web_port), timeout=2) as s:
+            s.setblocking(False)
+            self.pump(2)
+            sent = 0
+            answer = b""
+            deadline = time.monotonic() + read_timeout
+            while time.monotonic() < deadline:
+                if sent < len(raw):
+                    try:
+                        sent += s.send(raw[sent:sent + 65536])
+                    except (BlockingIOError, BrokenPipeError, ConnectionResetError):
+                        pass
+                self.pump(1)
+                try:
+                    chunk = s.recv(65536)
+                except BlockingIOError:
+                    continue
+                except ConnectionResetError:
+                    break
+                if not chunk:
+                    break
+                answer += chunk
+            return answer
 
     def advance(self, seconds: float, step: float = 1.0) -> None:
         """Move the Clock forward in steps, pumping the sockets between them (retransmissions go out)."""

@@ -234,6 +234,30 @@ class RegisterTests(SynchronousTestCase):
         self.assertEqual(binding.source_port, 40123)
 
 
+class HardeningTests(SynchronousTestCase):
+    def setUp(self):
+        self.h = Harness(self)
+        self.phone = Phone(self.h)
+
+    def test_a_contact_named_by_host_name_is_refused_with_a_clear_400(self):
+        for contact in ("<sip:1005@some.host.name:5060>", "<sip:1005@192.0.2.50:5060;maddr=some.host.name>"):
+            with self.subTest(contact):
+                answer = self.phone.register("1005", contact=contact)
+                self.assertEqual((answer.status, answer.reason),
+                                 (400, "Contact must be a numeric address, not a host name"))
+        self.assertEqual(self.h.location.lookup(f"sip:1005@{REALM}"), [])
+        # Removing such a contact (expires=0) is still allowed.
+        self.assertEqual(self.phone.register("1005", contact="<sip:1005@some.host.name:5060>", expires=0).status, 200)
+
+    def test_an_unauthenticated_register_holds_no_transaction(self):
+        for n in range(50):
+            answer = self.phone.register(f"10{n:02d}", authenticate=False)
+            self.assertEqual(answer.status, 401)
+        self.assertEqual(self.h.server.transactions.counts()["server_non_invite"], 0)
+        self.h.clock.advance(1)
+        self.assertEqual(self.h.transports.take(), [])  # and nothing is retransmitted
+
+
 class SpreadTests(SynchronousTestCase):
     def test_expires_range_spreads_below_the_request(self):
         h = Harness(self, RegistrarConfig(expires_range=20))

@@ -134,6 +134,42 @@ class ViaStampingTests(SynchronousTestCase):
         self.assertEqual(dest, Destination("UDP", "192.0.2.50", 5060))
 
 
+class AmplificationTests(SynchronousTestCase):
+    def setUp(self):
+        self.server, self.transports, _ = make_server()
+
+    def test_a_received_the_client_wrote_is_replaced_by_the_source(self):
+        seen = []
+        self.server.handlers["OPTIONS"] = lambda tx, request: seen.append(request)
+        via = "SIP/2.0/UDP 192.0.2.50:5060;received=198.51.100.77;branch=z9hG4bKrcv"
+        self.server.data_received(options(via=via), udp_source("192.0.2.50", 5060))
+        self.assertEqual(seen[0].top_via.received, "192.0.2.50")
+
+    def test_answers_never_go_to_a_maddr_or_received_the_client_chose(self):
+        via = "SIP/2.0/UDP 192.0.2.50:5060;received=198.51.100.77;maddr=198.51.100.78;branch=z9hG4bKamp"
+        self.server.data_received(options(uri="sip:nobody@example.com", via=via), udp_source("192.0.2.50", 5060))
+        self.assertEqual([d for _, d in self.transports.take()], [Destination("UDP", "192.0.2.50", 5060)])
+
+
+class TableBoundTests(SynchronousTestCase):
+    def test_a_full_transaction_table_answers_503_statelessly_and_counts(self):
+        server, transports, clock = make_server(max_transactions=100)
+        server.handlers["OPTIONS"] = lambda tx, request: None  # holds every transaction open
+        for n in range(150):
+            server.data_received(options(via=f"SIP/2.0/UDP 192.0.2.50:5060;branch=z9hG4bKfull{n}"), udp_source())
+        self.assertEqual(len(server.transactions.server), 100)
+        answers = [m for m, _ in transports.take()]
+        self.assertEqual(len(answers), 50)
+        self.assertTrue(all(m.status == 503 and 5 <= int(m.headers.get("retry-after")) < 15 for m in answers))
+        self.assertEqual(server.dropped["transaction_table_full"], 50)
+
+    def test_the_per_source_log_limiter_is_bounded(self):
+        server, _, clock = make_server()
+        for n in range(12_000):
+            server.data_received(b"garbage\r\n\r\n", udp_source(f"10.{n // 65536}.{n // 256 % 256}.{n % 256}"))
+        self.assertLessEqual(len(server._garbage_log._last), 10_000)
+
+
 class BadInputTests(SynchronousTestCase):
     def setUp(self):
         self.server, self.transports, self.clock = make_server()

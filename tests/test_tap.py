@@ -58,3 +58,61 @@ class TapTests(SynchronousTestCase):
         self.assertEqual(sorted(p[0] for p in reactor.tcpServers if p[1] is not None), [5060, 8060, 8081])
         self.assertIn("REGISTER", server.handlers)
         top.stopService()
+
+
+class DamagedStateTests(SynchronousTestCase):
+    """Issue 12: a damaged state file stops startup with its path and the reason; nothing reads as empty."""
+
+    def setUp(self):
+        self.dir = os.path.abspath(self.mktemp())
+        self.state = os.path.join(self.dir, "state")
+        os.makedirs(self.state)
+        self.config = os.path.join(self.dir, "sipproxy.toml")
+        with open(self.config, "w") as f:
+            f.write(f'[server]\nstate_dir = "{self.state}"\n')
+
+    def write(self, name, data: bytes):
+        with open(os.path.join(self.state, name), "wb") as f:
+            f.write(data)
+
+    def refused(self):
+        return self.assertRaises(usage.UsageError, tap.Options().parseOptions, ["--config", self.config])
+
+    def test_users_file_garbage_or_empty(self):
+        for data in (b"", b"\x00\xffgarbage", b'{"users": [1, 2]}', b'{"version": 1, "users": {"1001": {}}}'):
+            with self.subTest(data=data):
+                self.write("users.json", data)
+                error = str(self.refused())
+                self.assertIn(os.path.join(self.state, "users.json"), error)
+                self.assertIn("restore it", error)
+
+    def test_a_damaged_users_file_with_a_last_good_copy_serves_that_copy_and_says_so(self):
+        from twisted.internet.task import Clock
+        from twisted.logger import capturedLogs
+
+        from proxy.credentials import FileCredentials, UserRecord, locked_users
+
+        path = os.path.join(self.state, "users.json")
+        with locked_users(path) as users:
+            users["1001"] = UserRecord("1001", "example.com", "0" * 32)
+        self.write("users.json", b"{ half a file")
+        options = tap.Options()
+        options.parseOptions(["--config", self.config])  # starts
+        with capturedLogs() as events:
+            credentials = FileCredentials(path, Clock())
+        self.assertIsNotNone(credentials.lookup("1001"))
+        self.assertTrue(any("last good copy" in (e.get("warning") or "") for e in events))
+
+    def test_location_database_empty_or_garbage(self):
+        for data in (b"", b"SQLite format 3\x00" + b"\xff" * 200, b"not a database at all" * 50):
+            with self.subTest(data=data[:20]):
+                self.write("location.sqlite", data)
+                error = str(self.refused())
+                self.assertIn(os.path.join(self.state, "location.sqlite"), error)
+
+    def test_route_keys_damaged(self):
+        self.write("route-keys", b"# nothing but a comment\n")
+        self.assertIn("route-keys", str(self.refused()))
+
+    def test_a_fresh_state_directory_starts(self):
+        tap.Options().parseOptions(["--config", self.config])

@@ -61,7 +61,9 @@ class SearchResults(resource.Resource):
         request.setHeader(b"Content-Type", ciscoxml.CONTENT_TYPE)
         first, last, number = _arg(request, "first"), _arg(request, "last"), _arg(request, "number")
         page_text = _arg(request, "page")
-        page = int(page_text) if page_text.isdigit() and int(page_text) >= 1 else 1
+        # ASCII digits only ("²".isdigit() is true, int("²") raises), and a page number that fits.
+        page = int(page_text) if page_text.isascii() and page_text.isdigit() and len(page_text) <= 6 else 1
+        page = max(page, 1)
         title = self.plugin.config.title
         started = time.monotonic()
         d = self.plugin.backend.search(first, last, number)

@@ -21,7 +21,7 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from twisted.application import service, strports
-from twisted.web import resource, server
+from twisted.web import resource
 from zope.interface import implementer
 
 from proxy import __version__
@@ -209,5 +209,7 @@ class MetricsPlugin:
     def service(self):
         if not self.config["listen"]:
             return service.Service()
-        site = server.Site(MetricsResource(self, None))
+        from proxy.web import bounded_site
+
+        site = bounded_site(MetricsResource(self, None))
         return strports.service(self.config["listen"], site, reactor=self.context.reactor)

@@ -186,30 +186,44 @@ class StreamFramer:
     def __init__(self, max_size: int = MAX_DATAGRAM):
         self.max_size = max_size
         self._buffer = b""
+        self._searched = 0  # bytes of the buffer already searched for the end of the header section
 
     def feed(self, data: bytes) -> list[bytes]:
-        self._buffer += data
+        # Linear in the bytes received, however they are cut: the header end is searched
+        # for only in what is new (tiny segments), and the buffer is cut once per call.
+        buf = self._buffer + data if self._buffer else data
         out = []
+        pos = 0
         while True:
-            buf = self._buffer.lstrip(b"\r\n")
-            self._buffer = buf
-            if not buf:
-                return out
-            end = buf.find(b"\r\n\r\n")
+            start = _NOT_CRLF.search(buf, pos)
+            if start is None:
+                pos = len(buf)
+                self._searched = 0
+                break
+            if start.start() != pos:
+                self._searched = 0
+            pos = start.start()
+            end = buf.find(b"\r\n\r\n", max(pos, pos + self._searched - 3))
             if end < 0:
-                if len(buf) > self.max_size:
+                self._searched = len(buf) - pos
+                if self._searched > self.max_size:
                     raise SipParseError.because("Message Too Large", status=513)
-                return out
-            length = _stream_content_length(buf[:end])
-            total = end + 4 + length
+                break
+            length = _stream_content_length(buf[pos:end])
+            total = end + 4 + length - pos
             if total > self.max_size:
                 raise SipParseError.because("Message Too Large", status=513)
-            if len(buf) < total:
-                return out
-            out.append(buf[:total])
-            self._buffer = buf[total:]
+            if len(buf) - pos < total:
+                self._searched = end - pos  # the header end is known: no new search next time
+                break
+            out.append(buf[pos:pos + total])
+            pos += total
+            self._searched = 0
+        self._buffer = buf[pos:]
+        return out
 
 
+_NOT_CRLF = re.compile(rb"[^\r\n]")
 _CL_RE = re.compile(rb"^(?:content-length|l)[ \t]*:[ \t]*([^\r\n]*)", re.IGNORECASE | re.MULTILINE)
 
 

@@ -99,3 +99,14 @@ class LocalDirectoryTests(SynchronousTestCase):
 
     def test_services_menu_entry(self):
         self.assertEqual(self.plugin.services_menu(), [("Directory", "/directory")])
+
+    def test_odd_page_numbers_are_page_one_never_a_500(self):
+        for raw in (b"\xc2\xb2", b"-1", b"0", b"99999999999999999999", b"\xff", b"1e3", b" 2"):
+            with self.subTest(raw):
+                resource = self.pages.getChildWithDefault(b"search", DummyRequest([b"search"]))
+                request = DummyRequest([b""])
+                request.args = {b"last": [b"a"], b"page": [raw]}
+                request.requestHeaders.setRawHeaders(b"host", [b"192.0.2.1:8081"])
+                result = resource.render(request)
+                body = result if isinstance(result, bytes) else b"".join(request.written)
+                self.assertIn(ET.fromstring(body).tag, ("CiscoIPPhoneDirectory", "CiscoIPPhoneText"))
