@@ -8,12 +8,14 @@ names in the RFC's figures, every transition is a method, every timer is a
                      M (RFC 6026: 64*T1 in Accepted, absorbs 2xx from other forks)
   client non-INVITE  E (retransmit, T1 doubling to T2) F (64*T1 timeout)  K (T4 UDP)
   server INVITE      G (retransmit final, UDP)  H (64*T1 wait for ACK)  I (T4 UDP)  L (RFC 6026 Accepted)
-  server non-INVITE  J (64*T1 UDP)
+  server non-INVITE  J (64*T1 UDP)  U (ours: 64*T1 + 2*T4 without a final from the core -> 500, so none lives for ever)
 
 The phones' own defaults are T1 = 500 ms and T2 = 4 s (seed 001 lines 1990-1991).
 Hot path: plain classes and a dict lookup per message, no framework; the
 state names are kept so logs and tests read like the RFC.
 """
+
+import os
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
@@ -21,7 +23,7 @@ from twisted.logger import Logger
 
 from proxy.sip.grammar import for_log
 from proxy.sip.headers import Headers
-from proxy.sip.message import Request, Response
+from proxy.sip.message import Request, Response, make_response
 from proxy.transport import Destination, Source, is_private_address
 
 log = Logger()
@@ -153,6 +155,10 @@ class ServerTransaction(_Transaction):
         self._interval = 0.0
         self.cancelled = False
         self.state = "Proceeding" if self.is_invite else "Trying"
+        if not self.is_invite:
+            # A non-INVITE the core never answers (a bug, a plugin that never calls back) would
+            # otherwise live for ever: the RFC gives its server transaction no timer before the final.
+            self._start("U", self.timers.b + 2 * self.timers.t4, self._unanswered)
 
     @property
     def branch(self) -> str | None:
@@ -189,6 +195,7 @@ class ServerTransaction(_Transaction):
                 self._start("H", self.timers.b, self._timer_h)
         else:
             self.state = "Completed"
+            self._stop("U")
             if reliable:
                 self._terminate()
             else:
@@ -206,6 +213,15 @@ class ServerTransaction(_Transaction):
         self.last_response = response
         self.layer.send_response_bytes(response.serialize(), self)
         self._terminate()
+
+    def _unanswered(self) -> None:
+        if self.state not in ("Trying", "Proceeding"):
+            return
+        log.warn("{method} (Call-ID {call_id}) got no final response from the core; answering 500",
+                 method=self.request.method, call_id=for_log(self.request.call_id))
+        self.layer.unanswered += 1
+        response = make_response(self.request, 500, "Server Internal Error", to_tag=os.urandom(6).hex())
+        self.respond_statelessly(response)
 
     def _send(self, response: Response) -> None:
         self.last_response = response
@@ -386,6 +402,7 @@ class TransactionLayer:
         self.server: dict[tuple, ServerTransaction] = {}
         self.client: dict[tuple, ClientTransaction] = {}
         self.retransmissions = 0
+        self.unanswered = 0  # non-INVITE server transactions the core never answered (Timer U)
         self.observers: list = []
 
     def counts(self) -> dict[str, int]:

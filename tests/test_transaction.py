@@ -304,3 +304,29 @@ class ClientTests(Base):
         self.assertEqual(self.timeouts, [])
         self.clock.advance(0.001)
         self.assertEqual(self.timeouts, [True])
+
+
+class UnansweredTests(SynchronousTestCase):
+    def test_a_non_invite_the_core_never_answers_ends_with_500(self):
+        from twisted.internet.task import Clock
+
+        from proxy.testing import make_server, sip_bytes, udp_source
+
+        server, transports, clock = make_server(Clock())
+        server.handlers["OPTIONS"] = lambda tx, request: None  # a core that forgets to answer
+        server.data_received(sip_bytes("""
+            OPTIONS sip:1002@example.com SIP/2.0
+            Via: SIP/2.0/UDP 192.0.2.50:5060;branch=z9hG4bKlost
+            From: <sip:a@example.com>;tag=1
+            To: <sip:1002@example.com>
+            Call-ID: lost
+            CSeq: 1 OPTIONS
+            Max-Forwards: 70
+        """), udp_source())
+        clock.advance(64 * 0.5 + 2 * 5 - 0.001)  # Timer U: 64*T1 + 2*T4
+        self.assertEqual(transports.take(), [])
+        clock.advance(0.001)
+        ((answer, _),) = transports.take()
+        self.assertEqual(answer.status, 500)
+        self.assertEqual(server.transactions.server, {})
+        self.assertEqual(server.transactions.unanswered, 1)
