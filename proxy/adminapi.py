@@ -6,7 +6,7 @@ directory can administer the server, and nobody else. Every request needs
 `Authorization: Bearer <token>`; a missing or wrong token gets 401, compared
 in constant time.
 
-Routes (later issues add more):
+Routes:
   GET /api/health                  {"status": "ok", "version": ...}
   GET /api/registrations           every current binding
   GET /api/forwarding              everyone's forwarding settings

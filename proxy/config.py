@@ -14,6 +14,7 @@ import tomllib
 import attrs
 
 from proxy.errors import ConfigError
+from proxy.transaction import Timers  # [timers] is read straight into the transaction layer's value
 
 DEFAULT_LISTEN = ("udp:5060", "tcp:5060")
 
@@ -54,13 +55,6 @@ class ListenerConfig:
         if kind.startswith("udp") and any("=" in p and not p.startswith("interface=") for p in parts):
             raise ValueError(f"{text!r}: udp takes only interface=")
         return cls(transport=transport, port=port, interface=interface, description=text)
-
-
-@attrs.frozen
-class TimerConfig:
-    t1: float = 0.5
-    t2: float = 4.0
-    t4: float = 5.0
 
 
 @attrs.frozen
@@ -191,7 +185,7 @@ class TlsConfig:
 class ProxyConfig:
     path: str = "<defaults>"
     server: ServerConfig = ServerConfig()
-    timers: TimerConfig = TimerConfig()
+    timers: Timers = Timers()
     tls: TlsConfig = TlsConfig()
     registrar: RegistrarConfig = RegistrarConfig()
     auth: AuthSettings = AuthSettings()
@@ -565,8 +559,8 @@ def _parse_server(t: _Table) -> ServerConfig:
     return server
 
 
-def _parse_timers(t: _Table) -> TimerConfig:
-    d = TimerConfig()
+def _parse_timers(t: _Table) -> Timers:
+    d = Timers()
     positive = (lambda v: v > 0, "must be a number greater than 0")
     t1 = t.get("t1", d.t1, float, *positive)
     t2 = t.get("t2", d.t2, float, *positive)
@@ -574,4 +568,4 @@ def _parse_timers(t: _Table) -> TimerConfig:
     if t2 < t1:
         raise t.error("t2", "must not be smaller than t1")
     t.finish()
-    return TimerConfig(t1=t1, t2=t2, t4=t4)
+    return Timers(t1=t1, t2=t2, t4=t4)

@@ -26,8 +26,7 @@ from twisted.logger import Logger
 
 from proxy.errors import SipParseError
 from proxy.routes import Hop, hop_for_uri
-from proxy.sip.headers import Headers
-from proxy.sip.message import Request, Response, make_response
+from proxy.sip.message import Request, Response, make_cancel, make_response
 from proxy.sip.uri import NameAddr, SipUri
 from proxy.transaction import ClientTransaction, ServerTransaction
 from proxy.transport import Destination
@@ -208,20 +207,8 @@ class Branch:
         self.cancel_pending = False
         if self.tx is None or self.request is None:
             return
-        cancel = build_cancel(self.request)
+        cancel = make_cancel(self.request)
         self.call.router.server.transactions.start_client(cancel, self.tx.destination, lambda r: None, lambda: None)
-
-
-def build_cancel(invite: Request) -> Request:
-    """CANCEL for a forwarded INVITE (section 9.1): same Request-URI, top Via, Call-ID, From, To, CSeq number, Route."""
-    fields = [("Via", invite.headers.first_value("via"))]
-    for name, value in invite.headers:
-        key = name.lower()
-        if key in ("route", "from", "f", "to", "t", "call-id", "i"):
-            fields.append((name, value))
-    fields.append(("CSeq", f"{invite.cseq.number} CANCEL"))
-    fields.append(("Max-Forwards", "70"))
-    return Request("CANCEL", invite.uri_text, Headers.of(*fields))
 
 
 def _response_class(status: int) -> int:
@@ -476,4 +463,4 @@ class ProxyCall:
         self._maybe_done()
 
 
-__all__ = ["Branch", "ProxyCall", "Target", "build_cancel", "hop_for_uri"]
+__all__ = ["Branch", "ProxyCall", "Target", "hop_for_uri"]

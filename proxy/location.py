@@ -208,9 +208,6 @@ class SqliteLocationService:
         if self._by_contact.get(binding.contact) is binding:
             del self._by_contact[binding.contact]
 
-    def aor_count(self) -> int:
-        return len(self._index)
-
     def save(self, binding: Binding) -> None:
         self._db.execute(
             f"INSERT OR REPLACE INTO bindings ({', '.join(_FIELDS)}) VALUES ({', '.join('?' * len(_FIELDS))})",

@@ -107,7 +107,6 @@ class PluginContext:
     checksync: object = None
     forwarding: object = None
     plugins: dict = attrs.field(factory=dict)
-    phone_base_url: str = ""
 
 
 @attrs.frozen

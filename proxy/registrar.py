@@ -6,7 +6,7 @@ with its backup proxy (line 709): the AoR's host may be our domain or one of
 our addresses, and both mean the same AoR here.
 
 Order of the checks, as section 10.3 has them: our domain (1), Require (2,
-done by the server), authentication (3-4, 401 with WWW-Authenticate per
+420 with Unsupported for an extension we do not know), authentication (3-4, 401 with WWW-Authenticate per
 seed 001 line 3945), the To AoR (5), Contacts and Call-ID/CSeq order (6-7),
 then the 200 listing every current binding with its expiry, and Date (the
 phones set their clock from it).
@@ -22,7 +22,7 @@ from proxy.auth import Authenticated, Challenge, DigestAuthenticator, Refused, m
 from proxy.config import RegistrarConfig
 from proxy.errors import SipError, SipParseError
 from proxy.location import Binding, ILocationService
-from proxy.server import LocalIdentity, SipServer
+from proxy.server import SUPPORTED_EXTENSIONS, LocalIdentity, SipServer
 from proxy.sip.grammar import for_log
 from proxy.sip.headers import parse_uint
 from proxy.sip.message import Request
@@ -95,6 +95,9 @@ class Registrar:
     def _handle(self, tx: ServerTransaction, request: Request) -> None:
         if not self.is_ours(request.uri):
             raise SipError(403, "Not a domain of this registrar")
+        unsupported = [ext for ext in request.headers.values("require") if ext.lower() not in SUPPORTED_EXTENSIONS]
+        if unsupported:
+            raise SipError(420, "Bad Extension", (("Unsupported", ", ".join(unsupported)),))
         try:
             to_uri = request.to.uri
         except SipParseError:

@@ -28,7 +28,6 @@ from proxy.registrar import Registrar
 from proxy.router import Router
 from proxy.routes import RouteTable
 from proxy.server import LocalIdentity, SipServer
-from proxy.transaction import Timers
 from proxy.transport import SipDatagramProtocol, SipStreamFactory, Transports
 from proxy.trust import KEYS_FILE, Trust, load_route_signer
 from proxy.web import bounded_site
@@ -182,7 +181,7 @@ def build_service(config: ProxyConfig, reactor, enabled_plugins=None) -> tuple[s
     state_dir = config.server.state_dir
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
     transports = Transports(clock=reactor)
-    timers = Timers(t1=config.timers.t1, t2=config.timers.t2, t4=config.timers.t4)
+    timers = config.timers
     identity = build_identity(config)
     server = SipServer(
         reactor, transports, identity, timers,

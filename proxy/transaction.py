@@ -22,8 +22,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from proxy.sip.grammar import for_log
-from proxy.sip.headers import Headers
-from proxy.sip.message import Request, Response, make_response
+from proxy.sip.message import Request, Response, make_ack, make_response
 from proxy.transport import Destination, Source, is_private_address
 
 log = Logger()
@@ -230,7 +229,7 @@ class ServerTransaction(_Transaction):
 
     def _resend(self) -> None:
         if self._wire is not None:
-            self.layer.retransmitted("response")
+            self.layer.retransmitted()
             self.layer.send_response_bytes(self._wire, self)
 
     def request_retransmitted(self, request: Request) -> None:
@@ -294,7 +293,7 @@ class ClientTransaction(_Transaction):
     def _retransmit(self) -> None:
         if self.state not in ("Calling", "Trying", "Proceeding"):
             return
-        self.layer.retransmitted("request")
+        self.layer.retransmitted()
         self.layer.send_request_bytes(self._wire, self.destination)
         if self.is_invite:
             self._interval *= 2
@@ -367,17 +366,8 @@ class ClientTransaction(_Transaction):
         self.on_response(response)
 
     def _send_ack(self, response: Response) -> None:
-        """ACK for a non-2xx final, built per section 17.1.1.3; sent hop by hop."""
-        request = self.request
-        fields = [("Via", request.headers.first_value("via"))]
-        for name, value in request.headers:
-            key = name.lower()
-            if key in ("call-id", "i", "from", "f", "route", "max-forwards"):
-                fields.append((name, value))
-        fields.append(("To", response.headers.get("to")))
-        fields.append(("CSeq", f"{request.cseq.number} ACK"))
-        ack = Request("ACK", request.uri_text, Headers.of(*fields))
-        self.layer.send_request_bytes(ack.serialize(), self.destination)
+        """ACK for a non-2xx final, per section 17.1.1.3; sent hop by hop."""
+        self.layer.send_request_bytes(make_ack(self.request, response).serialize(), self.destination)
 
 
 class TransactionLayer:
@@ -403,7 +393,6 @@ class TransactionLayer:
         self.client: dict[tuple, ClientTransaction] = {}
         self.retransmissions = 0
         self.unanswered = 0  # non-INVITE server transactions the core never answered (Timer U)
-        self.observers: list = []
 
     def counts(self) -> dict[str, int]:
         kinds = {"server_invite": 0, "server_non_invite": 0, "client_invite": 0, "client_non_invite": 0}
@@ -475,7 +464,7 @@ class TransactionLayer:
     def send_request_bytes(self, data: bytes, destination: Destination) -> None:
         self.transports.send(data, destination)
 
-    def retransmitted(self, what: str) -> None:
+    def retransmitted(self) -> None:
         self.retransmissions += 1
 
     def _remove(self, tx) -> None:

@@ -182,8 +182,6 @@ class Request(Message):
     def with_uri(self, uri: str) -> "Request":
         return Request(self.method, uri, self.headers, self.body)
 
-    def with_body(self, body: bytes) -> "Request":
-        return Request(self.method, self.uri_text, self.headers, body)
 
 
 class Response(Message):
@@ -231,6 +229,29 @@ def make_response(
             fields.append((name, value))
     fields.extend(extra)
     return Response(status, reason or REASONS.get(status, "Unknown"), Headers.of(*fields), body)
+
+
+def _copied(request: Request, keys: frozenset[str]) -> list[tuple[str, str]]:
+    """The request's lines for these header keys, in order, as they came (name and value untouched)."""
+    return [(name, value) for name, value in request.headers if header_key(name) in keys]
+
+
+_CANCEL_COPIES = frozenset(("from", "to", "call-id", "route"))
+_ACK_COPIES = frozenset(("from", "call-id", "route", "max-forwards"))
+
+
+def make_cancel(invite: Request) -> Request:
+    """CANCEL for an INVITE we sent (section 9.1): same Request-URI, top Via, From, To, Call-ID, Route, CSeq number."""
+    fields = [("Via", invite.headers.first_value("via"))] + _copied(invite, _CANCEL_COPIES)
+    fields += [("CSeq", f"{invite.cseq.number} CANCEL"), ("Max-Forwards", "70")]
+    return Request("CANCEL", invite.uri_text, Headers.of(*fields))
+
+
+def make_ack(invite: Request, response: Response) -> Request:
+    """ACK for a non-2xx final to an INVITE we sent (section 17.1.1.3): hop by hop, the response's To."""
+    fields = [("Via", invite.headers.first_value("via"))] + _copied(invite, _ACK_COPIES)
+    fields += [("To", response.headers.get("to")), ("CSeq", f"{invite.cseq.number} ACK")]
+    return Request("ACK", invite.uri_text, Headers.of(*fields))
 
 
 def _has_tag(request: Request) -> bool:

@@ -194,9 +194,6 @@ class SipUri:
     def decoded_user(self) -> str | None:
         return None if self.user is None else _pct_decode(self.user)
 
-    def without_params(self, *names: str) -> "SipUri":
-        return attrs.evolve(self, params=tuple(p for p in self.params if p[0] not in names))
-
     def equivalent_to(self, other: object) -> bool:
         """URI comparison of RFC 3261 section 19.1.4 (escapes resolved, host caseless)."""
         if not isinstance(other, SipUri):
