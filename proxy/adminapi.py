@@ -81,6 +81,51 @@ class _JsonResource(resource.Resource):
         return json.dumps(body, indent=1).encode() + b"\n"
 
 
+class TokenGuard(resource.Resource):
+    """Puts a plugin's admin resource behind the admin token (and, for GET and HEAD, the read-only token).
+
+    Plugins never check tokens themselves: the admin site wraps everything it mounts.
+    """
+
+    def __init__(self, child, admin_token: bytes, read_token: bytes | None):
+        super().__init__()
+        self.child = child
+        self.isLeaf = getattr(child, "isLeaf", False)
+        self.admin_token = admin_token
+        self.read_token = read_token
+
+    def getChildWithDefault(self, path, request):
+        if not self._allowed(request):
+            return _Unauthorized()
+        return self.child.getChildWithDefault(path, request)
+
+    def render(self, request):
+        if not self._allowed(request):
+            return _Unauthorized().render(request)
+        return self.child.render(request)
+
+    def _allowed(self, request) -> bool:
+        header = request.getHeader(b"authorization") or b""
+        scheme, _, given = header.partition(b" ")
+        given = given.strip()
+        # Both compared every time: the time taken does not say which one nearly matched.
+        admin = hmac.compare_digest(given, self.admin_token)
+        read = self.read_token is not None and hmac.compare_digest(given, self.read_token)
+        if scheme.lower() != b"bearer":
+            return False
+        return admin or (read and request.method in (b"GET", b"HEAD"))
+
+
+class _Unauthorized(resource.Resource):
+    isLeaf = True
+
+    def render(self, request):
+        request.setResponseCode(401)
+        request.setHeader(b"WWW-Authenticate", b'Bearer realm="sipproxy-admin"')
+        request.setHeader(b"Content-Type", b"application/json")
+        return json.dumps({"error": "missing or wrong bearer token"}).encode()
+
+
 class AdminApi(resource.Resource):
     """The /api tree. Handlers return (status, JSON-able body)."""
 
@@ -106,6 +151,10 @@ class AdminApi(resource.Resource):
         if checksync is not None:
             self.add_route("reboot", self._reboot)
             self.add_route("jobs", self._jobs)
+
+    def mount_plugin_resource(self, path: bytes, child, read_token: str | None) -> None:
+        """A plugin's admin resource at /<path>, behind the tokens (plugins never check tokens themselves)."""
+        self.putChild(path, TokenGuard(child, self._token, read_token.encode() if read_token else None))
 
     def add_route(self, name: str, handler) -> None:
         """Mount `handler(method, request) -> (status, body)` at /api/<name>; the rest of the path is in request.postpath."""

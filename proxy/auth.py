@@ -151,7 +151,8 @@ def digest_response(ha1: str, params: dict[str, str], method: str) -> str:
 
 class DigestAuthenticator:
     def __init__(self, clock: IReactorTime, credentials: ICredentials, realm: str, secret: bytes,
-                 config: AuthSettings = AuthSettings(), names_this_server: Callable[[Uri], bool] | None = None):
+                 config: AuthSettings = AuthSettings(), names_this_server: Callable[[Uri], bool] | None = None,
+                 observer: Callable[..., None] | None = None):
         self.clock = clock
         self.names_this_server = names_this_server  # a URI naming this server itself (no user)
         self.credentials = credentials
@@ -171,7 +172,7 @@ class DigestAuthenticator:
         self.failures_by_reason: dict[str, int] = {}
         self.lockouts = 0
         self.lockouts_by_scope: dict[str, int] = {}
-        self.observer = None  # observer(event, **fields): auth_failure, auth_lockout (plugins, metrics)
+        self.observer = observer  # observer(event, **fields): auth_failure, auth_lockout (plugins, metrics)
 
     @property
     def evicted(self) -> int:

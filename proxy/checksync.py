@@ -35,10 +35,11 @@ from twisted.logger import Logger
 
 from proxy.inventory import Phone, parse_user_agent
 from proxy.location import Binding, ILocationService
+from proxy.nat import NatPolicy
 from proxy.sip.headers import Headers
 from proxy.sip.message import Request, Response
 from proxy.sip.uri import SipUri
-from proxy.transaction import MAGIC_COOKIE
+from proxy.transaction import MAGIC_COOKIE, TransactionLayer
 
 log = Logger()
 
@@ -256,14 +257,15 @@ class JobConflict(Exception):
 class CheckSync:
     """Builds and runs reboot / push jobs; the admin API calls it."""
 
-    def __init__(self, clock: IReactorTime, server, location: ILocationService, *, advertise: tuple[str, int],
-                 tftp_root: str = "", nat_mode: str = "auto", from_user: str = "webadmin"):
+    def __init__(self, clock: IReactorTime, transactions: TransactionLayer, location: ILocationService, *,
+                 advertise: tuple[str, int], tftp_root: str = "", nat: NatPolicy = NatPolicy(),
+                 from_user: str = "webadmin"):
         self.clock = clock
-        self.server = server
+        self.transactions = transactions
         self.location = location
         self.advertise_host, self.advertise_port = advertise
         self.tftp_root = tftp_root
-        self.nat_mode = nat_mode
+        self.nat = nat
         self.from_user = from_user
         self.jobs: dict[int, RebootJob] = {}
         self._ids = itertools.count(1)
@@ -338,5 +340,5 @@ class CheckSync:
 
     def send_notify(self, binding: Binding, on_response, on_timeout) -> None:
         contact = SipUri.parse(binding.contact)
-        destination = binding.destination(contact.host, contact.port, self.nat_mode)
-        self.server.transactions.start_client(self.build_notify(binding), destination, on_response, on_timeout)
+        destination = binding.destination(contact.host, contact.port, self.nat)
+        self.transactions.start_client(self.build_notify(binding), destination, on_response, on_timeout)

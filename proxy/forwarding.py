@@ -148,6 +148,23 @@ class FeatureCodes:
         return None
 
 
+_CODE_LABELS = {"always": "Forwarding", "busy": "Forwarding on busy", "no_answer": "Forwarding on no answer"}
+
+
+def apply_feature_code(store: "ForwardingStore", user: str, code: tuple[str, str, str | None]) -> str:
+    """Set or clear a user's own forwarding from a parsed feature code; the reason phrase that says what was done.
+
+    Raises ForwardingError for a target that is not a number or SIP URI.
+    """
+    action, kind, target = code
+    label = _CODE_LABELS[kind]
+    if action == "set":
+        store.update(user, **{kind: check_target(target)})
+        return f"{label} to {target} set"
+    store.update(user, **{kind: ""})
+    return f"{label} cleared"
+
+
 @attrs.frozen
 class Diversion:
     """One forwarding step, as the Diversion header names it (RFC 5806)."""

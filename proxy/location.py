@@ -21,7 +21,8 @@ from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
 from proxy.errors import ConfigError
-from proxy.transport import Destination, is_private_address
+from proxy.nat import NatPolicy
+from proxy.transport import Destination
 
 log = Logger()
 
@@ -48,18 +49,9 @@ class Binding:
     def expires_in(self, now: float) -> int:
         return max(0, int(self.expires_at - now + 0.5))
 
-    def destination(self, contact_host: str, contact_port: int | None, nat_mode: str) -> Destination:
-        """Where requests for this binding go.
-
-        The phones send no rport and may sit behind NAT (seed 001 line 709):
-        `auto` sends to the address and port the REGISTER came from when the
-        Contact host is a private address that differs from it; `always`
-        always does; `never` trusts the Contact.
-        """
-        use_source = nat_mode == "always" or (
-            nat_mode == "auto" and contact_host != self.source_host and is_private_address(contact_host)
-        )
-        if use_source and self.source_host:
+    def destination(self, contact_host: str, contact_port: int | None, nat: NatPolicy) -> Destination:
+        """Where requests for this binding go: the Contact, or (NAT policy) where the REGISTER came from."""
+        if self.source_host and nat.use_source(contact_host, self.source_host):
             return Destination(self.transport, self.source_host, self.source_port)
         return Destination(self.transport, contact_host, contact_port or 5060)
 

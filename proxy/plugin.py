@@ -91,21 +91,36 @@ class Forward:
 Verdict = Continue | Respond | Forward
 
 
+# The SIP methods the core knows: label values for per-method counters (anything else is "other").
+SIP_METHODS = ("INVITE", "ACK", "CANCEL", "BYE", "OPTIONS", "REGISTER", "REFER", "NOTIFY", "INFO", "SUBSCRIBE",
+               "UPDATE", "PRACK", "MESSAGE")
+
+
+def _no_counters() -> dict:
+    return {}
+
+
+def _no_events(name: str, **fields) -> None:
+    return None
+
+
 @attrs.define
 class PluginContext:
-    """What plugins may use of the core. Plugins find each other here (`plugins` by name), never by import."""
+    """What plugins may use of the core: narrow on purpose. Plugins find each other here, never by import.
+
+    - `counters()`: every core counter, as plain values (proxy/core.py `Core.counters`);
+    - `emit(name, **fields)`: send an event to every plugin (the directory's `directory_search`);
+    - `credentials`, `location`: users and bindings, read-only by convention;
+    - `plugins`: the other enabled plugins, by name.
+    """
 
     clock: object
     reactor: object
     config: object
-    server: object = None
-    location: object = None
     credentials: object = None
-    router: object = None
-    registrar: object = None
-    authenticator: object = None
-    checksync: object = None
-    forwarding: object = None
+    location: object = None
+    counters: object = _no_counters
+    emit: object = _no_events
     plugins: dict = attrs.field(factory=dict)
 
 

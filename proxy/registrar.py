@@ -16,13 +16,16 @@ import email.utils
 import random
 
 import attrs
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from proxy.auth import Authenticated, Challenge, DigestAuthenticator, Refused, mac_from_instance
 from proxy.config import RegistrarConfig
 from proxy.errors import SipError, SipParseError
 from proxy.location import Binding, ILocationService
-from proxy.server import SUPPORTED_EXTENSIONS, LocalIdentity, SipServer
+from proxy.dispatch import unsupported_extensions
+from proxy.identity import Identity
+from proxy.replies import Replies
 from proxy.sip.grammar import for_log
 from proxy.sip.headers import parse_uint
 from proxy.sip.message import Request
@@ -44,15 +47,16 @@ class _ContactChange:
 
 
 class Registrar:
-    def __init__(self, server: SipServer, location: ILocationService, authenticator: DigestAuthenticator,
-                 config: RegistrarConfig, identity: LocalIdentity, domain: str, rng: random.Random | None = None):
-        self.server = server
-        self.clock = server.clock
+    def __init__(self, *, clock: IReactorTime, replies: Replies, location: ILocationService,
+                 authenticator: DigestAuthenticator, config: RegistrarConfig, identity: Identity,
+                 rng: random.Random | None = None):
+        self.replies = replies
+        self.clock = clock
         self.location = location
         self.authenticator = authenticator
         self.config = config
         self.identity = identity
-        self.domain = domain
+        self.domain = identity.domain
         self.rng = rng or random.Random()
         self.results: dict[str, int] = {}
 
@@ -62,15 +66,12 @@ class Registrar:
             raise SipError(400, "Bad To URI")
         if not uri.user:
             raise SipError(400, "No user in To")
-        host = uri.host
-        if self.identity.is_local_host(host, uri.port) or host in self.identity.addresses:
-            host = self.domain
-        return f"sip:{uri.decoded_user}@{host}"
+        if self.identity.is_our_registrar_host(uri):
+            return self.identity.aor(uri.decoded_user)
+        return f"sip:{uri.decoded_user}@{uri.host}"
 
     def is_ours(self, uri) -> bool:
-        return isinstance(uri, SipUri) and (
-            self.identity.is_local_host(uri.host, uri.port) or uri.host in self.identity.addresses
-        )
+        return self.identity.is_our_registrar_host(uri)
 
     def _may_register(self, user: str, aor: str) -> bool:
         """Its own AoR, or a line listed for the user (shared line-1 credentials)."""
@@ -90,12 +91,12 @@ class Registrar:
             self._handle(tx, request)
         except SipError as e:
             self._count("rejected")
-            self.server.respond(tx, e.status, e.reason, extra=e.headers)
+            self.replies.respond(tx, e.status, e.reason, extra=e.headers)
 
     def _handle(self, tx: ServerTransaction, request: Request) -> None:
         if not self.is_ours(request.uri):
             raise SipError(403, "Not a domain of this registrar")
-        unsupported = [ext for ext in request.headers.values("require") if ext.lower() not in SUPPORTED_EXTENSIONS]
+        unsupported = unsupported_extensions(request)
         if unsupported:
             raise SipError(420, "Bad Extension", (("Unsupported", ", ".join(unsupported)),))
         try:
@@ -108,11 +109,11 @@ class Registrar:
         # Challenges and refusals hold no transaction: a flood of forged REGISTERs pins no memory.
         if isinstance(result, Challenge):
             self._count("challenged")
-            self.server.respond_statelessly(tx, 401, "Unauthorized", extra=(("WWW-Authenticate", result.header_value),))
+            self.replies.respond_statelessly(tx, 401, "Unauthorized", extra=(("WWW-Authenticate", result.header_value),))
             return
         if isinstance(result, Refused):
             self._count("refused")
-            self.server.respond_statelessly(tx, result.status, result.reason)
+            self.replies.respond_statelessly(tx, result.status, result.reason)
             return
         assert isinstance(result, Authenticated)
         if not self._may_register(result.user, aor):
@@ -243,4 +244,4 @@ class Registrar:
                 value += f";q={b.q:g}"
             contacts.append(("Contact", value))
         date = email.utils.formatdate(now, usegmt=True)
-        self.server.respond(tx, 200, "OK", extra=tuple(contacts) + (("Date", date),))
+        self.replies.respond(tx, 200, "OK", extra=tuple(contacts) + (("Date", date),))

@@ -4,7 +4,10 @@ tests and plugin authors drive the server without sockets.
 
 from twisted.internet.task import Clock
 
-from proxy.server import LocalIdentity, SipServer
+from proxy.dispatch import Dispatcher
+from proxy.identity import Identity
+from proxy.replies import Replies
+from proxy.server import SipServer
 from proxy.sip.message import Request, Response
 from proxy.sip.wire import parse_message
 from proxy.transaction import Timers
@@ -30,14 +33,41 @@ class RecordingTransports:
 
 
 def make_server(clock: Clock | None = None, *, domains=("example.com",), ports=(5060,),
-                addresses=("192.0.2.1",), timers: Timers = Timers(),
-                max_transactions: int = 100_000) -> tuple[SipServer, RecordingTransports, Clock]:
-    """A SipServer on a Clock with recording transports, for tests."""
+                addresses=("192.0.2.1",), timers: Timers = Timers(), max_transactions: int = 100_000,
+                methods: dict | None = None, route=None) -> tuple[SipServer, RecordingTransports, Clock]:
+    """A bare SipServer on a Clock with recording transports (no registrar, no proxy core), for tests.
+
+    `methods` and `route` go to its Dispatcher; without them it answers what a
+    server with nothing behind it answers (404/403/501, OPTIONS 200).
+    """
     clock = clock or Clock()
     transports = RecordingTransports()
-    identity = LocalIdentity(domains=frozenset(domains), addresses=frozenset(addresses), ports=frozenset(ports))
-    server = SipServer(clock, transports, identity, timers, max_transactions=max_transactions)
+    identity = Identity(domains=frozenset(domains), addresses=frozenset(addresses), ports=frozenset(ports),
+                        advertise_host=addresses[0])
+    replies = Replies(clock, transports)
+    dispatcher = Dispatcher(replies, identity, methods=methods or {}, route=route)
+    server = SipServer(clock, transports, identity, timers, user=dispatcher, replies=replies,
+                       max_transactions=max_transactions)
     return server, transports, clock
+
+
+def make_core(directory: str, clock: Clock | None = None, *, domains=("example.com",), addresses=("192.0.2.1",),
+              **sections) -> tuple["Core", RecordingTransports, Clock]:
+    """The whole core as the server builds it (`build_core`), on a Clock with recording transports.
+
+    `sections` replace parts of the config: proxy=ProxySettings(...), routes=(...), emergency=..., forwarding=...
+    """
+    import attrs
+
+    from proxy.config import ListenerConfig, ProxyConfig, ServerConfig
+    from proxy.core import build_core
+
+    clock = clock or Clock()
+    transports = RecordingTransports()
+    server = ServerConfig(domains=tuple(domains), addresses=tuple(addresses), state_dir=directory,
+                          listen=(ListenerConfig.parse("udp:5060"),))
+    config = attrs.evolve(ProxyConfig(), server=server, **sections)
+    return build_core(config, clock, transports), transports, clock
 
 
 def udp_source(host: str = "192.0.2.50", port: int = 5060) -> Source:

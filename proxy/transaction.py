@@ -23,7 +23,8 @@ from twisted.logger import Logger
 
 from proxy.sip.grammar import for_log
 from proxy.sip.message import Request, Response, make_ack, make_response
-from proxy.transport import Destination, Source, is_private_address
+from proxy.nat import NatPolicy
+from proxy.transport import Destination, Source
 
 log = Logger()
 
@@ -72,7 +73,7 @@ def client_key(branch: str, method: str) -> tuple:
     return (branch, "INVITE" if method == "ACK" else method)
 
 
-def response_destination(request: Request, source: Source, nat_mode: str = "never") -> Destination:
+def response_destination(request: Request, source: Source, nat: NatPolicy = NatPolicy("never")) -> Destination:
     """Where a response goes, per RFC 3261 18.2.2 and RFC 3581 section 4.
 
     Reliable: back to the source (the connection is tried first by the
@@ -82,8 +83,7 @@ def response_destination(request: Request, source: Source, nat_mode: str = "neve
 
     The phones send no rport, and behind NAT their Via names a private
     address and port that cannot be reached (seed 001 line 709). With
-    `nat_mode` auto, a Via host that is private and differs from the source
-    means: answer to the source address and port. `always` always does.
+    the NAT policy (proxy/nat.py) the source address and port are used.
     """
     via = request.top_via
     if source.reliable:
@@ -94,7 +94,7 @@ def response_destination(request: Request, source: Source, nat_mode: str = "neve
     rport = via.rport
     if rport:
         return Destination("UDP", host, int(rport))
-    if nat_mode == "always" or (nat_mode == "auto" and via.host != source.host and is_private_address(via.host)):
+    if nat.use_source(via.host, source.host):
         return Destination("UDP", source.host, source.port)
     return Destination("UDP", host, via.port or 5060)
 
@@ -150,7 +150,7 @@ class ServerTransaction(_Transaction):
         self.is_invite = request.method == "INVITE"
         self.last_response: Response | None = None
         self._wire: bytes | None = None
-        self.destination = response_destination(request, source, layer.nat_mode)
+        self.destination = response_destination(request, source, layer.nat)
         self._interval = 0.0
         self.cancelled = False
         self.state = "Proceeding" if self.is_invite else "Trying"
@@ -381,11 +381,11 @@ class TransactionLayer:
       overloaded(request, source)     a new request while the server table is full (max_server)
     """
 
-    def __init__(self, clock: IReactorTime, transports, timers: Timers = Timers(), user=None, nat_mode: str = "auto",
+    def __init__(self, clock: IReactorTime, transports, timers: Timers = Timers(), user=None, nat: NatPolicy = NatPolicy(),
                  max_server: int = 100_000):
         self.clock = clock
         self.max_server = max_server  # a flood gets 503s, never an unbounded table
-        self.nat_mode = nat_mode
+        self.nat = nat
         self.transports = transports
         self.timers = timers
         self.user = user

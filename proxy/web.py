@@ -14,14 +14,29 @@ from twisted.web import http, server
 
 
 def _refuse(channel, status: int, phrase: str) -> None:
-    """Answer and close: the peer may still be sending, and nothing more of it is read."""
+    """Answer, then close our side and discard what the peer still sends.
+
+    Closing outright while the peer is still sending makes the kernel answer
+    with a reset, and the peer loses the answer; so: the answer, a FIN, and
+    everything after it read and dropped until the peer closes (or the idle
+    timeout does), as nginx's lingering close.
+    """
     transport = channel.transport
-    if transport is None:
+    if transport is None or getattr(channel, "_refused", False):
         return
+    channel._refused = True
     body = f"{status} {phrase}\n".encode()
     transport.write(b"HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
                     % (status, phrase.encode(), len(body), body))
-    transport.loseConnection()
+    channel.dataReceived = _discard
+    if hasattr(transport, "loseWriteConnection"):
+        transport.loseWriteConnection()
+    else:
+        transport.loseConnection()
+
+
+def _discard(data: bytes) -> None:
+    return None
 
 
 class _BoundedRequest(server.Request):

@@ -69,7 +69,8 @@ class LoopbackServer:
             data.setdefault(key, {}).update(value)
         config = parse_config(data, os.path.join(state_dir, "test.toml"))
         self.reactor = ClockedReactor(real_reactor, self.clock)
-        self.service, self.server = build_service(config, self.reactor)
+        self.service, self.core = build_service(config, self.reactor)
+        self.server = self.core.server
         self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.udp.bind(("127.0.0.1", 0))
         self.udp.setblocking(False)

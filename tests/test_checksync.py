@@ -111,7 +111,7 @@ class RebootJobTests(SynchronousTestCase):
         os.makedirs(self.root)
         self.server, self.transports, _ = make_server(self.clock)
         self.location = SqliteLocationService(os.path.join(self.root, "loc.sqlite"), self.clock)
-        self.checksync = CheckSync(self.clock, self.server, self.location, advertise=("192.0.2.1", 5060),
+        self.checksync = CheckSync(self.clock, self.server.transactions, self.location, advertise=("192.0.2.1", 5060),
                                    tftp_root=self.root)
         for n in range(1, 7):  # phone A: six lines, one socket
             self.location.save(binding(f"sip:100{n}@example.com", "192.0.2.5", 5060))
@@ -201,7 +201,7 @@ class RebootJobTests(SynchronousTestCase):
         self.assertIn("is in running job 1", str(e))
 
     def test_reboot_needs_tftp_root_push_does_not(self):
-        bare = CheckSync(self.clock, self.server, self.location, advertise=("192.0.2.1", 5060))
+        bare = CheckSync(self.clock, self.server.transactions, self.location, advertise=("192.0.2.1", 5060))
         chosen, _ = select(phones(self.location.all_bindings()), lines=["3001"], domain="example.com")
         self.assertRaises(SyncInfoError, bare.start, chosen, [], reboot=True)
         job = bare.start(chosen, [], reboot=False)

@@ -31,7 +31,7 @@ class UnconditionalTests(SynchronousTestCase):
         ((invite, dest),) = requests(net.invite(), "INVITE")
         self.assertEqual(dest, Destination("UDP", *C))
         self.assertEqual(invite.headers.get("diversion"), f"<sip:1002@{REALM}>;reason=unconditional;counter=1")
-        self.assertEqual(net.router.forwards, {"unconditional": 1})
+        self.assertEqual(net.router.targets.forwards, {"unconditional": 1})
 
     def test_redirect_variant_answers_302(self):
         net = net_with(self, ForwardingConfig(unconditional="redirect"), **{"1002": {"always": "1003"}})

@@ -10,8 +10,9 @@ from proxy.auth import DigestAuthenticator, load_secret, parse_digest
 from proxy.config import RegistrarConfig
 from proxy.credentials import FileCredentials, UserRecord, compute_ha1, locked_users
 from proxy.location import Binding, SqliteLocationService
+from proxy.nat import NatPolicy
 from proxy.registrar import Registrar
-from proxy.testing import make_server, sip_bytes, udp_source
+from proxy.testing import make_core, sip_bytes, udp_source
 from proxy.transport import Destination
 from tests.test_auth import client_answer
 
@@ -77,12 +78,13 @@ class Harness:
         with locked_users(users_path) as users:
             for name in ("1001", "1002", "1003", "1004", "1005", "1006"):
                 users[name] = UserRecord(name, REALM, compute_ha1(name, REALM, "secret"))
-        self.server, self.transports, _ = make_server(self.clock, domains=(REALM,), addresses=("192.0.2.1",))
-        self.location = SqliteLocationService(os.path.join(self.dir, "location.sqlite"), self.clock)
-        auth = DigestAuthenticator(self.clock, FileCredentials(users_path, self.clock), REALM, load_secret(self.dir))
-        self.registrar = Registrar(self.server, self.location, auth, config, self.server.identity, REALM,
-                                   rng=random.Random(7))
-        self.server.handlers["REGISTER"] = self.registrar.handle
+        # The object graph exactly as the server builds it (proxy/core.py).
+        self.core, self.transports, _ = make_core(self.dir, self.clock, domains=(REALM,), addresses=("192.0.2.1",),
+                                                  registrar=config)
+        self.server = self.core.server
+        self.location = self.core.location
+        self.registrar = self.core.registrar
+        self.registrar.rng = random.Random(7)  # the expiry spread, made repeatable
 
 
 class RegisterTests(SynchronousTestCase):
@@ -294,18 +296,18 @@ class NatTargetTests(SynchronousTestCase):
                        source_host=host, source_port=port)
 
     def test_auto_uses_source_for_private_contact_elsewhere(self):
-        self.assertEqual(self.binding().destination("192.168.1.20", 5060, "auto"), Destination("UDP", "203.0.113.9", 40000))
+        self.assertEqual(self.binding().destination("192.168.1.20", 5060, NatPolicy("auto")), Destination("UDP", "203.0.113.9", 40000))
 
     def test_auto_trusts_contact_when_it_is_the_source(self):
         b = self.binding("192.168.1.20", 5060)
-        self.assertEqual(b.destination("192.168.1.20", 5060, "auto"), Destination("UDP", "192.168.1.20", 5060))
+        self.assertEqual(b.destination("192.168.1.20", 5060, NatPolicy("auto")), Destination("UDP", "192.168.1.20", 5060))
 
     def test_auto_trusts_public_contact(self):
-        self.assertEqual(self.binding().destination("198.51.100.4", None, "auto"), Destination("UDP", "198.51.100.4", 5060))
+        self.assertEqual(self.binding().destination("198.51.100.4", None, NatPolicy("auto")), Destination("UDP", "198.51.100.4", 5060))
 
     def test_always_and_never(self):
-        self.assertEqual(self.binding().destination("198.51.100.4", 5060, "always"), Destination("UDP", "203.0.113.9", 40000))
-        self.assertEqual(self.binding().destination("192.168.1.20", 5060, "never"), Destination("UDP", "192.168.1.20", 5060))
+        self.assertEqual(self.binding().destination("198.51.100.4", 5060, NatPolicy("always")), Destination("UDP", "203.0.113.9", 40000))
+        self.assertEqual(self.binding().destination("192.168.1.20", 5060, NatPolicy("never")), Destination("UDP", "192.168.1.20", 5060))
 
     def test_response_to_natted_phone_goes_to_source(self):
         h = Harness(self)

@@ -6,19 +6,16 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from proxy.auth import DigestAuthenticator, load_secret, parse_digest
+from proxy.auth import parse_digest
 from proxy.config import EmergencyConfig, ForwardingConfig, ProxySettings, RouteConfig
-from proxy.forwarding import Forwarding, ForwardingStore
-from proxy.credentials import FileCredentials, UserRecord, compute_ha1, locked_users
-from proxy.dns import NextHopResolver
-from proxy.location import Binding, SqliteLocationService
-from proxy.router import Router
-from proxy.routes import RouteTable
+from proxy.credentials import UserRecord, compute_ha1, locked_users
+from proxy.location import Binding
+from proxy.routing.dns import NextHopResolver
 from proxy.sip.message import Request, make_response
 from proxy.sip.wire import parse_message
-from proxy.testing import make_server, sip_bytes, udp_source
+from proxy.testing import make_core, sip_bytes, udp_source
 from proxy.transport import Destination
-from proxy.trust import Trust, load_route_signer
+from proxy.trust import load_route_signer
 from tests.test_auth import client_answer
 
 REALM = "example.com"
@@ -37,28 +34,24 @@ class Net:
                  forwarding_config=None):
         self.clock = Clock()
         self.clock.advance(1_700_000_000)
-        self.dir = test.mktemp()
+        self.dir = os.path.abspath(test.mktemp())
         os.makedirs(self.dir)
         users_path = os.path.join(self.dir, "users.json")
         with locked_users(users_path) as users:
             for name in ("1001", "1002", "1003", "1004"):
                 users[name] = UserRecord(name, REALM, compute_ha1(name, REALM, "secret"))
-        self.server, self.transports, _ = make_server(self.clock, domains=(REALM,), addresses=(PROXY,))
-        credentials = FileCredentials(users_path, self.clock)
-        self.location = SqliteLocationService(os.path.join(self.dir, "loc.sqlite"), self.clock)
-        self.auth = DigestAuthenticator(self.clock, credentials, REALM, load_secret(self.dir))
-        self.forwarding = None
-        extra = {}
+        sections = {"proxy": settings, "routes": tuple(routes), "emergency": emergency}
         if forwarding_config is not None:
-            self.forwarding = Forwarding(ForwardingStore(os.path.join(self.dir, "loc.sqlite")), REALM,
-                                         max_depth=forwarding_config.max_depth,
-                                         has_bindings=lambda u: bool(self.location.lookup(f"sip:{u}@{REALM}")))
-            extra = {"forwarding": self.forwarding, "forwarding_config": forwarding_config}
-        self.trust = Trust(settings.trusted, load_route_signer(self.dir), self.auth, credentials,
-                           is_our_domain=lambda uri: self.server.identity.is_our_domain(uri, PROXY))
-        self.router = Router(self.server, self.location, self.auth, credentials, settings,
-                             RouteTable(tuple(routes), emergency), NextHopResolver(),
-                             trust=self.trust, domain=REALM, advertise=(PROXY, {"UDP": 5060}), **extra)
+            sections["forwarding"] = forwarding_config
+        # The object graph exactly as the server builds it (proxy/core.py).
+        self.core, self.transports, _ = make_core(self.dir, self.clock, domains=(REALM,), addresses=(PROXY,),
+                                                  **sections)
+        self.server = self.core.server
+        self.location = self.core.location
+        self.auth = self.core.authenticator
+        self.forwarding = self.core.forwarding
+        self.trust = self.core.trust
+        self.router = self.core.router
         self.cseq = 0
 
     def rr(self, call_id="call-1"):
@@ -510,14 +503,14 @@ class GatewayTests(SynchronousTestCase):
     def test_branch_cancelled_after_another_answers_does_not_fail_over(self):
         # Fork to phone B and to a two-gateway target; B answers, the gateway branch is CANCELled
         # and then answers 503: it must end there, not INVITE the second gateway.
-        from proxy.forking import Target
-        from proxy.routes import Hop
+        from proxy.routing.forking import Target
+        from proxy.routing.routes import Hop
 
         self.net.register("1002", B)
         gateway = Target(hops=(Hop(uri="sip:1002@192.0.2.20", host="192.0.2.20", port=5060),
                                Hop(uri="sip:1002@192.0.2.21", host="192.0.2.21", port=5060)), kind="gateway")
-        own = self.net.router.targets_for_user
-        self.net.router.targets_for_user = lambda user: own(user) + [gateway]
+        own = self.net.router.targets.for_user
+        self.net.router.targets.for_user = lambda user: own(user) + [gateway]
         sent = self.net.invite(to="1002")
         invites = {d: m for m, d in requests(sent, "INVITE")}
         to_b, to_gw = invites[Destination("UDP", *B)], invites[Destination("UDP", *GW1)]

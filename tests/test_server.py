@@ -90,8 +90,7 @@ class LocalAnswerTests(SynchronousTestCase):
 
 class CancelTests(SynchronousTestCase):
     def test_cancel_gets_200_and_invite_487(self):
-        server, transports, _ = make_server()
-        server.route = lambda tx, request: None  # a route that has not answered yet
+        server, transports, _ = make_server(route=lambda tx, request: None)  # a route that has not answered yet
         invite = options("sip:1001@example.com", method="INVITE")
         server.data_received(invite, udp_source())
         server.data_received(options("sip:1001@example.com", method="CANCEL"), udp_source())
@@ -106,9 +105,8 @@ class CancelTests(SynchronousTestCase):
 
 class ViaStampingTests(SynchronousTestCase):
     def setUp(self):
-        self.server, self.transports, _ = make_server()
         self.seen = []
-        self.server.handlers["OPTIONS"] = lambda tx, request: self.seen.append(request)
+        self.server, self.transports, _ = make_server(methods={"OPTIONS": lambda tx, request: self.seen.append(request)})
 
     def test_received_added_when_source_differs(self):
         self.server.data_received(options(), udp_source("203.0.113.7", 5060))
@@ -128,7 +126,7 @@ class ViaStampingTests(SynchronousTestCase):
 
     def test_phone_without_rport_from_another_port(self):
         # 7940 8.x sends no rport; the source port is kept with the request's transaction.
-        self.server.handlers.pop("OPTIONS")
+        self.server, self.transports, _ = make_server()  # OPTIONS answered by the server itself
         self.server.data_received(options(), udp_source("192.0.2.50", 49170))
         _, dest = self.transports.take()[0]
         self.assertEqual(dest, Destination("UDP", "192.0.2.50", 5060))
@@ -140,7 +138,7 @@ class AmplificationTests(SynchronousTestCase):
 
     def test_a_received_the_client_wrote_is_replaced_by_the_source(self):
         seen = []
-        self.server.handlers["OPTIONS"] = lambda tx, request: seen.append(request)
+        self.server, self.transports, _ = make_server(methods={"OPTIONS": lambda tx, request: seen.append(request)})
         via = "SIP/2.0/UDP 192.0.2.50:5060;received=198.51.100.77;branch=z9hG4bKrcv"
         self.server.data_received(options(via=via), udp_source("192.0.2.50", 5060))
         self.assertEqual(seen[0].top_via.received, "192.0.2.50")
@@ -153,8 +151,8 @@ class AmplificationTests(SynchronousTestCase):
 
 class TableBoundTests(SynchronousTestCase):
     def test_a_full_transaction_table_answers_503_statelessly_and_counts(self):
-        server, transports, clock = make_server(max_transactions=100)
-        server.handlers["OPTIONS"] = lambda tx, request: None  # holds every transaction open
+        # A handler that holds every transaction open.
+        server, transports, clock = make_server(max_transactions=100, methods={"OPTIONS": lambda tx, request: None})
         for n in range(150):
             server.data_received(options(via=f"SIP/2.0/UDP 192.0.2.50:5060;branch=z9hG4bKfull{n}"), udp_source())
         self.assertEqual(len(server.transactions.server), 100)
@@ -167,7 +165,7 @@ class TableBoundTests(SynchronousTestCase):
         server, _, clock = make_server()
         for n in range(12_000):
             server.data_received(b"garbage\r\n\r\n", udp_source(f"10.{n // 65536}.{n // 256 % 256}.{n % 256}"))
-        self.assertLessEqual(len(server._garbage_log._last), 10_000)
+        self.assertLessEqual(len(server.replies.log_limit._last), 10_000)
 
 
 class BadInputTests(SynchronousTestCase):
@@ -259,7 +257,7 @@ class BadInputTests(SynchronousTestCase):
         def broken(tx, request):
             raise RuntimeError("bug")
 
-        self.server.handlers["OPTIONS"] = broken
+        self.server, self.transports, _ = make_server(methods={"OPTIONS": broken})
         self.server.data_received(options(), udp_source())
         self.assertEqual(self.transports.take()[0][0].status, 500)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)

@@ -48,15 +48,15 @@ class TapTests(SynchronousTestCase):
         config = options["proxy_config"]
         config = attrs.evolve(config, server=attrs.evolve(config.server, state_dir=self.mktemp()))
         reactor = UdpMemoryReactor()
-        top, server = build_service(config, reactor, options["plugins"])
+        top, core = build_service(config, reactor, options["plugins"])
         verifyObject(IService, top)
         # location sweeper, the directory's thread pool, phone web, admin API, udp:5060, tcp:5060
         self.assertEqual(len(list(top)), 6)
-        self.assertEqual([p.name for p in server.components["plugins"].plugins], ["ldapdir"])
+        self.assertEqual([p.name for p in core.plugins.plugins], ["ldapdir"])
         top.startService()
         self.assertEqual([(p[0], p[3]) for p in reactor.udpServers], [(5060, 65535)])
         self.assertEqual(sorted(p[0] for p in reactor.tcpServers if p[1] is not None), [5060, 8060, 8081])
-        self.assertIn("REGISTER", server.handlers)
+        self.assertIn("REGISTER", core.dispatcher.methods)
         top.stopService()
 
 

@@ -312,8 +312,8 @@ class UnansweredTests(SynchronousTestCase):
 
         from proxy.testing import make_server, sip_bytes, udp_source
 
-        server, transports, clock = make_server(Clock())
-        server.handlers["OPTIONS"] = lambda tx, request: None  # a core that forgets to answer
+        # A core that forgets to answer.
+        server, transports, clock = make_server(Clock(), methods={"OPTIONS": lambda tx, request: None})
         server.data_received(sip_bytes("""
             OPTIONS sip:1002@example.com SIP/2.0
             Via: SIP/2.0/UDP 192.0.2.50:5060;branch=z9hG4bKlost

@@ -140,7 +140,7 @@ class TlsNameTests(SynchronousTestCase):
     def test_resolver_keeps_the_name(self):
         from twisted.names import dns
 
-        from proxy.dns import NextHopResolver
+        from proxy.routing.dns import NextHopResolver
 
         class Fake:
             def lookupAddress(self, name, timeout=None):

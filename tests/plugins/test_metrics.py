@@ -11,20 +11,16 @@ from tests.test_router import Net
 
 
 def built_plugin(test):
-    """The metrics plugin over the in-memory proxy of test_router, with a directory plugin beside it."""
-    from proxy.checksync import CheckSync
-
+    """The metrics plugin over the in-memory core of test_router, with a directory plugin beside it."""
     net = Net(test)
-    directory = type("Directory", (), {"errors": 0, "query_seconds": [0.01]})()
-    context = PluginContext(clock=net.clock, reactor=net.clock, config=None, server=net.server,
-                            location=net.location, router=net.router, registrar=type("R", (), {"results": {}})(),
-                            authenticator=net.auth, plugins={"ldapdir": directory},
-                            checksync=CheckSync(net.clock, net.server, net.location, advertise=("192.0.2.1", 5060)))
-    return net, MetricsFactory().build({"listen": ""}, context)
+    context = PluginContext(clock=net.clock, reactor=net.clock, config=None, location=net.location,
+                            counters=net.core.counters, plugins={"ldapdir": object()})
+    plugin = MetricsFactory().build({"listen": ""}, context)
+    plugin.event("directory_search", {"seconds": 0.01, "ok": True})
+    return net, plugin
 
 
 def exported_names(plugin) -> set[str]:
-    plugin.drain()
     text = generate_latest(plugin.registry).decode()
     return {sample.name for family in text_string_to_metric_families(text) for sample in family.samples}
 
@@ -66,14 +62,14 @@ class DashboardTests(SynchronousTestCase):
         net, plugin = built_plugin(self)
         # Something in every counter, so that every labelled family has samples to scrape.
         net.server.requests["INVITE"] += 1
-        net.server.replies[("INVITE", 200)] += 1
+        net.core.replies.replies[("INVITE", 200)] += 1
         net.server.dropped["malformed"] += 1
         net.register("1002", ("192.0.2.11", 5060))
-        plugin.context.registrar.results["ok"] = 1
+        net.core.registrar.results["ok"] = 1
         net.auth.failures_by_reason["wrong_password"] = 1
-        net.router.forwards["user-busy"] = 1
-        net.router.redirects[302] = 1
-        plugin.context.checksync.notifies["accepted"] = 1
+        net.router.targets.forwards["user-busy"] = 1
+        net.router.redirect.redirects[302] = 1
+        net.core.checksync.notifies["accepted"] = 1
         exported = exported_names(plugin)
         self.assertEqual(names - exported, set())
         self.assertGreater(len(dashboard["panels"]), 10)

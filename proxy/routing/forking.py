@@ -20,12 +20,17 @@ has ended without a 2xx or 6xx.
 
 import os
 
+from typing import Callable
+
 import attrs
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
+from proxy.config import ProxySettings
 from proxy.errors import SipParseError
-from proxy.routes import Hop, hop_for_uri
+from proxy.replies import Replies
+from proxy.routing.routes import Hop, hop_for_uri
 from proxy.sip.message import Request, Response, make_cancel, make_response
 from proxy.sip.uri import NameAddr, SipUri
 from proxy.transaction import ClientTransaction, ServerTransaction
@@ -41,6 +46,41 @@ class Target:
     hops: tuple[Hop, ...]
     q: float = 1.0
     kind: str = "user"  # user, gateway, emergency, dialog, redirect
+
+
+@attrs.frozen
+class CallInfo:
+    """A call as plugins see it (events call_answered / call_ended): values, never the live response context."""
+
+    key: str  # unique per response context
+    call_id: str
+    method: str
+    caller: str  # the From URI
+    callee: str  # the Request-URI as received
+    started_at: float
+    at: float  # when the event happened
+    answered: bool
+    status: int | None = None  # the final status, when known
+
+
+@attrs.frozen
+class CallContext:
+    """What a response context needs from the proxy core: given once, typed, and nothing more.
+
+    The router builds one; the response context never sees the router.
+    """
+
+    clock: IReactorTime
+    replies: Replies  # respond / send_response on the server transaction
+    settings: ProxySettings  # timer_c, recurse_3xx
+    resolve: Callable[[Hop], Deferred]  # a hop's destinations in failover order (NAT rule, RFC 3263)
+    forward: Callable[..., Request]  # (request, hop, destination, branch, *, record_route): the copy (16.6)
+    branch_id: Callable[[ServerTransaction, Request, int, int], str]
+    is_own_destination: Callable[[Destination], bool]
+    plan_targets: Callable[[object], list["Target"]]  # one step of a forwarding plan -> targets
+    redirect_target: Callable[[SipUri, float], "Target"]  # a 3xx Contact -> a target
+    on_answered: Callable[["ProxyCall", "Branch", Response], None]
+    on_finished: Callable[["ProxyCall"], None]
 
 
 class Branch:
@@ -64,8 +104,7 @@ class Branch:
         return self.target.hops[self.hop_index]
 
     def start(self) -> None:
-        router = self.call.router
-        d = router.destinations(self.hop).addCallbacks(self._resolved, self._resolve_failed)
+        d = self.call.context.resolve(self.hop).addCallbacks(self._resolved, self._resolve_failed)
         d.addErrback(self._broken)
 
     def _broken(self, failure) -> None:
@@ -83,14 +122,14 @@ class Branch:
         if self.call.cancelled:
             self._finish(None)
             return
-        self.destinations = [d for d in destinations if not self.call.router.is_own_destination(d)]
+        self.destinations = [d for d in destinations if not self.call.context.is_own_destination(d)]
         if not self.destinations:
             if destinations:
                 # A hop that is this proxy itself (a route whose gateway is us): the request
                 # would come back as a stranger's, so the loop ends here (RFC 3261 16.3 step 4).
                 log.info("{host} is this proxy: loop", host=self.hop.host)
-                looped = self.call.router.forward_request(self.call.request, self.hop, destinations[0],
-                                                          self.call.branch_id(self), record_route=False)
+                looped = self.call.context.forward(self.call.request, self.hop, destinations[0],
+                                                   self.call.branch_id(self), record_route=False)
                 self._next_hop_or_finish(make_response(looped, 482, "Loop Detected", to_tag=os.urandom(6).hex()))
                 return
             log.info("No address for {host}", host=self.hop.host)
@@ -102,16 +141,16 @@ class Branch:
         call = self.call
         self.attempt += 1
         self.provisional = False
-        self.request = call.router.forward_request(call.request, self.hop, destination, call.branch_id(self),
-                                                   record_route=call.record_route)
-        self.tx = call.router.server.transactions.start_client(self.request, destination, self._on_response,
-                                                               self._on_timeout)
+        self.request = call.context.forward(call.request, self.hop, destination, call.branch_id(self),
+                                            record_route=call.record_route)
+        # Client transactions live in the layer of the server transaction they serve.
+        self.tx = call.tx.layer.start_client(self.request, destination, self._on_response, self._on_timeout)
         if self.request.method == "INVITE":
             self._restart_timer_c()
 
     def _restart_timer_c(self) -> None:
         self._stop_timer_c()
-        self.timer_c = self.call.clock.callLater(self.call.router.settings.timer_c, self._timer_c_fired)
+        self.timer_c = self.call.clock.callLater(self.call.context.settings.timer_c, self._timer_c_fired)
 
     def _stop_timer_c(self) -> None:
         if self.timer_c is not None and self.timer_c.active():
@@ -208,7 +247,7 @@ class Branch:
         if self.tx is None or self.request is None:
             return
         cancel = make_cancel(self.request)
-        self.call.router.server.transactions.start_client(cancel, self.tx.destination, lambda r: None, lambda: None)
+        self.call.tx.layer.start_client(cancel, self.tx.destination, lambda r: None, lambda: None)
 
 
 def _response_class(status: int) -> int:
@@ -218,10 +257,10 @@ def _response_class(status: int) -> int:
 class ProxyCall:
     """The response context for one server transaction."""
 
-    def __init__(self, router, tx: ServerTransaction, request: Request, targets: list[Target], *,
+    def __init__(self, context: "CallContext", tx: ServerTransaction, request: Request, targets: list[Target], *,
                  record_route: bool, sequential: bool, redirects_left: int):
-        self.router = router
-        self.clock = router.server.clock
+        self.context = context
+        self.clock = context.clock
         self.created_at = self.clock.seconds()  # for call-setup time (metrics)
         self.tx = tx
         self.request = request
@@ -253,8 +292,17 @@ class ProxyCall:
         else:
             self.pending_groups = [targets] if targets else []
 
+    def info(self, status: int | None = None) -> CallInfo:
+        try:
+            caller = str(self.request.from_.uri)
+        except SipParseError:
+            caller = ""
+        return CallInfo(key=f"{id(self):x}", call_id=self.call_id, method=self.request.method, caller=caller,
+                        callee=self.base_request.uri_text, started_at=self.created_at, at=self.clock.seconds(),
+                        answered=self.answered, status=status)
+
     def branch_id(self, branch: Branch) -> str:
-        return self.router.branch_for(self.tx, self.base_request, branch.index, branch.attempt)
+        return self.context.branch_id(self.tx, self.base_request, branch.index, branch.attempt)
 
     def start(self, plan=None) -> None:
         if plan is not None and not self._begin_plan(plan):
@@ -278,7 +326,7 @@ class ProxyCall:
         self.on_busy = plan.on_busy
         self.on_no_answer = plan.on_no_answer
         self._stop_ring_timer()
-        targets = self.router.plan_targets(plan)
+        targets = self.context.plan_targets(plan)
         if not targets:
             if plan.on_no_answer is not None:
                 # Registered nowhere: as good as not answering.
@@ -337,14 +385,14 @@ class ProxyCall:
         if self.finished and not (200 <= response.status < 300):
             return
         upstream = response.with_headers(response.headers.remove_first_value("via"))
-        self.router.server.send_response(self.tx, upstream)
+        self.context.replies.send_response(self.tx, upstream)
 
     def answered_by(self, branch: Branch, response: Response, first: bool) -> None:
         self.relay(response)
         if not self.answered:
             self.answered = True
             self._stop_ring_timer()
-            self.router.call_answered(self, branch, response)
+            self.context.on_answered(self, branch, response)
             if self.request.method == "INVITE":
                 for other in self.branches:
                     if other is not branch:
@@ -355,7 +403,7 @@ class ProxyCall:
     def branch_ended(self, branch: Branch, response: Response | None) -> None:
         if response is not None:
             status = response.status
-            if 300 <= status < 400 and self.router.settings.recurse_3xx and self._recurse(response):
+            if 300 <= status < 400 and self.context.settings.recurse_3xx and self._recurse(response):
                 self._maybe_done()
                 return
             self.finals.append(response)
@@ -383,7 +431,7 @@ class ProxyCall:
             return False
         self.redirects_left -= 1
         contacts.sort(key=lambda c: -c[0])
-        targets = [self.router.target_for_uri(uri, q=q, kind="redirect") for q, uri in contacts]
+        targets = [self.context.redirect_target(uri, q) for q, uri in contacts]
         log.info("Recursing on {status} for Call-ID {call_id}: {count} contact(s)", status=response.status,
                  call_id=self.call_id, count=len(targets))
         # Redirect targets are tried one after another, best q first, as the seed's flows show.
@@ -408,20 +456,20 @@ class ProxyCall:
                 return
         self.finished = True
         self._stop_ring_timer()
-        self.router.call_finished(self)
+        self.context.on_finished(self)
         if self.answered:
             return
         if self.cancelled:
-            self.router.server.respond(self.tx, 487, "Request Terminated")
+            self.context.replies.respond(self.tx, 487, "Request Terminated")
             return
         if self.forced_final is not None and not self.finals:
-            self.router.server.respond(self.tx, *self.forced_final)
+            self.context.replies.respond(self.tx, *self.forced_final)
             return
         best = self.best_response()
         if best is None:
-            self.router.server.respond(self.tx, 408, "Request Timeout")
+            self.context.replies.respond(self.tx, 408, "Request Timeout")
             return
-        self.router.server.send_response(self.tx, best)
+        self.context.replies.send_response(self.tx, best)
 
     def best_response(self) -> Response | None:
         if not self.finals:
@@ -463,4 +511,4 @@ class ProxyCall:
         self._maybe_done()
 
 
-__all__ = ["Branch", "ProxyCall", "Target", "hop_for_uri"]
+__all__ = ["Branch", "CallContext", "CallInfo", "ProxyCall", "Target", "hop_for_uri"]

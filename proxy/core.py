@@ -1,0 +1,174 @@
+"""The object graph of the server, built in one place: `build_core(config, clock, transports)`.
+
+No listener, no reactor: the graph runs on any `IReactorTime` and any
+transports (the real ones in service.py, recording ones in tests, both
+through this function). Built in dependency order, so nothing is set on
+anything after construction:
+
+  identity, NAT policy -> replies -> users, digest auth, trust -> bindings, forwarding
+  -> routing (targets, hops, router, stateless) and the registrar
+  -> the dispatcher (the transaction user) -> the SipServer -> check-sync
+"""
+
+import os
+import socket
+
+import attrs
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from proxy.auth import DigestAuthenticator, load_secret
+from proxy.checksync import CheckSync
+from proxy.config import ProxyConfig
+from proxy.credentials import USERS_FILE, FileCredentials
+from proxy.dispatch import Dispatcher
+from proxy.forwarding import Forwarding, ForwardingStore
+from proxy.identity import Identity
+from proxy.location import LOCATION_FILE, SqliteLocationService
+from proxy.nat import NatPolicy
+from proxy.plugin import PluginHost
+from proxy.registrar import Registrar
+from proxy.replies import Replies
+from proxy.routing.dns import NextHopResolver
+from proxy.routing.hops import Hops
+from proxy.routing.redirect import RedirectServer
+from proxy.routing.router import Router
+from proxy.routing.routes import RouteTable
+from proxy.routing.stateless import StatelessForwarder
+from proxy.routing.targets import Targets
+from proxy.server import SipServer
+from proxy.trust import Trust, load_route_signer
+
+log = Logger()
+
+
+@attrs.frozen
+class Core:
+    identity: Identity
+    replies: Replies
+    server: SipServer
+    dispatcher: Dispatcher
+    credentials: FileCredentials
+    authenticator: DigestAuthenticator
+    trust: Trust
+    location: SqliteLocationService
+    forwarding_store: ForwardingStore
+    forwarding: Forwarding
+    registrar: Registrar
+    router: Router
+    stateless: StatelessForwarder
+    checksync: CheckSync
+    plugins: PluginHost  # empty until service.py adds the enabled ones; the router asks it from the start
+
+    def counters(self) -> dict:
+        """Every core counter the metrics plugin exports, by component: plain values, read at scrape time."""
+        server = self.server
+        auth = self.authenticator
+        return {
+            "requests": dict(server.requests),
+            "replies": dict(self.replies.replies),
+            "dropped": dict(self.replies.dropped),
+            "transactions": server.transactions.counts(),
+            "retransmissions": server.transactions.retransmissions,
+            "registrations": dict(self.registrar.results),
+            "auth": {"challenges": auth.challenges, "failures": dict(auth.failures_by_reason),
+                     "lockouts": auth.lockouts, "lockouts_by_scope": dict(auth.lockouts_by_scope),
+                     "evicted": auth.evicted},
+            "trust_refused": dict(self.trust.refused),
+            "calls": self.router.counters(),
+            "stateless_forwarded": self.stateless.forwarded,
+            "checksync": dict(self.checksync.notifies),
+            "plugin_failures": dict(self.plugins.failures),
+        }
+
+
+def local_addresses(config: ProxyConfig) -> frozenset[str]:
+    """Addresses that name this host: configured ones, listener interfaces, loopback, the host's own."""
+    found = {"127.0.0.1", "::1"}
+    found.update(config.server.addresses)
+    found.update(lst.interface for lst in config.server.listen if lst.interface not in ("", "0.0.0.0", "::"))
+    try:
+        for info in socket.getaddrinfo(socket.gethostname(), None):
+            found.add(info[4][0])
+    except OSError:
+        pass
+    return frozenset(found)
+
+
+def _advertised(config: ProxyConfig, addresses: frozenset[str]) -> tuple[str, dict[str, int]]:
+    """The host phones reach us at (Via, Record-Route) and our port per transport."""
+    ports: dict[str, int] = {}
+    for listener in config.server.listen:
+        ports.setdefault(listener.transport, listener.port)
+    host = config.proxy.advertise
+    if host:
+        name, _, port = host.rpartition(":") if host.count(":") == 1 else (host, "", "")
+        if port.isascii() and port.isdigit():
+            host = name
+            ports = {t: int(port) if t == "UDP" else p for t, p in ports.items()}
+        return host, ports
+    if config.server.addresses:
+        return config.server.addresses[0], ports
+    for listener in config.server.listen:
+        if listener.interface not in ("", "0.0.0.0", "::"):
+            return listener.interface, ports
+    candidates = sorted(a for a in addresses if ":" not in a and not a.startswith("127."))
+    if candidates:
+        return candidates[0], ports
+    log.warn("No address to advertise in Via/Record-Route; using 127.0.0.1 (set proxy.advertise)")
+    return "127.0.0.1", ports
+
+
+def identity_from_config(config: ProxyConfig) -> Identity:
+    addresses = local_addresses(config)
+    host, ports = _advertised(config, addresses)
+    return Identity(domains=frozenset(config.server.domains), addresses=addresses,
+                    ports=frozenset(lst.port for lst in config.server.listen), domain=config.server.domains[0],
+                    advertise_host=host, advertise_ports=tuple(sorted(ports.items())))
+
+
+def build_core(config: ProxyConfig, clock: IReactorTime, transports, *, resolver=None) -> Core:
+    """The whole core for `config`; `resolver` is a twisted.names IResolver (None: names do not resolve)."""
+    state_dir = config.server.state_dir
+    os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    identity = identity_from_config(config)
+    nat = NatPolicy(config.registrar.nat_mode)
+    replies = Replies(clock, transports, nat=nat, server_header=config.server.server_header)
+
+    plugins = PluginHost()  # service.py adds the enabled plugins; everything here talks to the host from the start
+    credentials = FileCredentials(os.path.join(state_dir, USERS_FILE), clock)
+    authenticator = DigestAuthenticator(clock, credentials, config.realm, load_secret(state_dir), config.auth,
+                                        names_this_server=identity.is_me, observer=plugins.emit)
+    trust = Trust(config.proxy.trusted, load_route_signer(state_dir), authenticator, credentials,
+                  is_our_domain=identity.is_our_domain)
+
+    location = SqliteLocationService(os.path.join(state_dir, LOCATION_FILE), clock)
+    location.add_observer(lambda event, binding: plugins.emit(f"registration_{event}", binding=binding))
+    forwarding_store = ForwardingStore(os.path.join(state_dir, LOCATION_FILE))
+    forwarding = Forwarding(forwarding_store, identity.domain, max_depth=config.forwarding.max_depth,
+                            has_bindings=lambda user: bool(location.lookup(identity.aor(user))))
+
+    routes = RouteTable(config.routes, config.emergency)
+    targets = Targets(identity, location, credentials, routes, NextHopResolver(resolver), nat)
+    hops = Hops(identity, trust.signer, config.realm)
+    router = Router(clock=clock, replies=replies, identity=identity, trust=trust, hops=hops, targets=targets,
+                    routes=routes, settings=config.proxy,
+                    redirect=RedirectServer(identity, location, replies, config.forwarding),
+                    forwarding=forwarding, forwarding_config=config.forwarding, plugins=plugins)
+    stateless = StatelessForwarder(identity, trust, hops, targets, transports, replies)
+    registrar = Registrar(clock=clock, replies=replies, location=location, authenticator=authenticator,
+                          config=config.registrar, identity=identity)
+
+    dispatcher = Dispatcher(replies, identity, methods={"REGISTER": registrar.handle}, route=router.route,
+                            on_cancel=router.cancel, on_ack=stateless.ack,
+                            on_stray_response=stateless.stray_response)
+    server = SipServer(clock, transports, identity, config.timers, user=dispatcher, replies=replies,
+                       max_message_size=config.server.max_message_size, debug=config.server.debug,
+                       max_transactions=config.server.max_transactions)
+    checksync = CheckSync(clock, server.transactions, location,
+                          advertise=(identity.advertise_host, identity.port_for("UDP")),
+                          tftp_root=config.checksync.tftp_root, nat=nat, from_user=config.checksync.from_user)
+    return Core(identity=identity, replies=replies, server=server, dispatcher=dispatcher, credentials=credentials,
+                authenticator=authenticator, trust=trust, location=location, forwarding_store=forwarding_store,
+                forwarding=forwarding, registrar=registrar, router=router, stateless=stateless, checksync=checksync,
+                plugins=plugins)
