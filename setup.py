@@ -18,6 +18,6 @@ setup(
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6.100"],
     },
-    entry_points={"console_scripts": ["sipproxy-admin = proxy.admin:main"]},
+    entry_points={"console_scripts": ["sipproxy-admin = proxy.admin.cli:main"]},
     data_files=[("share/sipproxy/etc", ["etc/sipproxy.toml"])],
 )

@@ -28,8 +28,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir))
 
 import time  # noqa: E402
 
-from proxy.auth import DigestAuthenticator, digest_response, load_secret  # noqa: E402
-from proxy.credentials import UserRecord, compute_ha1, write_users  # noqa: E402
+from proxy.registration.auth import DigestAuthenticator, digest_response, load_secret  # noqa: E402
+from proxy.registration.credentials import UserRecord, compute_ha1, write_users  # noqa: E402
 from tests.integration.harness import ServerProcess, free_port, require  # noqa: E402
 
 PASSWORD = "bench-secret"

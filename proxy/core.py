@@ -17,17 +17,17 @@ import attrs
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from proxy.auth import DigestAuthenticator, load_secret
-from proxy.checksync import CheckSync
+from proxy.registration.auth import DigestAuthenticator, load_secret
+from proxy.admin.checksync import CheckSync
 from proxy.config import ProxyConfig
-from proxy.credentials import USERS_FILE, FileCredentials
+from proxy.registration.credentials import USERS_FILE, FileCredentials
 from proxy.dispatch import Dispatcher
-from proxy.forwarding import Forwarding, ForwardingStore
+from proxy.routing.forwarding import Forwarding, ForwardingStore
 from proxy.identity import Identity
-from proxy.location import LOCATION_FILE, SqliteLocationService
+from proxy.registration.location import LOCATION_FILE, SqliteLocationService
 from proxy.nat import NatPolicy
 from proxy.plugin import PluginHost
-from proxy.registrar import Registrar
+from proxy.registration.registrar import Registrar
 from proxy.replies import Replies
 from proxy.routing.dns import NextHopResolver
 from proxy.routing.hops import Hops

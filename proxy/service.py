@@ -12,13 +12,13 @@ from twisted.internet import endpoints, ssl
 from twisted.logger import Logger
 from twisted.names import client as dns_client
 
-from proxy.adminapi import AdminApi, load_or_create_metrics_token, load_or_create_token
+from proxy.admin.api import AdminApi, load_or_create_metrics_token, load_or_create_token
 from proxy.config import ProxyConfig
 from proxy.core import Core, build_core
-from proxy.credentials import USERS_FILE, load_users_at_startup
+from proxy.registration.credentials import USERS_FILE, load_users_at_startup
 from proxy.errors import ConfigError
-from proxy.location import LOCATION_FILE, SqliteLocationService, open_state_database
-from proxy.phoneweb import build_site_root
+from proxy.registration.location import LOCATION_FILE, SqliteLocationService, open_state_database
+from proxy.phone.site import build_site_root
 from proxy.plugin import IProxyPlugin, IServicePlugin, IWebResources, PluginContext, PluginHost
 from proxy.transport import SipDatagramProtocol, SipStreamFactory, Transports
 from proxy.trust import KEYS_FILE, load_route_signer

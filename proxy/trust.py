@@ -33,8 +33,8 @@ from typing import Callable
 import attrs
 from twisted.logger import Logger
 
-from proxy.auth import Authenticated, Challenge, DigestAuthenticator
-from proxy.credentials import ICredentials
+from proxy.registration.auth import Authenticated, Challenge, DigestAuthenticator
+from proxy.registration.credentials import ICredentials
 from proxy.errors import ConfigError, SipError
 from proxy.sip.grammar import for_log
 from proxy.sip.message import Request

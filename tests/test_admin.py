@@ -9,10 +9,10 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.test.requesthelper import DummyRequest
 
-from proxy.admin import api_base, main
-from proxy.adminapi import AdminApi, load_or_create_token
-from proxy.credentials import compute_ha1, read_users
-from proxy.location import Binding, SqliteLocationService
+from proxy.admin.cli import api_base, main
+from proxy.admin.api import AdminApi, load_or_create_token
+from proxy.registration.credentials import compute_ha1, read_users
+from proxy.registration.location import Binding, SqliteLocationService
 
 
 def run(*argv):
@@ -160,7 +160,7 @@ class ForwardCommandTests(SynchronousTestCase):
 
 class ForwardingApiTests(SynchronousTestCase):
     def setUp(self):
-        from proxy.forwarding import ForwardingStore
+        from proxy.routing.forwarding import ForwardingStore
 
         clock = Clock()
         state = self.mktemp()

@@ -7,7 +7,7 @@ from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
-from proxy.auth import (
+from proxy.registration.auth import (
     Authenticated,
     Challenge,
     DigestAuthenticator,
@@ -18,7 +18,7 @@ from proxy.auth import (
     parse_digest,
 )
 from proxy.config import AuthSettings
-from proxy.credentials import FileCredentials, UserRecord, compute_ha1, locked_users
+from proxy.registration.credentials import FileCredentials, UserRecord, compute_ha1, locked_users
 from proxy.sip.wire import parse_message
 from proxy.testing import sip_bytes
 
@@ -31,7 +31,7 @@ def md5(text: str) -> str:
 
 def client_answer(user, password, nonce, method="REGISTER", uri="sip:example.com", qop=None, nc=1, cnonce="abc",
                   realm=REALM, header="Authorization"):
-    """What a phone computes, written out independently of proxy.auth."""
+    """What a phone computes, written out independently of proxy.registration.auth."""
     ha1 = md5(f"{user}:{realm}:{password}")
     ha2 = md5(f"{method}:{uri}")
     if qop:

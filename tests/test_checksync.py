@@ -5,9 +5,9 @@ import os
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from proxy.checksync import CheckSync, JobConflict, SyncInfoError, bump_syncinfo, next_sync
-from proxy.inventory import FilterError, image_name, matches, parse_user_agent, phones, select
-from proxy.location import Binding, SqliteLocationService
+from proxy.admin.checksync import CheckSync, JobConflict, SyncInfoError, bump_syncinfo, next_sync
+from proxy.admin.inventory import FilterError, image_name, matches, parse_user_agent, phones, select
+from proxy.registration.location import Binding, SqliteLocationService
 from proxy.sip.message import make_response
 from proxy.testing import make_server
 from proxy.transport import Destination

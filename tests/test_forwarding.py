@@ -5,7 +5,7 @@ import os
 from twisted.trial.unittest import SynchronousTestCase
 
 from proxy.config import ForwardingConfig
-from proxy.forwarding import FeatureCodes, ForwardingStore
+from proxy.routing.forwarding import FeatureCodes, ForwardingStore
 from proxy.transport import Destination
 from tests.test_router import REALM, Net, requests, statuses
 
@@ -220,7 +220,7 @@ class StoreTests(SynchronousTestCase):
         again = ForwardingStore(path)
         got = again.get("1002")
         self.assertEqual((got.busy, got.no_answer, got.no_answer_after), ("1003", "sip:desk@example.com", 15))
-        from proxy.forwarding import ForwardingError
+        from proxy.routing.forwarding import ForwardingError
 
         self.assertRaises(ForwardingError, again.update, "1002", always="bad target!")
         self.assertRaises(ForwardingError, again.update, "1002", no_answer_after=0)

@@ -6,10 +6,10 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from proxy.auth import parse_digest
+from proxy.registration.auth import parse_digest
 from proxy.config import EmergencyConfig, ForwardingConfig, ProxySettings, RouteConfig
-from proxy.credentials import UserRecord, compute_ha1, locked_users
-from proxy.location import Binding
+from proxy.registration.credentials import UserRecord, compute_ha1, locked_users
+from proxy.registration.location import Binding
 from proxy.routing.dns import NextHopResolver
 from proxy.sip.message import Request, make_response
 from proxy.sip.wire import parse_message

@@ -90,7 +90,7 @@ class DamagedStateTests(SynchronousTestCase):
         from twisted.internet.task import Clock
         from twisted.logger import capturedLogs
 
-        from proxy.credentials import FileCredentials, UserRecord, locked_users
+        from proxy.registration.credentials import FileCredentials, UserRecord, locked_users
 
         path = os.path.join(self.state, "users.json")
         with locked_users(path) as users:

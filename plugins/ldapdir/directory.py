@@ -16,8 +16,8 @@ from twisted.web import resource, server
 from zope.interface import implementer
 
 from plugins.ldapdir.backends import DirectoryUnavailable, LdapDirectory, LocalDirectory
-from proxy import ciscoxml
-from proxy.phoneweb import base_url
+from proxy.phone import ciscoxml
+from proxy.phone.site import base_url
 from proxy.plugin import IProxyPlugin, IServicePlugin, IWebResources
 
 log = Logger()

@@ -24,7 +24,7 @@ from twisted.web import resource
 from zope.interface import implementer
 
 from proxy import __version__
-from proxy.inventory import phones
+from proxy.admin.inventory import phones
 from proxy.plugin import SIP_METHODS, IEventObserver, IProxyPlugin, IServicePlugin, IWebResources
 
 _KNOWN_METHODS = frozenset(SIP_METHODS)

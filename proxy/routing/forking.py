@@ -317,7 +317,7 @@ class ProxyCall:
             return False
         self.request = self.base_request
         if plan.diversions:
-            from proxy.forwarding import diversion_header
+            from proxy.routing.forwarding import diversion_header
 
             value = diversion_header(plan.diversions)
             existing = self.base_request.headers.get("diversion")

@@ -16,7 +16,7 @@
 
 import hashlib
 
-from proxy.auth import parse_digest
+from proxy.registration.auth import parse_digest
 from proxy.errors import SipError, SipParseError
 from proxy.identity import Identity
 from proxy.routing.routes import Hop

@@ -9,7 +9,7 @@ unconditionally forwarded user's callers get a 302 to the target.
 from proxy.config import ForwardingConfig
 from proxy.errors import SipError
 from proxy.identity import Identity
-from proxy.location import ILocationService
+from proxy.registration.location import ILocationService
 from proxy.replies import Replies
 from proxy.sip.uri import SipUri
 from proxy.transaction import ServerTransaction

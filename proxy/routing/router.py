@@ -25,7 +25,7 @@ from twisted.logger import Logger
 from proxy.config import ForwardingConfig, ProxySettings
 from proxy.dispatch import capabilities
 from proxy.errors import SipError
-from proxy.forwarding import FeatureCodes, Forwarding, ForwardingError, Plan, apply_feature_code
+from proxy.routing.forwarding import FeatureCodes, Forwarding, ForwardingError, Plan, apply_feature_code
 from proxy.identity import Identity
 from proxy.plugin import Forward, PluginHost, Respond
 from proxy.replies import Replies

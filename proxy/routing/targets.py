@@ -8,10 +8,10 @@ were taken, for the metrics.
 
 from twisted.internet import defer
 
-from proxy.credentials import ICredentials
+from proxy.registration.credentials import ICredentials
 from proxy.errors import SipError
 from proxy.identity import Identity
-from proxy.location import ILocationService
+from proxy.registration.location import ILocationService
 from proxy.nat import NatPolicy
 from proxy.routing.dns import NextHopResolver
 from proxy.routing.forking import Target

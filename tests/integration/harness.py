@@ -118,7 +118,7 @@ class ServerProcess:
     def admin(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         """Run `sipproxy-admin -c <this server's config> ...`."""
         env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        result = subprocess.run([sys.executable, "-m", "proxy.admin", "-c", self.config_path, *args],
+        result = subprocess.run([sys.executable, "-m", "proxy.admin.cli", "-c", self.config_path, *args],
                                 env=env, capture_output=True, text=True, timeout=30)
         if check and result.returncode != 0:
             raise AssertionError(f"sipproxy-admin {' '.join(args)} failed: {result.stderr}")

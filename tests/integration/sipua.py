@@ -82,7 +82,7 @@ def headers(text: str, name: str) -> list[str]:
 
 def digest(user: str, password: str, realm: str, challenge_header: str, method: str, uri: str,
            header_name: str = "Proxy-Authorization") -> str:
-    """The phone's answer (qop=auth) to a challenge, computed independently of proxy.auth."""
+    """The phone's answer (qop=auth) to a challenge, computed independently of proxy.registration.auth."""
     nonce = re.search(r'nonce="([^"]+)"', challenge_header).group(1)
     ha1 = md5(f"{user}:{realm}:{password}")
     ha2 = md5(f"{method}:{uri}")

@@ -10,8 +10,8 @@ from twisted.web.test.requesthelper import DummyRequest
 from plugins.ldapdir.backends import build_filter, escape_filter_value
 from plugins.ldapdir.config import DirectoryConfig
 from plugins.ldapdir.directory import DirectoryPlugin
-from proxy import ciscoxml
-from proxy.credentials import FileCredentials, UserRecord, locked_users
+from proxy.phone import ciscoxml
+from proxy.registration.credentials import FileCredentials, UserRecord, locked_users
 from proxy.plugin import PluginContext
 
 

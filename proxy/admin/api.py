@@ -27,7 +27,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.web import resource
 
 from proxy import __version__
-from proxy.location import Binding, ILocationService
+from proxy.registration.location import Binding, ILocationService
 from proxy.statedir import secret_file
 
 TOKEN_FILE = "admin-token"
@@ -43,7 +43,7 @@ def load_or_create_metrics_token(state_dir: str) -> str:
 
 
 def binding_json(binding: Binding, now: float) -> dict:
-    from proxy.auth import mac_from_instance
+    from proxy.registration.auth import mac_from_instance
 
     return {
         "aor": binding.aor,
@@ -169,7 +169,7 @@ class AdminApi(resource.Resource):
         return 200, {"status": "ok", "version": __version__}
 
     def _forwarding(self, method, request):
-        from proxy.forwarding import KINDS, ForwardingError
+        from proxy.routing.forwarding import KINDS, ForwardingError
 
         path = [p.decode("utf-8", "replace") for p in request.postpath if p]
         if not path:
@@ -196,7 +196,7 @@ class AdminApi(resource.Resource):
         return 405, {"error": "use GET, PUT or DELETE"}
 
     def _phones(self, method, request):
-        from proxy.inventory import FilterError, matches, phones
+        from proxy.admin.inventory import FilterError, matches, phones
 
         if method != "GET":
             return 405, {"error": "use GET"}
@@ -209,8 +209,8 @@ class AdminApi(resource.Resource):
         return 200, {"phones": rows}
 
     def _reboot(self, method, request):
-        from proxy.checksync import JobConflict, SyncInfoError
-        from proxy.inventory import FilterError, phones, select
+        from proxy.admin.checksync import JobConflict, SyncInfoError
+        from proxy.admin.inventory import FilterError, phones, select
 
         if method != "POST":
             return 405, {"error": "use POST"}

@@ -24,7 +24,7 @@ import sqlite3
 import attrs
 from twisted.logger import Logger
 
-from proxy.location import open_state_database
+from proxy.registration.location import open_state_database
 
 log = Logger()
 

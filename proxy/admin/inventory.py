@@ -16,8 +16,8 @@ import re
 
 import attrs
 
-from proxy.auth import mac_from_instance
-from proxy.location import Binding
+from proxy.registration.auth import mac_from_instance
+from proxy.registration.location import Binding
 
 _UA_RE = re.compile(r"Cisco-(?:CP(?P<model>79\d\dG?)|SIPIPPhone)/(?P<version>[0-9][0-9A-Za-z.()\-]*)")
 _WHERE_RE = re.compile(r"\s*(firmware|model)\s*(<=|>=|==|!=|<|>|=)\s*(\S+)\s*\Z")

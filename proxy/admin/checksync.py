@@ -33,8 +33,8 @@ import attrs
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from proxy.inventory import Phone, parse_user_agent
-from proxy.location import Binding, ILocationService
+from proxy.admin.inventory import Phone, parse_user_agent
+from proxy.registration.location import Binding, ILocationService
 from proxy.nat import NatPolicy
 from proxy.sip.headers import Headers
 from proxy.sip.message import Request, Response

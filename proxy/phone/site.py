@@ -6,7 +6,7 @@ plugins offer); plugins mount their own resources beside it.
 
 from twisted.web import resource
 
-from proxy import ciscoxml
+from proxy.phone import ciscoxml
 
 
 def base_url(request) -> str:

@@ -59,7 +59,7 @@ from twisted.logger import Logger
 
 from proxy.bounded import BoundedDict
 from proxy.config import AuthSettings
-from proxy.credentials import ICredentials
+from proxy.registration.credentials import ICredentials
 from proxy.sip.grammar import for_log, quote, quoted_string_end, unquote
 from proxy.errors import SipParseError
 from proxy.sip.message import Request

@@ -19,11 +19,11 @@ import urllib.parse
 import urllib.request
 
 from proxy import __version__
-from proxy.adminapi import TOKEN_FILE
+from proxy.admin.api import TOKEN_FILE
 from proxy.config import ProxyConfig, load_config
-from proxy.credentials import USERS_FILE, UserFileError, UserRecord, compute_ha1, locked_users, read_users, valid_user_name
+from proxy.registration.credentials import USERS_FILE, UserFileError, UserRecord, compute_ha1, locked_users, read_users, valid_user_name
 from proxy.errors import ConfigError
-from proxy.forwarding import ForwardingError, ForwardingStore, check_target
+from proxy.routing.forwarding import ForwardingError, ForwardingStore, check_target
 
 
 class AdminError(Exception):

@@ -19,10 +19,10 @@ import attrs
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from proxy.auth import Authenticated, Challenge, DigestAuthenticator, Refused, mac_from_instance
+from proxy.registration.auth import Authenticated, Challenge, DigestAuthenticator, Refused, mac_from_instance
 from proxy.config import RegistrarConfig
 from proxy.errors import SipError, SipParseError
-from proxy.location import Binding, ILocationService
+from proxy.registration.location import Binding, ILocationService
 from proxy.dispatch import unsupported_extensions
 from proxy.identity import Identity
 from proxy.replies import Replies

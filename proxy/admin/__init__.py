@@ -1,0 +1,1 @@
+"""Administration: the admin HTTP API, the sipproxy-admin command, the phone inventory, remote reboot."""

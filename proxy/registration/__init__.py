@@ -1,0 +1,1 @@
+"""Registration: REGISTER processing, the location service, digest authentication, the users."""
