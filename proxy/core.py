@@ -143,9 +143,10 @@ def build_core(config: ProxyConfig, clock: IReactorTime, transports, *, resolver
                   is_our_domain=identity.is_our_domain)
 
     location = SqliteLocationService(os.path.join(state_dir, LOCATION_FILE), clock)
-    location.add_observer(lambda event, binding: plugins.emit(f"registration_{event}", binding=binding))
+    location.add_observer(lambda event, binding: plugins.listening and plugins.emit(f"registration_{event}",
+                                                                                    binding=binding))
     forwarding_store = ForwardingStore(os.path.join(state_dir, LOCATION_FILE))
-    forwarding = Forwarding(forwarding_store, identity.domain, max_depth=config.forwarding.max_depth,
+    forwarding = Forwarding(forwarding_store, identity, max_depth=config.forwarding.max_depth,
                             has_bindings=lambda user: bool(location.lookup(identity.aor(user))))
 
     routes = RouteTable(config.routes, config.emergency)

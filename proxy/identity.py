@@ -21,10 +21,15 @@ class Identity:
     domain: str = ""  # the primary domain: AoRs are written sip:user@domain
     advertise_host: str = "127.0.0.1"
     advertise_ports: tuple[tuple[str, int], ...] = (("UDP", 5060),)  # by transport
+    # Derived once (per-message path): the advertised ports as a dict and as a set.
+    _port_of: dict = attrs.field(init=False, eq=False, repr=False)
+    _our_via_ports: frozenset = attrs.field(init=False, eq=False, repr=False)
 
     def __attrs_post_init__(self):
         if not self.domain and self.domains:
             object.__setattr__(self, "domain", min(self.domains))
+        object.__setattr__(self, "_port_of", dict(self.advertise_ports))
+        object.__setattr__(self, "_our_via_ports", frozenset(self._port_of.values()))
 
     # -- questions --------------------------------------------------------------
 
@@ -63,7 +68,7 @@ class Identity:
         return (host == self.advertise_host or host in self.addresses) and destination.port in self.ports
 
     def is_our_via(self, host: str, port: int | None) -> bool:
-        return host == self.advertise_host and (port or 5060) in dict(self.advertise_ports).values()
+        return host == self.advertise_host and (port or 5060) in self._our_via_ports
 
     # -- what we write -------------------------------------------------------------
 
@@ -71,7 +76,7 @@ class Identity:
         return f"sip:{user}@{self.domain}"
 
     def port_for(self, transport: str) -> int:
-        ports = dict(self.advertise_ports)
+        ports = self._port_of
         return ports.get(transport) or ports.get("UDP", 5060)
 
     def via_value(self, transport: str, branch: str) -> str:

@@ -166,9 +166,13 @@ class PluginHost:
     def __init__(self):
         self.plugins: list = []
         self.failures: dict[str, int] = {}
+        self.listening = False  # any IEventObserver: callers skip building event values when nobody listens
+        self.policing = False  # any IRequestPolicy
 
     def add(self, plugin) -> None:
         self.plugins.append(plugin)
+        self.listening = self.listening or IEventObserver.providedBy(plugin)
+        self.policing = self.policing or IRequestPolicy.providedBy(plugin)
 
     def providers(self, interface) -> list:
         return [p for p in self.plugins if interface.providedBy(p)]

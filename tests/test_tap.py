@@ -101,7 +101,7 @@ class DamagedStateTests(SynchronousTestCase):
         with capturedLogs() as events:
             credentials = FileCredentials(path, Clock())
         self.assertIsNotNone(credentials.lookup("1001"))
-        self.assertTrue(any("last good copy" in (e.get("warning") or "") for e in events))
+        self.assertTrue(any("last good copy" in (e.get("problem") or "") for e in events))
 
     def test_location_database_empty_or_garbage(self):
         for data in (b"", b"SQLite format 3\x00" + b"\xff" * 200, b"not a database at all" * 50):

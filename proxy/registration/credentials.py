@@ -179,7 +179,7 @@ class FileCredentials:
         self.check_interval = check_interval
         self._users, warning = load_users_at_startup(path)  # ConfigError: damaged, no good copy
         if warning:
-            log.error("{warning}", warning=warning)
+            log.error("{problem}", problem=warning)  # not "warning": trial reads that key as a Python warning
         else:
             log.info("Loaded {count} users from {path}", count=len(self._users), path=path)
         self._stamp = self._file_stamp()

@@ -24,7 +24,10 @@ import sqlite3
 import attrs
 from twisted.logger import Logger
 
+from proxy.errors import SipParseError
+from proxy.identity import Identity
 from proxy.registration.location import open_state_database
+from proxy.sip.uri import SipUri
 
 log = Logger()
 
@@ -189,25 +192,27 @@ class Plan:
 class Forwarding:
     """Turns a user's settings into the Plan a call follows."""
 
-    def __init__(self, store: ForwardingStore, domain: str, *, max_depth: int = 5, has_bindings=None):
+    def __init__(self, store: ForwardingStore, identity: Identity, *, max_depth: int = 5, has_bindings=None):
         self.store = store
-        self.domain = domain
+        self.identity = identity
         self.max_depth = max_depth
         self.has_bindings = has_bindings or (lambda user: True)
 
     def uri_for(self, target: str) -> tuple[str, str]:
-        """(local user or "", Request-URI) for a stored target."""
+        """(local user or "", Request-URI) for a stored target: a number, user@host, or a SIP URI."""
         if target.startswith(("sip:", "sips:")):
-            user, _, host = target.partition(":")[2].partition("@")
-            if host.lower() == self.domain:
-                return user, f"sip:{user}@{self.domain}"
-            return "", target
-        if "@" in target:
-            user, _, host = target.partition("@")
-            if host.lower() == self.domain:
-                return user, f"sip:{user}@{self.domain}"
-            return "", f"sip:{target}"
-        return target, f"sip:{target}@{self.domain}"
+            text = target
+        elif "@" in target:
+            text = f"sip:{target}"
+        else:
+            return target, self.identity.aor(target)
+        try:
+            uri = SipUri.parse(text)
+        except SipParseError:
+            return "", text
+        if uri.user is not None and self.identity.is_our_domain(uri):
+            return uri.decoded_user, self.identity.aor(uri.decoded_user)
+        return "", text
 
     def plan(self, user: str, *, is_local_user, chain: tuple[str, ...] = (), diversions=()) -> Plan:
         """The plan to reach `user` (a local user), following unconditional/unavailable chains eagerly."""
@@ -216,7 +221,7 @@ class Forwarding:
             return Plan(user=user, target_uri="", diversions=tuple(diversions), loop=True)
         chain = chain + (user,)
         settings = self.store.get(user)
-        me = f"sip:{user}@{self.domain}"
+        me = self.identity.aor(user)
         if len(chain) > self.max_depth:
             return Plan(user=user, target_uri=me, diversions=tuple(diversions))
         if settings.always:

@@ -168,7 +168,7 @@ class Router:
         if served.basis == "emergency" or (ours and self.routes.is_emergency(dialled)):
             self._emergency(tx, request, source, dialled)
             return
-        verdict = self.plugins.check_request(request, source, served.user)
+        verdict = self.plugins.check_request(request, source, served.user) if self.plugins.policing else None
         if isinstance(verdict, Respond):
             log.info("{method} {uri} rejected by policy: {status} {reason}", method=request.method,
                      uri=for_log(request.uri_text), status=verdict.status, reason=verdict.reason)
@@ -269,13 +269,15 @@ class Router:
         if call.request.method == "INVITE":
             self.stats["calls_answered"] += 1
             log.info("Call {call_id} answered ({kind})", call_id=for_log(call.call_id), kind=branch.target.kind)
-        self.plugins.emit("call_answered", call=call.info(status=response.status))
+        if self.plugins.listening:
+            self.plugins.emit("call_answered", call=call.info(status=response.status))
 
     def _finished(self, call: ProxyCall) -> None:
         self.calls.pop(id(call.tx), None)
         if call.request.method == "INVITE" and not call.answered:
             self.stats["calls_failed"] += 1
-        self.plugins.emit("call_ended", call=call.info())
+        if self.plugins.listening:
+            self.plugins.emit("call_ended", call=call.info())
 
     def counters(self) -> dict:
         """What the metrics read: calls in progress and their outcomes, forwarding and redirects."""
