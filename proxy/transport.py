@@ -204,7 +204,7 @@ class Transports:
     def send(self, data: bytes, dest: Destination, connection=None) -> None:
         """Send bytes toward `dest`; for streams prefer `connection` when it is still up."""
         if not is_ip_address(dest.host) or not 0 < dest.port < 65536:
-            # Names are resolved before this (RFC 3263, proxy/dns.py); one that slips through is a
+            # Names are resolved before this (RFC 3263, proxy/routing/dns.py); one that slips through is a
             # bug upstream, which must cost this one message, never a traceback per retransmission.
             self.unsendable += 1
             log.debug("Not sending to {host}:{port}: not a numeric address", host=dest.host, port=dest.port)
