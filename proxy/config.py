@@ -263,7 +263,25 @@ def load_config(path: str | None) -> ProxyConfig:
         raise ConfigError(path, "", f"cannot read: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(path, "", f"not valid TOML: {e}") from None
+    _paths_relative_to(data, os.path.dirname(os.path.abspath(path)))
     return parse_config(data, path)
+
+
+_PATH_KEYS = (("server", "state_dir"), ("checksync", "tftp_root"), ("tls", "ca_file"))
+
+
+def _paths_relative_to(data: dict, base: str) -> None:
+    """Relative paths in a config file mean relative to the file, not to wherever the command was run.
+
+    Otherwise `sipproxy-admin` run from another directory would silently edit another users file.
+    (Only well-formed string values are rewritten; anything else is left for parse_config to refuse.)
+    """
+    for section, key in _PATH_KEYS:
+        table = data.get(section)
+        if isinstance(table, dict):
+            value = table.get(key)
+            if isinstance(value, str) and value and not os.path.isabs(value):
+                table[key] = os.path.normpath(os.path.join(base, value))
 
 
 def parse_config(data: dict, path: str = "<config>") -> ProxyConfig:

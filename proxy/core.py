@@ -150,6 +150,12 @@ def build_core(config: ProxyConfig, clock: IReactorTime, transports, *, resolver
                             has_bindings=lambda user: bool(location.lookup(identity.aor(user))))
 
     routes = RouteTable(config.routes, config.emergency)
+    plan = routes.emergency_plan()
+    if not plan:
+        log.error("EMERGENCY CALLS CANNOT BE PLACED: {numbers} get 503. Set [emergency] gateways (or a [[routes]] "
+                  "entry to a PSTN gateway) in {path}", numbers="/".join(config.emergency.patterns), path=config.path)
+    elif not config.emergency.gateways:
+        log.warn("Emergency calls ({numbers}) go {plan}", numbers="/".join(config.emergency.patterns), plan=plan)
     targets = Targets(identity, location, credentials, routes, NextHopResolver(resolver), nat)
     hops = Hops(identity, trust.signer, config.realm)
     router = Router(clock=clock, replies=replies, identity=identity, trust=trust, hops=hops, targets=targets,

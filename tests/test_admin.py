@@ -53,6 +53,26 @@ class UserCommandTests(SynchronousTestCase):
         self.assertEqual(run("-c", self.config, "user", "remove", "1001")[0], 0)
         self.assertEqual(list(self.users()), ["1002"])
 
+    def test_remove_takes_bindings_and_forwarding_with_it_when_the_server_is_down(self):
+        from proxy.routing.forwarding import ForwardingStore
+
+        run("-c", self.config, "user", "add", "1001", "--password", "a", "--lines", "1009")
+        run("-c", self.config, "forward", "set", "1001", "--always", "1002")
+        location = SqliteLocationService(os.path.join(self.state, "location.sqlite"), Clock())
+        for user in ("1001", "1009"):
+            location.save(Binding(aor=f"sip:{user}@pbx.example.com", contact=f"sip:{user}@192.0.2.5:5060",
+                                  expires_at=4_000_000_000, source_host="192.0.2.5", source_port=5060))
+        location.stop()
+        code, out, _ = run("-c", self.config, "user", "remove", "1001")
+        self.assertEqual(code, 0)
+        self.assertIn("forwarding of 1001 cleared", out)
+        self.assertIn("1 binding(s) of sip:1001@pbx.example.com removed", out)
+        self.assertIn("1 binding(s) of sip:1009@pbx.example.com removed", out)
+        location = SqliteLocationService(os.path.join(self.state, "location.sqlite"), Clock())
+        self.assertEqual(location.all_bindings(), [])
+        location.stop()
+        self.assertTrue(ForwardingStore(os.path.join(self.state, "location.sqlite")).get("1001").is_empty())
+
     def test_lines(self):
         run("-c", self.config, "user", "add", "1001", "--password", "a", "--lines", "1002,1003")
         self.assertEqual(self.users()["1001"].lines, ("1002", "1003"))
@@ -64,8 +84,9 @@ class UserCommandTests(SynchronousTestCase):
 
     def test_errors_are_clear(self):
         run("-c", self.config, "user", "add", "1001", "--password", "a")
-        self.assertEqual(run("-c", self.config, "user", "add", "1001", "--password", "a")[2],
-                         "sipproxy-admin: user 1001 exists; use 'user passwd'\n")
+        err = run("-c", self.config, "user", "add", "1001", "--password", "a")[2]
+        self.assertEqual(err.splitlines()[-1], "sipproxy-admin: user 1001 exists; use 'user passwd'")
+        self.assertEqual(err.splitlines()[0], f"(state directory {self.state})")
         self.assertIn("no user 9", run("-c", self.config, "user", "remove", "9")[2])
         self.assertIn("cannot be a user name", run("-c", self.config, "user", "add", "a b", "--password", "x")[2])
         self.assertIn("UNPROVISIONED", run("-c", self.config, "user", "add", "UNPROVISIONED", "--password", "x")[2])
@@ -101,15 +122,16 @@ class AdminApiTests(SynchronousTestCase):
         self.location.save(Binding(aor="sip:1001@example.com", contact="sip:1001@192.0.2.5:5060", expires_at=1600,
                                    source_host="192.0.2.5", source_port=5060, user_agent="Cisco-SIPIPPhone/7.5",
                                    instance="<urn:uuid:00000000-0000-0000-0000-003094c25d2e>"))
-        self.api = AdminApi(self.token, self.clock, self.location)
+        self.api = AdminApi(self.token, self.clock, self.location, domain="example.com")
 
-    def get(self, path, token=None):
-        request = DummyRequest(path.strip("/").split("/"))
+    def get(self, path, token=None, method=b"GET"):
+        from twisted.web.resource import getChildForRequest
+
+        request = DummyRequest([segment.encode() for segment in path.strip("/").split("/")])
+        request.method = method
         if token:
             request.requestHeaders.setRawHeaders(b"authorization", [f"Bearer {token}".encode()])
-        resource = self.api
-        for segment in request.postpath:
-            resource = resource.getChildWithDefault(segment.encode(), request)
+        resource = getChildForRequest(self.api, request)  # consumes the path as twisted.web does
         body = resource.render(request)
         return request.responseCode or 200, json.loads(body)
 
@@ -117,6 +139,15 @@ class AdminApiTests(SynchronousTestCase):
         self.assertEqual(self.get("/api/registrations")[0], 401)
         self.assertEqual(self.get("/api/registrations", "wrong")[0], 401)
         self.assertEqual(os.stat(os.path.join(self.state, "admin-token")).st_mode & 0o777, 0o600)
+
+    def test_unregister_removes_every_binding_of_an_aor(self):
+        self.location.save(Binding(aor="sip:1003@example.com", contact="sip:1003@192.0.2.9:5060",
+                                   expires_at=4_000_000_000, source_host="192.0.2.9", source_port=5060))
+        status, body = self.get("/api/registrations/1003", self.token, method=b"DELETE")
+        self.assertEqual((status, body), (200, {"aor": "sip:1003@example.com", "removed": 1}))
+        self.assertEqual(self.location.lookup("sip:1003@example.com"), [])
+        status, _ = self.get("/api/registrations/1003", None, method=b"DELETE")
+        self.assertEqual(status, 401)
 
     def test_registrations(self):
         status, body = self.get("/api/registrations", self.token)

@@ -10,10 +10,25 @@ SAMPLE = os.path.join(os.path.dirname(__file__), os.pardir, "etc", "sipproxy.tom
 
 class ConfigTests(SynchronousTestCase):
     def test_sample_config_is_valid_and_equals_defaults(self):
+        import attrs
+
         config = load_config(SAMPLE)
         defaults = load_config(None)
-        self.assertEqual(config.server, defaults.server)
+        # The sample's state_dir = "state" means etc/state: relative to the file, not to the working directory.
+        self.assertEqual(config.server.state_dir, os.path.join(os.path.dirname(os.path.abspath(SAMPLE)), "state"))
+        self.assertEqual(attrs.evolve(config.server, state_dir="state"), defaults.server)
         self.assertEqual(config.timers, defaults.timers)
+
+    def test_relative_paths_are_relative_to_the_config_file(self):
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        path = os.path.join(directory, "site.toml")
+        with open(path, "w") as f:
+            f.write('[server]\nstate_dir = "var/state"\n[checksync]\ntftp_root = "tftp"\n')
+        os.makedirs(os.path.join(directory, "tftp"))
+        config = load_config(path)
+        self.assertEqual(config.server.state_dir, os.path.join(directory, "var", "state"))
+        self.assertEqual(config.checksync.tftp_root, os.path.join(directory, "tftp"))
 
     def error(self, data):
         return self.assertRaises(ConfigError, parse_config, data, "site.toml")

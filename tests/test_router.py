@@ -537,6 +537,14 @@ class GatewayTests(SynchronousTestCase):
         ((invite, dest),) = requests(sent, "INVITE")
         self.assertEqual((invite.uri_text, dest), ("sip:911@192.0.2.30", Destination("UDP", "192.0.2.30", 5060)))
 
+    def test_emergency_without_emergency_gateway_goes_by_the_first_pstn_route(self):
+        route = RouteConfig(pattern="9[0-9]+", strip=1, gateways=("192.0.2.20",), name="pstn")
+        net = Net(self, routes=[route], emergency=EmergencyConfig())
+        sent = net.invite(to="911", auth=False, source=("192.0.2.99", 5060), frm="nobody")
+        ((invite, dest),) = requests(sent, "INVITE")
+        # As dialled (not stripped like an ordinary 9-number), to the route's gateway.
+        self.assertEqual((invite.uri_text, dest), ("sip:911@192.0.2.20", Destination("UDP", *GW1)))
+
     def test_emergency_without_gateway_is_503(self):
         net = Net(self, emergency=EmergencyConfig())
         self.assertEqual(statuses(net.invite(to="9911", auth=False))[-1], 503)

@@ -9,6 +9,7 @@ in constant time.
 Routes:
   GET /api/health                  {"status": "ok", "version": ...}
   GET /api/registrations           every current binding
+  DELETE /api/registrations/<aor>  remove every binding of an AoR (sip:user@domain, or just the user) -> {"removed": n}
   GET /api/forwarding              everyone's forwarding settings
   GET|PUT|DELETE /api/forwarding/<user>   one user's (PUT a JSON object with any of
                                    always, busy, no_answer, no_answer_after, unavailable)
@@ -267,7 +268,15 @@ class AdminApi(resource.Resource):
         return 200, job.as_json()
 
     def _registrations(self, method, request):
-        if method != "GET":
-            return 405, {"error": "use GET"}
+        path = [p.decode("utf-8", "replace") for p in request.postpath if p]
+        if method == "DELETE" and len(path) == 1:
+            if not path[0].startswith(("sip:", "sips:")) and not self.domain:
+                return 400, {"error": "give the whole AoR (sip:user@domain)"}
+            aor = path[0] if path[0].startswith(("sip:", "sips:")) else f"sip:{path[0]}@{self.domain}"
+            removed = len(self.location.lookup(aor))
+            self.location.remove_all(aor)
+            return 200, {"aor": aor, "removed": removed}
+        if method != "GET" or path:
+            return 405, {"error": "use GET /api/registrations or DELETE /api/registrations/<aor>"}
         now = self.clock.seconds()
         return 200, {"registrations": [binding_json(b, now) for b in self.location.all_bindings()]}

@@ -23,7 +23,8 @@ from proxy.admin.api import TOKEN_FILE
 from proxy.config import ProxyConfig, load_config
 from proxy.registration.credentials import USERS_FILE, UserFileError, UserRecord, compute_ha1, locked_users, read_users, valid_user_name
 from proxy.errors import ConfigError
-from proxy.routing.forwarding import ForwardingError, ForwardingStore, check_target
+from proxy.registration.location import LOCATION_FILE, SqliteLocationService
+from proxy.routing.forwarding import ForwardingError, ForwardSettings, ForwardingStore, check_target
 
 
 class AdminError(Exception):
@@ -111,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         config = load_config(args.config)
+        if args.command in ("user", "forward"):
+            # Say which files are edited: a config file elsewhere means another state directory.
+            print(f"(state directory {os.path.abspath(config.server.state_dir)})", file=sys.stderr)
         if args.command == "user":
             return _user(config, args)
         if args.command == "registrations":
@@ -205,11 +209,51 @@ def _user(config: ProxyConfig, args) -> int:
         return 0
     if action == "remove":
         with locked_users(path) as users:
-            if users.pop(name, None) is None:
+            record = users.pop(name, None)
+            if record is None:
                 raise AdminError(f"no user {name}")
-        print(f"removed {name}")
+            # Its own AoR, and the lines only it could register (a line that is a user itself stays).
+            forget = [name] + [line for line in record.lines if line not in users]
+        print(f"removed {name} from {path}")
+        _forget_user(config, name, forget)
         return 0
     raise AdminError(f"unknown action {action}")
+
+
+def _forget_user(config: ProxyConfig, name: str, users: list[str]) -> None:
+    """A removed user must stop receiving calls now, not when its bindings expire: bindings and forwarding go too."""
+    store = ForwardingStore(os.path.join(config.server.state_dir, LOCATION_FILE))
+    try:
+        store.put(ForwardSettings(user=name))  # empty settings: the row is deleted
+    finally:
+        store.close()
+    print(f"  forwarding of {name} cleared")
+    for user in users:
+        aor = f"sip:{user}@{config.server.domains[0]}"
+        quoted = urllib.parse.quote(aor, safe="")
+        try:
+            removed = api_request(config, "DELETE", f"/api/registrations/{quoted}")["removed"]
+        except AdminError as e:
+            # The server is not running: its bindings are only in the file, and go from there.
+            location = SqliteLocationService(os.path.join(config.server.state_dir, LOCATION_FILE), _WallClock())
+            try:
+                removed = len(location.lookup(aor))
+                location.remove_all(aor)
+            finally:
+                location.stop()
+            print(f"  ({e}; removed from the file instead)")
+        print(f"  {removed} binding(s) of {aor} removed")
+
+
+class _WallClock:
+    """The CLI's clock for a location file it opens itself (no reactor here)."""
+
+    @staticmethod
+    def seconds() -> float:
+        return time.time()
+
+    def callLater(self, *args, **kwargs):  # the sweeper is never started by the CLI
+        raise RuntimeError("no timers in the CLI")
 
 
 def _forward(config: ProxyConfig, args) -> int:

@@ -45,12 +45,28 @@ class RouteTable:
         self.routes = [_CompiledRoute(r, re.compile(r.pattern) if r.pattern else None) for r in routes]
         self.emergency_patterns = [re.compile(p) for p in emergency.patterns]
         self.emergency_gateways = emergency.gateways
+        # No emergency gateway set: emergency numbers go, as dialled, by the first dial-pattern route's gateways,
+        # so a site with a PSTN route can always call 911 (seed 001 line 1492).
+        self.emergency_route = None
+        if not emergency.gateways:
+            self.emergency_route = next((r.config for r in self.routes if r.regex is not None and r.config.gateways),
+                                        None)
+
+    def emergency_plan(self) -> str:
+        """How emergency calls go, for the startup log."""
+        if self.emergency_gateways:
+            return "to the emergency gateways " + ", ".join(self.emergency_gateways)
+        if self.emergency_route is not None:
+            return (f"by route {self.emergency_route.name or self.emergency_route.pattern!r} "
+                    f"({', '.join(self.emergency_route.gateways)}): no [emergency] gateways are set")
+        return ""
 
     def is_emergency(self, dialled: str | None) -> bool:
         return bool(dialled) and any(p.fullmatch(dialled) for p in self.emergency_patterns)
 
     def emergency_hops(self, dialled: str) -> list[Hop]:
-        return [self._gateway_hop(gw, dialled) for gw in self.emergency_gateways]
+        gateways = self.emergency_gateways or (self.emergency_route.gateways if self.emergency_route else ())
+        return [self._gateway_hop(gw, dialled) for gw in gateways]
 
     def by_number(self, dialled: str) -> tuple[str, list[Hop]] | None:
         """(route name, hops) of the first pattern route matching the dialled user part."""

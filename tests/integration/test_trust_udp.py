@@ -45,6 +45,17 @@ class TrustTestCase(SynchronousTestCase):
             {extra}
         """, body)
 
+    def register(self, agent, user):
+        uri = f"sip:{REALM}"
+        self.message(agent, "REGISTER", uri, call_id=f"reg-{user}", frm=user, to=user, extra="Expires: 3600")
+        challenge = agent.final("REGISTER")
+        self.assertEqual(status(challenge), 401, challenge)
+        answer = digest(user, PASSWORDS[user], REALM, header(challenge, "WWW-Authenticate"), "REGISTER", uri,
+                        "Authorization")
+        self.message(agent, "REGISTER", uri, call_id=f"reg-{user}", cseq=2, frm=user, to=user,
+                     extra="Expires: 3600\n" + answer)
+        self.assertEqual(status(agent.final("REGISTER")), 200)
+
     def authenticated_invite(self, agent, uri, *, call_id, frm="1001", to="1002"):
         """INVITE, 407, ACK, INVITE with credentials, as the phone does (seed 001 line 3945)."""
         branch = os.urandom(6).hex()
@@ -106,17 +117,6 @@ class StrangerTests(TrustTestCase):
 
 
 class SignedDialogTests(TrustTestCase):
-    def register(self, agent, user):
-        uri = f"sip:{REALM}"
-        self.message(agent, "REGISTER", uri, call_id=f"reg-{user}", frm=user, to=user, extra="Expires: 3600")
-        challenge = agent.final("REGISTER")
-        self.assertEqual(status(challenge), 401, challenge)
-        answer = digest(user, PASSWORDS[user], REALM, header(challenge, "WWW-Authenticate"), "REGISTER", uri,
-                        "Authorization")
-        self.message(agent, "REGISTER", uri, call_id=f"reg-{user}", cseq=2, frm=user, to=user,
-                     extra="Expires: 3600\n" + answer)
-        self.assertEqual(status(agent.final("REGISTER")), 200)
-
     def test_reinvite_and_bye_both_ways_along_the_signed_route_across_a_restart(self):
         a, b = self.agent(), self.agent()
         self.register(b, "1002")
