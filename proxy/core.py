@@ -22,6 +22,7 @@ from proxy.admin.checksync import CheckSync
 from proxy.config import ProxyConfig
 from proxy.registration.credentials import USERS_FILE, FileCredentials
 from proxy.dispatch import Dispatcher
+from proxy.errors import ConfigError
 from proxy.routing.forwarding import Forwarding, ForwardingStore
 from proxy.identity import Identity
 from proxy.registration.location import LOCATION_FILE, SqliteLocationService
@@ -95,8 +96,28 @@ def local_addresses(config: ProxyConfig) -> frozenset[str]:
     return frozenset(found)
 
 
-def _advertised(config: ProxyConfig, addresses: frozenset[str]) -> tuple[str, dict[str, int]]:
-    """The host phones reach us at (Via, Record-Route) and our port per transport."""
+def default_route_address() -> str | None:
+    """The address this host sends from toward the rest of the network (a UDP connect sends no packet), or None."""
+    for probe in ("192.0.2.1", "2001:db8::1"):  # documentation addresses: only the routing table is asked
+        family = socket.AF_INET6 if ":" in probe else socket.AF_INET
+        try:
+            with socket.socket(family, socket.SOCK_DGRAM) as s:
+                s.connect((probe, 9))
+                address = s.getsockname()[0]
+        except OSError:
+            continue
+        if not address.startswith("127.") and address not in ("::1", "0.0.0.0", "::"):
+            return address
+    return None
+
+
+def _advertised(config: ProxyConfig, addresses: frozenset[str], find_address) -> tuple[str, dict[str, int]]:
+    """The host phones reach us at (Via, Record-Route) and our port per transport.
+
+    In order: `[proxy] advertise`, the first of `[server] addresses`, a listener's interface, the source address of
+    the default route, another address of the host. Loopback only when every listener is on loopback: otherwise
+    phones would send their ACK and BYE to their own 127.0.0.1, so startup stops and says what to set.
+    """
     ports: dict[str, int] = {}
     for listener in config.server.listen:
         ports.setdefault(listener.transport, listener.port)
@@ -112,17 +133,31 @@ def _advertised(config: ProxyConfig, addresses: frozenset[str]) -> tuple[str, di
     for listener in config.server.listen:
         if listener.interface not in ("", "0.0.0.0", "::"):
             return listener.interface, ports
-    candidates = sorted(a for a in addresses if ":" not in a and not a.startswith("127."))
-    if candidates:
-        return candidates[0], ports
-    log.warn("No address to advertise in Via/Record-Route; using 127.0.0.1 (set proxy.advertise)")
-    return "127.0.0.1", ports
+    others = sorted(a for a in addresses if ":" not in a and not a.startswith("127."))
+    routed = find_address()
+    if routed:
+        also = [a for a in others if a != routed]
+        log.info("Advertising {address} in Via and Record-Route: the source address of the default route"
+                 "{others} (set proxy.advertise to choose)", address=routed,
+                 others=f"; this host also has {', '.join(also)}" if also else "")
+        return routed, ports
+    if others:
+        log.info("Advertising {address} in Via and Record-Route (set proxy.advertise to choose)", address=others[0])
+        return others[0], ports
+    if all(_is_loopback(lst.interface) for lst in config.server.listen):
+        return "127.0.0.1", ports
+    raise ConfigError(config.path, "proxy.advertise", "no routable address of this host found (the hostname "
+                      "resolves to loopback only): set it to the address the phones reach this proxy at")
 
 
-def identity_from_config(config: ProxyConfig) -> Identity:
+def _is_loopback(interface: str) -> bool:
+    return interface.startswith("127.") or interface in ("::1", "localhost")
+
+
+def identity_from_config(config: ProxyConfig, find_address=default_route_address) -> Identity:
     addresses = local_addresses(config)
-    host, ports = _advertised(config, addresses)
-    return Identity(domains=frozenset(config.server.domains), addresses=addresses,
+    host, ports = _advertised(config, addresses, find_address)
+    return Identity(domains=frozenset(config.server.domains), addresses=addresses | {host},
                     ports=frozenset(lst.port for lst in config.server.listen), domain=config.server.domains[0],
                     advertise_host=host, advertise_ports=tuple(sorted(ports.items())))
 

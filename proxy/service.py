@@ -14,7 +14,7 @@ from twisted.names import client as dns_client
 
 from proxy.admin.api import AdminApi, load_or_create_metrics_token, load_or_create_token
 from proxy.config import ProxyConfig
-from proxy.core import Core, build_core
+from proxy.core import Core, build_core, identity_from_config
 from proxy.registration.credentials import USERS_FILE, load_users_at_startup
 from proxy.errors import ConfigError
 from proxy.registration.location import LOCATION_FILE, SqliteLocationService, open_state_database
@@ -106,6 +106,7 @@ def check_state(config: ProxyConfig) -> list[str]:
     Returns warnings to log (a last good copy in use). `tap.Options` calls this,
     so the message comes before twistd daemonises.
     """
+    identity_from_config(config)  # an address to advertise, or ConfigError saying what to set
     state_dir = config.server.state_dir
     _, warning = load_users_at_startup(os.path.join(state_dir, USERS_FILE))
     database = os.path.join(state_dir, LOCATION_FILE)

@@ -100,3 +100,36 @@ class AdminListenTests(SynchronousTestCase):
         self.assertEqual(e.key, "auth.max_tracked")
         config = parse_config({"auth": {"slow_max_failures": 20, "slow_window": 1800}}, "site.toml")
         self.assertEqual((config.auth.slow_max_failures, config.auth.slow_window), (20, 1800.0))
+
+
+class AdvertisedAddressTests(SynchronousTestCase):
+    """Issue 20: never advertise loopback to phones by accident (Debian resolves the hostname to 127.0.1.1)."""
+
+    LOOPBACK_ONLY = frozenset({"127.0.0.1", "127.0.1.1", "::1"})
+
+    def advertised(self, data, addresses, route):
+        from proxy.core import _advertised
+
+        return _advertised(parse_config(data, "site.toml"), addresses, lambda: route)
+
+    def test_no_routable_address_and_public_listeners_stops_startup_saying_what_to_set(self):
+        e = self.assertRaises(ConfigError, self.advertised, {}, self.LOOPBACK_ONLY, None)
+        self.assertEqual(e.key, "proxy.advertise")
+        self.assertIn("the address the phones reach this proxy at", e.reason)
+
+    def test_loopback_only_listeners_may_advertise_loopback(self):
+        data = {"server": {"listen": ["udp:5060:interface=127.0.0.1", "tcp:5060:interface=127.0.0.1"]}}
+        self.assertEqual(self.advertised(data, self.LOOPBACK_ONLY, None)[0], "127.0.0.1")
+
+    def test_the_default_route_address_is_chosen_and_the_choice_is_explained(self):
+        from twisted.logger import capturedLogs
+
+        with capturedLogs() as events:
+            host, ports = self.advertised({}, self.LOOPBACK_ONLY | {"10.1.2.3", "192.168.7.7"}, "192.168.7.7")
+        self.assertEqual((host, ports), ("192.168.7.7", {"UDP": 5060, "TCP": 5060}))
+        (event,) = [e for e in events if "default route" in e["log_format"]]
+        self.assertEqual((event["address"], event["others"]), ("192.168.7.7", "; this host also has 10.1.2.3"))
+
+    def test_an_explicit_setting_wins(self):
+        self.assertEqual(self.advertised({"proxy": {"advertise": "198.51.100.5:5070"}}, self.LOOPBACK_ONLY, None),
+                         ("198.51.100.5", {"UDP": 5070, "TCP": 5060}))
