@@ -5,7 +5,9 @@ the reactor as a parameter, so tests can pass a fake one (or the real one
 for sockets with a Clock for time: tests/loopback.py).
 """
 
+import errno
 import os
+import socket
 
 from twisted.application import internet, service, strports
 from twisted.internet import endpoints, ssl
@@ -13,7 +15,7 @@ from twisted.logger import Logger
 from twisted.names import client as dns_client
 
 from proxy.admin.api import AdminApi, load_or_create_metrics_token, load_or_create_token
-from proxy.config import ProxyConfig
+from proxy.config import ListenerConfig, ProxyConfig
 from proxy.core import Core, build_core, identity_from_config
 from proxy.registration.credentials import USERS_FILE, load_users_at_startup
 from proxy.errors import ConfigError
@@ -35,6 +37,8 @@ def load_trust_root(ca_file: str):
         pem = f.read()
     marker = b"-----END CERTIFICATE-----"
     certs = [ssl.Certificate.loadPEM(part + marker) for part in pem.split(marker) if b"BEGIN CERTIFICATE" in part]
+    if not certs:
+        raise ValueError("no PEM certificate in it")
     return ssl.trustRootFromCertificates(certs)
 
 
@@ -100,6 +104,52 @@ class _LocationService(service.Service):
         return super().stopService()
 
 
+def check_listeners(config: ProxyConfig) -> None:
+    """Every SIP listener's port can be bound now: a busy or privileged port is a ConfigError, not a traceback.
+
+    (A check, not a reservation: another program could still take the port before twistd does.)
+    """
+    listeners = [("server.listen", listener) for listener in config.server.listen]
+    for key, description in (("admin.listen", config.admin.listen), ("phone_web.listen", config.phone_web.listen)):
+        try:
+            listeners.append((key, ListenerConfig.parse(description)))
+        except ValueError:
+            continue  # unix: and other endpoints are left to twistd
+    for key, listener in listeners:
+        family = socket.AF_INET6 if ":" in listener.interface else socket.AF_INET
+        kind = socket.SOCK_DGRAM if listener.transport == "UDP" else socket.SOCK_STREAM
+        try:
+            with socket.socket(family, kind) as probe:
+                if kind == socket.SOCK_STREAM:
+                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Twisted's listenTCP
+                probe.bind((listener.interface, listener.port))
+        except OSError as e:
+            where = f"{listener.interface or 'every interface'} port {listener.port}"
+            hint = {errno.EADDRINUSE: "another program listens there (another sipproxy? a PBX?)",
+                    errno.EACCES: "ports below 1024 need root (or CAP_NET_BIND_SERVICE)",
+                    errno.EADDRNOTAVAIL: "this host has no such address"}.get(e.errno, "")
+            raise ConfigError(config.path, key, f"{listener.description}: cannot listen on {where}: "
+                              f"{e.strerror}" + (f" ({hint})" if hint else "")) from None
+
+
+def check_tls(config: ProxyConfig) -> None:
+    """TLS keys, certificates and the CA file load now, or startup stops naming the key and why."""
+    if config.tls.ca_file:
+        try:
+            load_trust_root(config.tls.ca_file)
+        except Exception as e:  # OSError, or whatever the SSL library raises for a non-PEM file
+            raise ConfigError(config.path, "tls.ca_file", f"{config.tls.ca_file}: not a readable PEM file of "
+                              f"CA certificates ({type(e).__name__}: {e})") from None
+    for listener in config.server.listen:
+        if listener.transport != "TLS":
+            continue
+        try:
+            endpoints.serverFromString(None, listener.description)  # the ssl:/tls: parsers load the files here
+        except Exception as e:
+            raise ConfigError(config.path, "server.listen", f"{listener.description}: cannot load the key or "
+                              f"certificate ({type(e).__name__}: {e})") from None
+
+
 def check_state(config: ProxyConfig) -> list[str]:
     """Read every state file once before startup: damage stops it (ConfigError: file and reason), never reads empty.
 
@@ -108,12 +158,23 @@ def check_state(config: ProxyConfig) -> list[str]:
     """
     identity_from_config(config)  # an address to advertise, or ConfigError saying what to set
     state_dir = config.server.state_dir
+    try:
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)
+        probe = os.path.join(state_dir, ".writable")
+        with open(probe, "w"):
+            pass
+        os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(config.path, "server.state_dir", f"{state_dir}: {e.strerror} (the server keeps "
+                          "users, bindings and keys there: it must be a writable directory)") from None
     _, warning = load_users_at_startup(os.path.join(state_dir, USERS_FILE))
     database = os.path.join(state_dir, LOCATION_FILE)
     if os.path.exists(database):
         open_state_database(database).close()
     if os.path.exists(os.path.join(state_dir, KEYS_FILE)):
         load_route_signer(state_dir)
+    check_tls(config)
+    check_listeners(config)
     return [warning] if warning else []
 
 

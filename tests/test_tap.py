@@ -69,7 +69,7 @@ class DamagedStateTests(SynchronousTestCase):
         os.makedirs(self.state)
         self.config = os.path.join(self.dir, "sipproxy.toml")
         with open(self.config, "w") as f:
-            f.write(f'[server]\nstate_dir = "{self.state}"\n')
+            f.write(f'[server]\nstate_dir = "{self.state}"\nlisten = ["udp:0:interface=127.0.0.1"]\n')
 
     def write(self, name, data: bytes):
         with open(os.path.join(self.state, name), "wb") as f:
@@ -116,3 +116,52 @@ class DamagedStateTests(SynchronousTestCase):
 
     def test_a_fresh_state_directory_starts(self):
         tap.Options().parseOptions(["--config", self.config])
+
+    def test_an_unwritable_state_directory_stops_startup(self):
+        blocker = os.path.join(self.dir, "not-a-directory")
+        open(blocker, "w").close()
+        with open(self.config, "w") as f:
+            f.write(f'[server]\nstate_dir = "{blocker}/state"\nlisten = ["udp:0:interface=127.0.0.1"]\n')
+        error = str(self.refused())
+        self.assertIn("server.state_dir", error)
+        self.assertIn("writable directory", error)
+
+    def test_a_busy_port_stops_startup_naming_the_listener(self):
+        import socket
+
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as busy:
+            busy.bind(("127.0.0.1", 0))
+            port = busy.getsockname()[1]
+            with open(self.config, "w") as f:
+                f.write(f'[server]\nstate_dir = "{self.state}"\nlisten = ["udp:{port}:interface=127.0.0.1"]\n')
+            error = str(self.refused())
+        self.assertIn(f"server.listen: udp:{port}:interface=127.0.0.1: cannot listen on 127.0.0.1 port {port}", error)
+        self.assertIn("another program listens there", error)
+
+
+class TlsStartupTests(SynchronousTestCase):
+    def setUp(self):
+        self.dir = os.path.abspath(self.mktemp())
+        os.makedirs(self.dir)
+        self.config = os.path.join(self.dir, "sipproxy.toml")
+
+    def refused(self, text):
+        with open(self.config, "w") as f:
+            f.write(f'[server]\nstate_dir = "state"\nlisten = ["udp:0:interface=127.0.0.1"]\n{text}')
+        return str(self.assertRaises(usage.UsageError, tap.Options().parseOptions, ["--config", self.config]))
+
+    def test_a_ca_file_that_is_not_pem_names_the_key(self):
+        bad = os.path.join(self.dir, "ca.der")
+        with open(bad, "wb") as f:
+            f.write(b"\x30\x82\x01\x0a garbage")
+        error = self.refused(f'[tls]\nca_file = "{bad}"\n')
+        self.assertIn("tls.ca_file", error)
+        self.assertIn("not a readable PEM file", error)
+
+    def test_a_missing_key_file_names_the_listener(self):
+        with open(self.config, "w") as f:
+            f.write('[server]\nstate_dir = "state"\nlisten = ["udp:0:interface=127.0.0.1", '
+                    '"ssl:0:interface=127.0.0.1:privateKey=nokey.pem:certKey=nocert.pem"]\n')
+        error = str(self.assertRaises(usage.UsageError, tap.Options().parseOptions, ["--config", self.config]))
+        self.assertIn("server.listen", error)
+        self.assertIn("cannot load the key or certificate", error)
