@@ -194,8 +194,14 @@ class RedirectServerTests(SynchronousTestCase):
 
     def test_busy_forwarding_lists_user_then_target(self):
         # Seed 001 line 3625: "User B can be reached either at SIP phone B or Cisco SIP IP phone C".
+        # The target, a local user, is listed by its registered contact (issue 20: its AoR would earn the phone a
+        # second 302); one that is registered nowhere by its AoR.
         net = self.redirect_net(**{"1002": {"busy": "1003"}})
         sent = net.invite()
+        self.assertEqual(sent[-1][0].headers.get_lines("contact"),
+                         ["<sip:1002@192.0.2.11:5060>;q=1", "<sip:1003@192.0.2.13:5060>;q=0.1"])
+        net.location.remove_all(f"sip:1003@{REALM}")
+        sent = net.invite(call_id="again")
         self.assertEqual(sent[-1][0].headers.get_lines("contact"),
                          ["<sip:1002@192.0.2.11:5060>;q=1", f"<sip:1003@{REALM}>;q=0.1"])
 

@@ -44,8 +44,12 @@ class RedirectServer:
         else:
             contacts.append((1.0, plan.target_uri))
         for follow in (plan.on_busy, plan.on_no_answer):
-            if follow is not None:
-                uri = self._uri_of(follow)
+            if follow is None:
+                continue
+            # A local target is listed by its registered contacts: its AoR would only earn the phone a
+            # second 302 from us.
+            uris = [b.contact for b in self.location.lookup(self.identity.aor(follow.user))] if follow.user else []
+            for uri in uris or [self._uri_of(follow)]:
                 if all(uri != c for _, c in contacts):
                     contacts.append((0.1, uri))
         if not contacts:

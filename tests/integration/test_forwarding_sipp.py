@@ -82,6 +82,8 @@ class RedirectServerTests(CallTestCase):
     config = "[forwarding]\nredirect = true\n"
 
     def test_300_lists_user_then_busy_target(self):
+        # The busy target is registered: the 300 lists its contact, not its AoR (issue 20).
         self.register("1002", free_port())
+        self.register("1003", free_port())
         self.server.admin("forward", "set", "1002", "--busy", "1003")
         self.call("caller_300.xml")
