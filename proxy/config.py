@@ -129,6 +129,7 @@ class EmergencyConfig:
 @attrs.frozen
 class ProxySettings:
     record_route: bool = True
+    failover_after: float = 4.0  # a gateway silent this long (not even 100 Trying) -> the next one; 0: Timer B
     forking: str = "parallel"  # or "sequential" (by q)
     timer_c: float = 180.0  # the phones' timer_invite_expires default (seed 001 line 1988)
     trusted: tuple[str, ...] = ()  # networks whose requests are not challenged (gateways, peers)
@@ -397,6 +398,7 @@ def _parse_proxy(t: _Table) -> ProxySettings:
         _check_hops(t, "outbound_proxy", (outbound,))
     config = ProxySettings(
         record_route=t.get("record_route", d.record_route, bool),
+        failover_after=t.get("failover_after", d.failover_after, float, lambda v: v >= 0, "must be 0 or more"),
         forking=t.get("forking", d.forking, str, lambda v: v in ("parallel", "sequential"), "must be parallel or sequential"),
         timer_c=t.get("timer_c", d.timer_c, float, lambda v: v >= 1, "must be at least 1 (seconds)"),
         trusted=trusted,

@@ -310,6 +310,11 @@ class ClientTransaction(_Transaction):
             self._terminate()
             self.on_timeout()
 
+    def abandon(self) -> None:
+        """Give up on a request that got no response at all (failover to another hop): no timers, no callbacks."""
+        if self.state in ("Calling", "Trying"):
+            self._terminate()
+
     def cancel_retransmissions(self) -> None:
         """Stop Timer A (used when a CANCEL is sent after a provisional)."""
         self._stop("A")

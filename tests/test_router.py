@@ -492,12 +492,14 @@ class GatewayTests(SynchronousTestCase):
         self.assertEqual((second.uri_text, dest), ("sip:5551234@192.0.2.21:5060", Destination("UDP", *GW2)))
         self.assertEqual(statuses(self.net.answer(second, 200, GW2)), [200])
 
-    def test_fails_over_when_gateway_does_not_answer(self):
-        self.net.invite(to="95551234")
-        self.net.clock.advance(31.9)
-        self.assertEqual({d for _, d in requests(self.net.take(), "INVITE")}, {Destination("UDP", *GW1)})
-        self.net.clock.advance(0.1)
-        ((second, dest),) = requests(self.net.take(), "INVITE")
+    def test_fails_over_at_timer_b_when_failover_after_is_off(self):
+        route = RouteConfig(pattern="9[0-9]+", strip=1, gateways=("192.0.2.20", "192.0.2.21:5060"), name="pstn")
+        net = Net(self, routes=[route], settings=ProxySettings(trusted=("192.0.2.20/32",), failover_after=0))
+        net.invite(to="95551234")
+        net.clock.advance(31.9)
+        self.assertEqual({d for _, d in requests(net.take(), "INVITE")}, {Destination("UDP", *GW1)})
+        net.clock.advance(0.1)
+        ((second, dest),) = requests(net.take(), "INVITE")
         self.assertEqual(dest, Destination("UDP", *GW2))
 
     def test_branch_cancelled_after_another_answers_does_not_fail_over(self):
@@ -519,6 +521,24 @@ class GatewayTests(SynchronousTestCase):
         self.assertEqual([d for _, d in requests(sent, "CANCEL")], [Destination("UDP", *GW1)])
         sent = self.net.answer(to_gw, 503, GW1)
         self.assertEqual(requests(sent, "INVITE"), [])
+
+    def test_a_silent_gateway_is_left_after_failover_after_not_timer_b(self):
+        ((invite, dest),) = requests(self.net.invite(to="95551234"), "INVITE")
+        self.assertEqual(dest, Destination("UDP", *GW1))
+        self.net.clock.advance(3.999)  # retransmissions (Timer A) to the first gateway only
+        self.assertEqual({d for _, d in requests(self.net.take(), "INVITE")}, {Destination("UDP", *GW1)})
+        self.net.clock.advance(0.001)
+        ((second, dest),) = requests(self.net.take(), "INVITE")
+        self.assertEqual(dest, Destination("UDP", *GW2))
+        self.net.clock.advance(10)  # the first gateway's transaction is abandoned: no more retransmissions to it
+        self.assertNotIn(Destination("UDP", *GW1), [d for _, d in requests(self.net.take(), "INVITE")])
+        self.assertEqual(statuses(self.net.answer(second, 200, GW2)), [200])
+
+    def test_a_gateway_that_says_trying_is_not_left(self):
+        ((invite, _),) = requests(self.net.invite(to="95551234"), "INVITE")
+        self.net.answer(invite, 100, GW1)
+        self.net.clock.advance(10)
+        self.assertEqual([d for _, d in requests(self.net.take(), "INVITE")], [])
 
     def test_busy_from_gateway_does_not_fail_over(self):
         ((invite, _),) = requests(self.net.invite(to="95551234"), "INVITE")

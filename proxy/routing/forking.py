@@ -97,6 +97,7 @@ class Branch:
         self.cancel_pending = False
         self.cancelling = False  # CANCELled: it may only end now, never fail over to another hop
         self.timer_c: IDelayedCall | None = None
+        self.failover_timer: IDelayedCall | None = None
         self.attempt = 0
 
     @property
@@ -147,6 +148,35 @@ class Branch:
         self.tx = call.tx.layer.start_client(self.request, destination, self._on_response, self._on_timeout)
         if self.request.method == "INVITE":
             self._restart_timer_c()
+            self._start_failover_timer()
+
+    def _start_failover_timer(self) -> None:
+        """A gateway that says nothing at all (not even 100) within failover_after is left for the next one.
+
+        Timer B would make the caller wait 32 s, by which time a person has hung up; Kamailio's sample config
+        moves on after 4 s the same way (fr_timer).
+        """
+        after = self.call.context.settings.failover_after
+        if after > 0 and self.target.kind == "gateway" and self._has_another_hop():
+            self.failover_timer = self.call.clock.callLater(after, self._failover)
+
+    def _stop_failover_timer(self) -> None:
+        if self.failover_timer is not None and self.failover_timer.active():
+            self.failover_timer.cancel()
+        self.failover_timer = None
+
+    def _has_another_hop(self) -> bool:
+        return bool(self.destinations) or self.hop_index + 1 < len(self.target.hops)
+
+    def _failover(self) -> None:
+        self.failover_timer = None
+        if self.done or self.cancelling or self.call.cancelled:
+            return
+        log.info("No response from {host} within {seconds:g} s; trying the next hop", host=self.hop.host,
+                 seconds=self.call.context.settings.failover_after)
+        self._stop_timer_c()
+        self.tx.abandon()
+        self._next_destination_or_hop()
 
     def _restart_timer_c(self) -> None:
         self._stop_timer_c()
@@ -169,6 +199,7 @@ class Branch:
             self._on_timeout()
 
     def _on_response(self, response: Response) -> None:
+        self._stop_failover_timer()
         if self.done and not (200 <= response.status < 300):
             return
         status = response.status
@@ -226,6 +257,7 @@ class Branch:
             return
         self.done = True
         self._stop_timer_c()
+        self._stop_failover_timer()
         self.call.branch_ended(self, response)
 
     def cancel(self) -> None:

@@ -102,6 +102,18 @@ class GatewayTests(CallTestCase):
         self.assertPeerDone(first)
         self.assertPeerDone(second)
 
+    def test_a_silent_gateway_is_left_for_the_next_before_the_caller_gives_up(self):
+        # The first gateway receives the INVITE and says nothing at all: after failover_after (4 s), not Timer B
+        # (32 s), the call goes to the second. The caller's scenario gives up after 20 s.
+        from tests.integration.sipua import UdpAgent
+
+        silent = UdpAgent(self.server.port, self.gw1)
+        self.addCleanup(silent.close)
+        second = self.peer("callee.xml", port=self.gw2)
+        self.call(callee="95551234")
+        self.assertPeerDone(second)
+        self.assertTrue(silent.receive(1, lambda t: t.startswith("INVITE sip:5551234@")))
+
 
 class LoopTests(CallTestCase):
     def setUp(self):
