@@ -9,7 +9,8 @@ in constant time.
 Routes:
   GET /api/health                  {"status": "ok", "version": ...}
   GET /api/registrations           every current binding
-  DELETE /api/registrations/<aor>  remove every binding of an AoR (sip:user@domain, or just the user) -> {"removed": n}
+  DELETE /api/registrations/<aor>[?contact=URI]  remove the AoR's bindings (all, or that contact); the AoR is
+                                   sip:user@domain or just the user -> {"aor": ..., "removed": n}
   GET /api/forwarding              everyone's forwarding settings
   GET|PUT|DELETE /api/forwarding/<user>   one user's (PUT a JSON object with any of
                                    always, busy, no_answer, no_answer_after, unavailable)
@@ -273,9 +274,15 @@ class AdminApi(resource.Resource):
             if not path[0].startswith(("sip:", "sips:")) and not self.domain:
                 return 400, {"error": "give the whole AoR (sip:user@domain)"}
             aor = path[0] if path[0].startswith(("sip:", "sips:")) else f"sip:{path[0]}@{self.domain}"
-            removed = len(self.location.lookup(aor))
+            contacts = [c.decode("utf-8", "replace") for c in (request.args or {}).get(b"contact", [])]
+            bindings = self.location.lookup(aor)
+            if contacts:
+                gone = [b for b in bindings if b.contact in contacts]
+                for binding in gone:
+                    self.location.remove(aor, binding.contact)
+                return 200, {"aor": aor, "removed": len(gone)}
             self.location.remove_all(aor)
-            return 200, {"aor": aor, "removed": removed}
+            return 200, {"aor": aor, "removed": len(bindings)}
         if method != "GET" or path:
             return 405, {"error": "use GET /api/registrations or DELETE /api/registrations/<aor>"}
         now = self.clock.seconds()

@@ -100,7 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("--timeout", type=float, help="seconds to wait for each phone (default 600)")
 
     regs = commands.add_parser("registrations", help="list current registrations (needs the running server)")
+    regs.add_argument("user", nargs="?", help="only this user's (or AoR's) registrations")
     regs.add_argument("--json", action="store_true")
+    unreg = commands.add_parser("unregister", help="remove a user's registrations now (all, or one contact)")
+    unreg.add_argument("aor", help="a user name or sip:user@domain")
+    unreg.add_argument("contact", nargs="?", help="only this contact URI")
+    lookup = commands.add_parser("lookup", help="one user: account, registrations, forwarding")
+    lookup.add_argument("user")
+    lookup.add_argument("--json", action="store_true")
     return parser
 
 
@@ -117,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"(state directory {os.path.abspath(config.server.state_dir)})", file=sys.stderr)
         if args.command == "user":
             return _user(config, args)
+        if args.command == "unregister":
+            return _unregister(config, args)
+        if args.command == "lookup":
+            return _lookup(config, args)
         if args.command == "registrations":
             return _registrations(config, args)
         if args.command == "forward":
@@ -440,8 +451,61 @@ def api_base(listen: str) -> str:
     return f"http://{host}:{port}"
 
 
+def _aor(config: ProxyConfig, user: str) -> str:
+    return user if user.startswith(("sip:", "sips:")) else f"sip:{user}@{config.server.domains[0]}"
+
+
+def _unregister(config: ProxyConfig, args) -> int:
+    aor = _aor(config, args.aor)
+    path = f"/api/registrations/{urllib.parse.quote(aor, safe='')}"
+    if args.contact:
+        path += "?" + urllib.parse.urlencode({"contact": args.contact})
+    removed = api_request(config, "DELETE", path)["removed"]
+    print(f"{removed} binding(s) of {aor} removed")
+    return 0 if removed else 1
+
+
+def _lookup(config: ProxyConfig, args) -> int:
+    """Everything about one user in one place: as kamctl ul show / opensips-cli would."""
+    name = args.user
+    record = read_users(_users_path(config)).get(name)
+    aor = _aor(config, name)
+    bindings = [b for b in api_get(config, "/api/registrations")["registrations"] if b["aor"] == aor]
+    store = ForwardingStore(os.path.join(config.server.state_dir, LOCATION_FILE))
+    try:
+        forwarding = store.get(name)
+    finally:
+        store.close()
+    found = {"user": name, "aor": aor, "account": None if record is None else
+             {"display_name": record.display_name, "lines": list(record.lines), "realm": record.realm},
+             "registrations": bindings, "forwarding": None if forwarding.is_empty() else forwarding.as_json()}
+    if args.json:
+        print(json.dumps(found, indent=1))
+        return 0 if record is not None or bindings else 1
+    if record is None:
+        print(f"{name}: no such user")
+    else:
+        also = f", may also register {', '.join(record.lines)}" if record.lines else ""
+        print(f"{name} ({record.display_name or 'no display name'}{also})")
+    for b in bindings:
+        print(f"  registered {b['contact']} from {b['source']}/{b['transport'].lower()}, {b['expires_in']} s left, "
+              f"{b['user_agent'] or 'no User-Agent'}")
+    if not bindings:
+        print("  not registered")
+    if forwarding.is_empty():
+        print("  no forwarding")
+    else:
+        for kind in ("always", "busy", "no_answer", "unavailable"):
+            if getattr(forwarding, kind):
+                after = f" after {forwarding.no_answer_after} s" if kind == "no_answer" else ""
+                print(f"  forward {kind.replace('_', ' ')}{after} -> {getattr(forwarding, kind)}")
+    return 0 if record is not None or bindings else 1
+
+
 def _registrations(config: ProxyConfig, args) -> int:
     rows = api_get(config, "/api/registrations")["registrations"]
+    if args.user:
+        rows = [r for r in rows if r["aor"] == _aor(config, args.user)]
     return _show(rows, args.json, "no registrations", ("AOR", "CONTACT", "EXPIRES", "SOURCE", "USER-AGENT", "INSTANCE"),
                  lambda r: (r["aor"], r["contact"], f"{r['expires_in']}s", f"{r['source']}/{r['transport'].lower()}",
                             r["user_agent"] or "-", r["mac"] or r["instance"] or "-"))

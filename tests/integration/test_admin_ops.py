@@ -20,3 +20,29 @@ class UserRemoveTests(TrustTestCase):
         self.authenticated_invite(caller, f"sip:1002@{REALM}", call_id="after-remove")
         self.assertIn(status(caller.final("INVITE")), (404, 480))
         self.assertEqual([m for m in phone.expect_nothing(1.0) if m.startswith("INVITE")], [])
+
+
+class RegistrationCommandTests(TrustTestCase):
+    def test_registrations_unregister_and_lookup_against_the_running_server(self):
+        first, second, caller = self.agent(), self.agent(), self.agent()
+        self.register(first, "1002")
+        self.register(second, "1002")
+        self.server.admin("forward", "set", "1002", "--no-answer", "1001", "--after", "15")
+        listed = self.server.admin("registrations", "1002").stdout
+        self.assertEqual(listed.count("sip:1002@localhost"), 2, listed)
+        self.assertNotIn("sip:1001@", listed)
+        contact = f"sip:1002@127.0.0.1:{first.port}"
+        self.assertIn("1 binding(s) of sip:1002@localhost removed",
+                      self.server.admin("unregister", "1002", contact).stdout)
+        shown = self.server.admin("lookup", "1002").stdout
+        self.assertIn(f"registered sip:1002@127.0.0.1:{second.port}", shown)
+        self.assertNotIn(contact, shown)
+        self.assertIn("forward no answer after 15 s -> 1001", shown)
+        self.assertIn("1 binding(s)", self.server.admin("unregister", "1002").stdout)
+        self.assertIn("not registered", self.server.admin("lookup", "1002").stdout)
+        # Unregistered means unreachable now, not when the binding would have expired: neither phone rings.
+        self.authenticated_invite(caller, "sip:1002@localhost", call_id="after-unregister")
+        final = caller.final("INVITE", timeout=20)
+        self.assertNotEqual(status(final), 200)
+        self.assertEqual([m for m in first.expect_nothing(0.5) + second.expect_nothing(0.5) if m.startswith("INVITE")], [])
+        self.assertEqual(self.server.admin("lookup", "nobody", check=False).returncode, 1)
