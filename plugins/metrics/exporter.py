@@ -34,11 +34,31 @@ def _method(method: str) -> str:
     return method if method in _KNOWN_METHODS else "other"
 
 
+# Every label value a series can take, so each series exists (at 0) from the first scrape: a rate() or an alert
+# on a series that appears only with its first event misses that event.
+KNOWN_LABELS = {
+    "sipproxy_messages_dropped": ("ack_for_stateless_answer", "bad_response", "framing", "internal_error", "malformed",
+                                  "malformed_ack", "stray_ack", "stray_response", "too_large",
+                                  "transaction_table_full", "unsigned_ack"),
+    "sipproxy_registrations": ("challenged", "ok", "refused", "rejected"),
+    "sipproxy_auth_failures": ("bad_nonce", "malformed", "replay", "unknown_user", "unprovisioned", "uri_mismatch",
+                               "wrong_password"),
+    "sipproxy_auth_lockouts_by_scope": ("address", "pair", "user"),
+    "sipproxy_trust_refused": ("from_mismatch", "relay", "unsigned_ack"),
+    "sipproxy_forwards": ("no-answer", "unavailable", "unconditional", "user-busy"),
+    "sipproxy_redirects": ("300", "302"),
+    "sipproxy_checksync_notifies": ("accepted", "no_answer", "refused"),
+}
+
+
 def _family(kind, name: str, documentation: str, label: str, items) -> object:
-    """A metric family with one label, from (label value, number) pairs, in label order."""
+    """A metric family with one label, from (label value, number) pairs, in label order; known values start at 0."""
     family = kind(name, documentation, labels=[label])
-    for key, count in sorted(items, key=lambda kv: str(kv[0])):
-        family.add_metric([str(key)], count)
+    values = {str(key): count for key, count in items}
+    for key in KNOWN_LABELS.get(name, ()):
+        values.setdefault(key, 0)
+    for key, count in sorted(values.items()):
+        family.add_metric([key], count)
     return family
 
 

@@ -73,3 +73,18 @@ class DashboardTests(SynchronousTestCase):
         exported = exported_names(plugin)
         self.assertEqual(names - exported, set())
         self.assertGreater(len(dashboard["panels"]), 10)
+
+
+class ZeroSeriesTests(SynchronousTestCase):
+    def test_every_known_labelled_series_exists_at_zero_before_any_event(self):
+        from plugins.metrics.exporter import KNOWN_LABELS
+
+        net, plugin = built_plugin(self)
+        text = generate_latest(plugin.registry).decode()
+        samples = {(s.name, tuple(s.labels.values())): s.value
+                   for family in text_string_to_metric_families(text) for s in family.samples}
+        for name, values in KNOWN_LABELS.items():
+            for value in values:
+                key = (name + "_total", (value,))
+                self.assertIn(key, samples)
+                self.assertEqual(samples[key], 0)
