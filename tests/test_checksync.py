@@ -43,6 +43,21 @@ class SyncInfoTests(SynchronousTestCase):
         self.assertNotIn('SYNC="abc"', text)
         self.assertIn('<IMAGE VERSION="*" SYNC="2"/>', text)
 
+    def test_a_partial_reboot_bumps_only_what_the_chosen_phones_read(self):
+        # Issue 20: bumping every entry made every phone reboot on its next check-sync.
+        self.write('<IMAGE VERSION="P0S3-08-3-00" SYNC="7"/>\n<IMAGE VERSION="P0S3-07-5-00" SYNC="3"/>\n'
+                   '<IMAGE VERSION="*" SYNC="1"/>\n')
+        self.assertEqual(bump_syncinfo(self.root, {"P0S3-08-3-00"}), [("P0S3-08-3-00", "7", "8")])
+        text = self.read()
+        self.assertIn('<IMAGE VERSION="P0S3-07-5-00" SYNC="3"/>', text)
+        self.assertIn('<IMAGE VERSION="*" SYNC="1"/>', text)
+        # A phone whose image has no entry (or is unknown) reads the * entry: that one moves.
+        self.assertEqual(bump_syncinfo(self.root, {"P0S3-06-3-00", ""}), [("*", "1", "2")])
+        # A dry run computes the same and writes nothing.
+        before = self.read()
+        self.assertEqual(bump_syncinfo(self.root, {"P0S3-07-5-00"}, write=False), [("P0S3-07-5-00", "3", "4")])
+        self.assertEqual(self.read(), before)
+
     def test_odd_existing_content(self):
         self.write('<?xml version="1.0"?>\n<!-- ours -->\n<SYNCINFO><image version="*" sync="41"/></SYNCINFO>\n')
         self.assertEqual(bump_syncinfo(self.root), [("*", "41", "42")])

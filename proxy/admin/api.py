@@ -211,7 +211,7 @@ class AdminApi(resource.Resource):
         return 200, {"phones": rows}
 
     def _reboot(self, method, request):
-        from proxy.admin.checksync import JobConflict, SyncInfoError
+        from proxy.admin.checksync import JobConflict, SyncInfoError, bump_syncinfo
         from proxy.admin.inventory import FilterError, phones, select
 
         if method != "POST":
@@ -236,9 +236,20 @@ class AdminApi(resource.Resource):
         if not chosen and not missing:
             return 400, {"error": "no phone matches: name lines, phones, all, or a filter"}
         push = bool(body.get("push_dialplan"))
+        everyone = bool(body.get("all"))
         if body.get("dry_run"):
+            planned = []
+            if not push and self.checksync.tftp_root:
+                try:
+                    planned = bump_syncinfo(self.checksync.tftp_root, self.checksync.sync_images(chosen, everyone),
+                                            write=False)
+                except SyncInfoError as e:
+                    return 409, {"error": str(e)}
             return 200, {"dry_run": True, "kind": "push-dialplan" if push else "reboot",
                          "syncinfo": None if push else f"{self.checksync.tftp_root or '(tftp_root not set)'}/syncinfo.xml",
+                         # Every phone that reads one of these entries reboots on its next check-sync, not only
+                         # the phones chosen here.
+                         "syncinfo_changes": [{"version": v, "old": o, "new": n} for v, o, n in planned],
                          "phones": [{**p.as_json(), "notify": self.checksync.build_notify(p.notify_binding())
                                      .serialize().decode("utf-8", "replace")} for p in chosen],
                          "not_registered": missing}
@@ -250,6 +261,7 @@ class AdminApi(resource.Resource):
             return 400, {"error": "rate must be 0.01 to 100 per second"}
         try:
             job = self.checksync.start(chosen, missing, reboot=not push, rate=rate, wait=bool(body.get("wait")),
+                                       everyone=everyone,
                                        wait_timeout=float(body.get("timeout", self.checksync_wait)))
         except JobConflict as e:
             return 409, {"error": str(e)}

@@ -5,9 +5,12 @@ for 20 seconds, fetches syncinfo.xml from its TFTP server, and reboots only
 when the SYNC of the entry for its image (or the `*` entry) differs from the
 one it stored. So a reboot:
 
-1. writes new SYNC values into syncinfo.xml in the TFTP root: every IMAGE
-   entry is bumped and kept, and a `<IMAGE VERSION="*" SYNC="..."/>` entry is
-   added when missing (atomically: temporary file, fsync, rename);
+1. writes new SYNC values into syncinfo.xml in the TFTP root (atomically:
+   temporary file, fsync, rename), a `<IMAGE VERSION="*" SYNC="..."/>` entry
+   added when missing. A fleet reboot (`--all`) bumps every entry; a partial
+   one only what the chosen phones read: their images' entries, and `*` when
+   one of them has no entry of its own. Any other phone reading a bumped
+   entry reboots on its next check-sync too, and `--dry-run` says which;
 2. sends one NOTIFY per phone (not per line) to its registered contact, with
    the NAT rules of its binding, as a client transaction with
    retransmissions, in the seed's message shape;
@@ -33,7 +36,7 @@ import attrs
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from proxy.admin.inventory import Phone, parse_user_agent
+from proxy.admin.inventory import Phone, image_name, parse_user_agent
 from proxy.registration.location import Binding, ILocationService
 from proxy.nat import NatPolicy
 from proxy.sip.headers import Headers
@@ -58,8 +61,15 @@ def next_sync(value: str) -> str:
     return secrets.token_hex(4)
 
 
-def bump_syncinfo(tftp_root: str) -> list[tuple[str, str, str]]:
-    """Give every IMAGE entry of <tftp_root>/syncinfo.xml a new SYNC; returns (version, old, new) per entry."""
+def bump_syncinfo(tftp_root: str, images: set[str] | None = None, *,
+                  write: bool = True) -> list[tuple[str, str, str]]:
+    """New SYNC values in <tftp_root>/syncinfo.xml; returns (version, old, new) for each entry changed.
+
+    `images` None (a fleet reboot): every entry. Otherwise only what the targeted phones read: the entry of
+    each one's image, and `*` when one of them has no entry of its own (or its image is unknown). Any other
+    phone reading a bumped entry reboots on its next check-sync too; `--dry-run` shows which entries.
+    `write=False` only computes (the dry run).
+    """
     path = os.path.join(tftp_root, SYNCINFO)
     entries: list[tuple[str, str]] = []
     try:
@@ -82,10 +92,18 @@ def bump_syncinfo(tftp_root: str) -> list[tuple[str, str, str]]:
                 entries.append((attrs_ci.get("VERSION", "*"), attrs_ci.get("SYNC", "1")))
     if not any(version == "*" for version, _ in entries):
         entries.append(("*", "1"))
-    changes = [(version, old, next_sync(old)) for version, old in entries]
-    body = "".join(f'<IMAGE VERSION="{_xml_attr(v)}" SYNC="{_xml_attr(new)}"/>\n' for v, _, new in changes)
-    _atomic_write(path, body.encode("latin-1"))
-    return changes
+    if images is None:
+        chosen = {version for version, _ in entries}
+    else:
+        listed = {version for version, _ in entries}
+        chosen = {image for image in images if image in listed}
+        if any(not image or image not in listed for image in images):
+            chosen.add("*")
+    updated = [(version, old, next_sync(old) if version in chosen else old) for version, old in entries]
+    if write:
+        body = "".join(f'<IMAGE VERSION="{_xml_attr(v)}" SYNC="{_xml_attr(new)}"/>\n' for v, _, new in updated)
+        _atomic_write(path, body.encode("latin-1"))
+    return [(version, old, new) for version, old, new in updated if version in chosen]
 
 
 def _strip_declaration(text: str) -> str:
@@ -288,8 +306,12 @@ class CheckSync:
                 return job
         return None
 
+    def sync_images(self, phones: list[Phone], everyone: bool) -> set[str] | None:
+        """The syncinfo.xml entries a reboot of these phones must bump (None: all of them)."""
+        return None if everyone else {image_name(p.firmware) for p in phones}
+
     def start(self, phones: list[Phone], missing: list[str], *, reboot: bool, rate: float = 1.0, wait: bool = False,
-              wait_timeout: float = 600.0) -> RebootJob:
+              wait_timeout: float = 600.0, everyone: bool = True) -> RebootJob:
         for phone in phones:
             job = self.running_device(phone.device)
             if job is not None:
@@ -299,7 +321,7 @@ class CheckSync:
             if not self.tftp_root:
                 raise SyncInfoError("checksync.tftp_root is not set: without a new SYNC in syncinfo.xml the phones "
                                     "would not reboot (use push-dialplan to only make them check)")
-            changes = bump_syncinfo(self.tftp_root)
+            changes = bump_syncinfo(self.tftp_root, self.sync_images(phones, everyone))
             log.info("syncinfo.xml: {changes}", changes=", ".join(f"{v}: {o} -> {n}" for v, o, n in changes))
         job = RebootJob(next(self._ids), self, phones, missing, rate=rate, reboot=reboot, wait=wait,
                         wait_timeout=wait_timeout, sync_changes=changes)

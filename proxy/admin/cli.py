@@ -366,6 +366,11 @@ def _reboot(config: ProxyConfig, args) -> int:
             return 0
         print(f"would {'push the dial plan to' if job['kind'] == 'push-dialplan' else 'reboot'} "
               f"{len(job['phones'])} phone(s)" + ("" if job["syncinfo"] is None else f" after bumping {job['syncinfo']}"))
+        for change in job.get("syncinfo_changes", []):
+            scope = "every phone with no entry of its own" if change["version"] == "*" else \
+                f"every phone running {change['version']}"
+            print(f"  SYNC of {change['version']}: {change['old']} -> {change['new']} ({scope} reboots on its next "
+                  "check-sync)")
         for phone in job["phones"]:
             print(f"--- {phone['device']} ({phone['address']})")
             print(phone["notify"].rstrip())
