@@ -73,6 +73,34 @@ class UserCommandTests(SynchronousTestCase):
         location.stop()
         self.assertTrue(ForwardingStore(os.path.join(self.state, "location.sqlite")).get("1001").is_empty())
 
+    def test_import_checks_every_row_before_writing(self):
+        csv_path = os.path.join(os.path.dirname(self.state), "phones.csv")
+        with open(csv_path, "w") as f:
+            f.write("name,password,display name,lines\n1001,pw1,Ann Example,1005;1006\n1002,pw2,\n# a comment\n")
+        code, out, _ = run("-c", self.config, "user", "import", csv_path)
+        self.assertEqual((code, out), (0, "imported 2 user(s): 2 added, 0 updated\n"))
+        users = self.users()
+        self.assertEqual(users["1001"].ha1, compute_ha1("1001", "pbx.example.com", "pw1"))
+        self.assertEqual((users["1001"].display_name, users["1001"].lines), ("Ann Example", ("1005", "1006")))
+        with open(csv_path, "w") as f:
+            f.write("1003,pw3\n1001,new\n")
+        code, _, err = run("-c", self.config, "user", "import", csv_path)
+        self.assertEqual(code, 1)
+        self.assertIn("users exist already: 1001 (--update sets their passwords)", err)
+        self.assertNotIn("1003", self.users())  # nothing written
+        with open(csv_path, "w") as f:
+            f.write("1003,pw3\nbad name,x\n")
+        self.assertIn("row 2: 'bad name' cannot be a user name", run("-c", self.config, "user", "import", csv_path)[2])
+        self.assertEqual(run("-c", self.config, "user", "import", "--update", csv_path)[0], 1)
+
+    def test_check_config_reads_plugin_tables_too(self):
+        self.assertEqual(run("-c", self.config, "check-config")[0], 0)
+        with open(self.config, "a") as f:
+            f.write('[plugins]\nenabled = ["ldapdir"]\n[plugins.ldapdir]\nnot_a_key = 1\n')
+        code, _, err = run("-c", self.config, "check-config")
+        self.assertEqual(code, 1)
+        self.assertIn("plugins.ldapdir", err)
+
     def test_lines(self):
         run("-c", self.config, "user", "add", "1001", "--password", "a", "--lines", "1002,1003")
         self.assertEqual(self.users()["1001"].lines, ("1002", "1003"))
