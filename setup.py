@@ -19,5 +19,6 @@ setup(
         "test": ["pytest>=8", "hypothesis>=6.100"],
     },
     entry_points={"console_scripts": ["sipproxy-admin = proxy.admin.cli:main"]},
-    data_files=[("share/sipproxy/etc", ["etc/sipproxy.toml"])],
+    data_files=[("share/sipproxy/etc", ["etc/sipproxy.toml", "etc/sipproxy.service", "etc/prometheus.yml"]),
+                ("share/sipproxy/docs", ["docs/deploy.md"])],
 )
