@@ -24,7 +24,10 @@ class DirectoryConfig:
     ca_file: str = ""
     threads: int = 4
     title: str = "Directory"
-    page_refresh: int = 5  # seconds before a page with more results loads the next (Refresh header)
+    page_refresh: int = 5  # seconds before a page with more results loads the next (Refresh header); 0: manual
+    # Numbers as stored in LDAP -> numbers the phones can dial: [pattern, replacement] pairs (Python regular
+    # expressions, full match), the first that matches is used. E.g. ["\\+4930(\\d+)", "9\\1"].
+    number_rewrites: tuple[tuple[str, str], ...] = ()
 
 
 _KEYS = {a.name for a in attrs.fields(DirectoryConfig)}
@@ -44,7 +47,12 @@ def parse(table: dict, path: str) -> DirectoryConfig:
             continue
         value = table[field.name]
         default = getattr(d, field.name)
-        if isinstance(default, tuple):
+        if field.name == "number_rewrites":
+            value = _rewrites(value, error)
+        elif field.name == "page_refresh":
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise error(field.name, "must be a whole number of seconds, 0 for manual paging")
+        elif isinstance(default, tuple):
             if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
                 raise error(field.name, "must be a list of non-empty strings")
             value = tuple(value)
@@ -74,3 +82,17 @@ def parse(table: dict, path: str) -> DirectoryConfig:
     if not (config.search_filter.startswith("(") and config.search_filter.endswith(")")):
         raise error("search_filter", "must be an LDAP filter in parentheses")
     return config
+
+
+def _rewrites(value, error) -> tuple[tuple[str, str], ...]:
+    import re
+
+    if not isinstance(value, list) or not all(isinstance(r, list) and len(r) == 2 and all(isinstance(x, str) for x in r)
+                                              for r in value):
+        raise error("number_rewrites", 'must be a list of ["pattern", "replacement"] pairs')
+    for pattern, replacement in value:
+        try:
+            re.compile(pattern).sub(replacement, "")
+        except (re.error, IndexError) as e:
+            raise error("number_rewrites", f"{pattern!r} -> {replacement!r}: {e}") from None
+    return tuple((p, r) for p, r in value)

@@ -6,6 +6,7 @@
                       seed 001 line 607); none -> a CiscoIPPhoneText; LDAP down -> "Directory unavailable"
 """
 
+import re
 import time
 import urllib.parse
 
@@ -70,8 +71,11 @@ class SearchResults(resource.Resource):
 
         def found(entries):
             self.plugin.searched(time.monotonic() - started, ok=True)
+            # Never cached by the phone: the next search must ask again.
+            request.setHeader(b"Expires", b"-1")
             if not entries:
                 return ciscoxml.text(title, "No entries found.")
+            entries = [(name, self.plugin.dialable(number)) for name, number in entries]
             pages = (len(entries) + PAGE - 1) // PAGE
             page_no = min(page, pages)
             chunk = entries[(page_no - 1) * PAGE: page_no * PAGE]
@@ -127,6 +131,14 @@ class DirectoryPlugin:
             self.backend = LocalDirectory(context.credentials)
         self.queries = 0
         self.errors = 0
+        self._rewrites = [(re.compile(p), r) for p, r in config.number_rewrites]
+
+    def dialable(self, number: str) -> str:
+        """A number as the LDAP entry has it -> as the phone dials it (number_rewrites; the first full match)."""
+        for pattern, replacement in self._rewrites:
+            if pattern.fullmatch(number):
+                return pattern.sub(replacement, number, count=1)
+        return number
 
     def searched(self, seconds: float, ok: bool) -> None:
         """Count the search and tell whoever listens (the metrics plugin) as a `directory_search` event."""

@@ -10,6 +10,7 @@ from twisted.web.test.requesthelper import DummyRequest
 from plugins.ldapdir.backends import build_filter, escape_filter_value
 from plugins.ldapdir.config import DirectoryConfig
 from plugins.ldapdir.directory import DirectoryPlugin
+from proxy.errors import ConfigError
 from proxy.phone import ciscoxml
 from proxy.registration.credentials import FileCredentials, UserRecord, locked_users
 from proxy.plugin import PluginContext
@@ -110,3 +111,23 @@ class LocalDirectoryTests(SynchronousTestCase):
                 result = resource.render(request)
                 body = result if isinstance(result, bytes) else b"".join(request.written)
                 self.assertIn(ET.fromstring(body).tag, ("CiscoIPPhoneDirectory", "CiscoIPPhoneText"))
+
+    def test_result_pages_are_not_cached_and_numbers_are_rewritten_to_dial(self):
+        request, body = self.search(first="Jö")
+        self.assertEqual(request.responseHeaders.getRawHeaders(b"expires"), [b"-1"])
+        context = PluginContext(clock=Clock(), reactor=Clock(), config=None, credentials=self.plugin.context.credentials)
+        plugin = DirectoryPlugin(DirectoryConfig(number_rewrites=(("1(\\d+)", "9301\\1"), ("2(\\d+)", "\\1"))), context)
+        self.assertEqual([plugin.dialable(n) for n in ("1001", "2012", "3003")], ["9301001", "012", "3003"])
+        search = plugin.phone_resources()[b"directory"].getChildWithDefault(b"search", DummyRequest([b"search"]))
+        _, body = render(search, {"first": "Jö"})
+        self.assertEqual([e.find("Telephone").text for e in ET.fromstring(body).findall("DirectoryEntry")],
+                         ["9301001"])
+
+    def test_manual_paging_and_rewrite_rules_are_checked(self):
+        from plugins.ldapdir.config import parse
+
+        self.assertEqual(parse({"page_refresh": 0}, "s.toml").page_refresh, 0)
+        for bad in ([["(", "x"]], [["a"]], "x", [["(a)", "\\2"]]):
+            with self.subTest(bad):
+                e = self.assertRaises(ConfigError, parse, {"number_rewrites": bad}, "s.toml")
+                self.assertEqual(e.key, "plugins.ldapdir.number_rewrites")
