@@ -81,6 +81,8 @@ class RegistrarConfig:
     expires_range: int = 0
     # Where requests (and responses) for NATed phones go: auto, always, never.
     nat_mode: str = "auto"
+    # Seconds between OPTIONS to every registered phone (reachability, RTT, NAT keepalive); 0: off.
+    keepalive_interval: float = 0.0
 
 
 @attrs.frozen
@@ -463,6 +465,8 @@ def _parse_registrar(t: _Table) -> RegistrarConfig:
         expires_range=t.get("expires_range", d.expires_range, int, lambda v: 0 <= v <= 90, "must be 0 to 90 (percent)"),
         nat_mode=t.get("nat_mode", d.nat_mode, str, lambda v: v in ("auto", "always", "never"),
                        "must be auto, always or never"),
+        keepalive_interval=t.get("keepalive_interval", d.keepalive_interval, float,
+                                 lambda v: v == 0 or v >= 10, "must be 0 (off) or at least 10 seconds"),
     )
     t.finish()
     return config

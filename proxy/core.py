@@ -25,6 +25,7 @@ from proxy.dispatch import Dispatcher
 from proxy.errors import ConfigError
 from proxy.routing.forwarding import Forwarding, ForwardingStore
 from proxy.identity import Identity
+from proxy.registration.keepalive import Keepalive
 from proxy.registration.location import LOCATION_FILE, SqliteLocationService
 from proxy.nat import NatPolicy
 from proxy.plugin import PluginHost
@@ -59,6 +60,7 @@ class Core:
     router: Router
     stateless: StatelessForwarder
     checksync: CheckSync
+    keepalive: Keepalive
     plugins: PluginHost  # empty until service.py adds the enabled ones; the router asks it from the start
 
     def counters(self) -> dict:
@@ -79,6 +81,8 @@ class Core:
             "calls": self.router.counters(),
             "stateless_forwarded": self.stateless.forwarded,
             "checksync": dict(self.checksync.notifies),
+            "keepalive": dict(self.keepalive.counts),
+            "bindings_expired": self.location.expired,
             "plugin_failures": dict(self.plugins.failures),
         }
 
@@ -207,10 +211,12 @@ def build_core(config: ProxyConfig, clock: IReactorTime, transports, *, resolver
     server = SipServer(clock, transports, identity, config.timers, user=dispatcher, replies=replies,
                        max_message_size=config.server.max_message_size, debug=config.server.debug,
                        max_transactions=config.server.max_transactions)
+    keepalive = Keepalive(clock, server.transactions, location, identity, nat,
+                          interval=config.registrar.keepalive_interval, on_event=plugins.emit)
     checksync = CheckSync(clock, server.transactions, location,
                           advertise=(identity.advertise_host, identity.port_for("UDP")),
                           tftp_root=config.checksync.tftp_root, nat=nat, from_user=config.checksync.from_user)
     return Core(identity=identity, replies=replies, server=server, dispatcher=dispatcher, credentials=credentials,
                 authenticator=authenticator, trust=trust, location=location, forwarding_store=forwarding_store,
                 forwarding=forwarding, registrar=registrar, router=router, stateless=stateless, checksync=checksync,
-                plugins=plugins)
+                keepalive=keepalive, plugins=plugins)

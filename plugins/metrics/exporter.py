@@ -48,6 +48,7 @@ KNOWN_LABELS = {
     "sipproxy_forwards": ("no-answer", "unavailable", "unconditional", "user-busy"),
     "sipproxy_redirects": ("300", "302"),
     "sipproxy_checksync_notifies": ("accepted", "no_answer", "refused"),
+    "sipproxy_keepalive": ("answered", "came_back", "sent", "unanswered", "went_silent"),
 }
 
 
@@ -138,6 +139,10 @@ class SipProxyCollector:
                       calls["redirects"].items())
         yield _family(CounterMetricFamily, "sipproxy_checksync_notifies", "check-sync NOTIFYs, by outcome", "result",
                       counters["checksync"].items())
+        yield _family(CounterMetricFamily, "sipproxy_keepalive", "Phone keepalive OPTIONS, by outcome", "result",
+                      counters["keepalive"].items())
+        yield CounterMetricFamily("sipproxy_bindings_expired", "Bindings that expired without a refresh",
+                                  value=counters["bindings_expired"])
         if "ldapdir" in self.context.plugins:
             yield CounterMetricFamily("sipproxy_ldap_errors", "Directory searches that failed (LDAP down or slow)",
                                       value=self.plugin.directory_errors)

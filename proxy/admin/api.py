@@ -132,7 +132,9 @@ class AdminApi(resource.Resource):
     """The /api tree. Handlers return (status, JSON-able body)."""
 
     def __init__(self, token: str, clock: IReactorTime, location: ILocationService, forwarding_store=None,
-                 checksync=None, domain: str = "", *, checksync_rate: float = 1.0, checksync_wait: float = 600.0):
+                 checksync=None, domain: str = "", *, checksync_rate: float = 1.0, checksync_wait: float = 600.0,
+                 reachability=None):
+        self.reachability = reachability  # binding -> Reachability | None, with the phone keepalive on
         super().__init__()
         self.checksync = checksync
         self.domain = domain
@@ -298,4 +300,12 @@ class AdminApi(resource.Resource):
         if method != "GET" or path:
             return 405, {"error": "use GET /api/registrations or DELETE /api/registrations/<aor>"}
         now = self.clock.seconds()
-        return 200, {"registrations": [binding_json(b, now) for b in self.location.all_bindings()]}
+        return 200, {"registrations": [self._binding_row(b, now) for b in self.location.all_bindings()]}
+
+    def _binding_row(self, binding: Binding, now: float) -> dict:
+        row = binding_json(binding, now)
+        if self.reachability is not None:
+            state = self.reachability(binding)
+            row["reachable"] = None if state is None else state.reachable
+            row["rtt_ms"] = None if state is None or state.rtt is None else round(state.rtt * 1000, 1)
+        return row

@@ -565,6 +565,13 @@ def _registrations(config: ProxyConfig, args) -> int:
     rows = api_get(config, "/api/registrations")["registrations"]
     if args.user:
         rows = [r for r in rows if r["aor"] == _aor(config, args.user)]
+    if rows and "reachable" in rows[0]:  # the phone keepalive is on
+        return _show(rows, args.json, "no registrations",
+                     ("AOR", "CONTACT", "EXPIRES", "SOURCE", "REACHABLE", "RTT", "USER-AGENT", "INSTANCE"),
+                     lambda r: (r["aor"], r["contact"], f"{r['expires_in']}s", f"{r['source']}/{r['transport'].lower()}",
+                                {True: "yes", False: "NO", None: "?"}[r["reachable"]],
+                                "-" if r["rtt_ms"] is None else f"{r['rtt_ms']:g}ms",
+                                r["user_agent"] or "-", r["mac"] or r["instance"] or "-"))
     return _show(rows, args.json, "no registrations", ("AOR", "CONTACT", "EXPIRES", "SOURCE", "USER-AGENT", "INSTANCE"),
                  lambda r: (r["aor"], r["contact"], f"{r['expires_in']}s", f"{r['source']}/{r['transport'].lower()}",
                             r["user_agent"] or "-", r["mac"] or r["instance"] or "-"))

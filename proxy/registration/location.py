@@ -133,6 +133,7 @@ class SqliteLocationService:
         self.clock = clock
         self.sweep_interval = sweep_interval
         self._observers: list = []
+        self.expired = 0  # bindings that expired without a refresh (a phone that stopped registering)
         self._index: dict[str, dict[str, Binding]] = {}
         self._by_contact: dict[str, Binding] = {}
         directory = os.path.dirname(os.path.abspath(path))
@@ -226,7 +227,7 @@ class SqliteLocationService:
             self.remove(aor, binding.contact)
 
     def sweep(self) -> int:
-        """Drop expired bindings; returns how many."""
+        """Drop expired bindings (counted in `expired`); returns how many."""
         now = self.clock.seconds()
         expired = [b for contacts in self._index.values() for b in contacts.values() if b.expires_at <= now]
         if not expired:
@@ -240,4 +241,5 @@ class SqliteLocationService:
             self._forget_contact(binding)
             log.info("Binding expired: {aor} -> {contact}", aor=binding.aor, contact=binding.contact)
             self._notify("expired", binding)
+        self.expired += len(expired)
         return len(expired)

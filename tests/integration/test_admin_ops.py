@@ -1,7 +1,9 @@
 """Day-to-day operations against twistd (issue 20): removing a user stops its calls at once."""
 
+import time
+
 from tests.integration.sipua import status
-from tests.integration.test_trust_udp import REALM, TrustTestCase
+from tests.integration.test_trust_udp import REALM, TrustTestCase, _response
 
 
 class UserRemoveTests(TrustTestCase):
@@ -46,3 +48,21 @@ class RegistrationCommandTests(TrustTestCase):
         self.assertNotEqual(status(final), 200)
         self.assertEqual([m for m in first.expect_nothing(0.5) + second.expect_nothing(0.5) if m.startswith("INVITE")], [])
         self.assertEqual(self.server.admin("lookup", "nobody", check=False).returncode, 1)
+
+
+class KeepaliveTests(TrustTestCase):
+    extra_config = "[registrar]\nkeepalive_interval = 10\n"
+
+    def test_a_phone_that_answers_options_is_listed_reachable_with_its_rtt(self):
+        phone = self.agent()
+        self.register(phone, "1002")
+        options = phone.receive(15, lambda t: t.startswith("OPTIONS "))
+        self.assertIsNotNone(options, self.server.log()[-2000:])
+        phone.send(_response(options, 200), to=("127.0.0.1", self.server.port))
+        deadline = time.monotonic() + 5
+        while True:  # the answer and the listing race: look again until it is in
+            listed = self.server.admin("registrations", "1002").stdout
+            if " yes " in listed or time.monotonic() > deadline:
+                break
+        self.assertIn("REACHABLE", listed)
+        self.assertRegex(listed, r" yes +[0-9.]+ms ")

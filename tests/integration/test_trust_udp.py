@@ -13,10 +13,12 @@ PASSWORDS = {"1001": "pw-1001", "1002": "pw-1002"}
 
 
 class TrustTestCase(SynchronousTestCase):
+    extra_config = ""
+
     def setUp(self):
         self.gw_port = free_port()
         config = f'[[routes]]\nname = "pstn"\npattern = "9[0-9]+"\nstrip = 1\ngateways = ["127.0.0.1:{self.gw_port}"]\n'
-        self.server = ServerProcess(config)
+        self.server = ServerProcess(self.extra_config + config)
         for user, password in PASSWORDS.items():
             self.server.admin("user", "add", user, "--password", password)
         self.server.start()
