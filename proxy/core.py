@@ -32,6 +32,7 @@ from proxy.plugin import PluginHost
 from proxy.registration.registrar import Registrar
 from proxy.replies import Replies
 from proxy.routing.dns import NextHopResolver
+from proxy.routing.gateways import GatewayHealth, GatewayProber
 from proxy.routing.hops import Hops
 from proxy.routing.redirect import RedirectServer
 from proxy.routing.router import Router
@@ -61,6 +62,8 @@ class Core:
     stateless: StatelessForwarder
     checksync: CheckSync
     keepalive: Keepalive
+    gateways: GatewayHealth
+    prober: GatewayProber
     plugins: PluginHost  # empty until service.py adds the enabled ones; the router asks it from the start
 
     def counters(self) -> dict:
@@ -82,6 +85,7 @@ class Core:
             "stateless_forwarded": self.stateless.forwarded,
             "checksync": dict(self.checksync.notifies),
             "keepalive": dict(self.keepalive.counts),
+            "gateways": self.gateways.gateways(),
             "bindings_expired": self.location.expired,
             "plugin_failures": dict(self.plugins.failures),
         }
@@ -195,7 +199,8 @@ def build_core(config: ProxyConfig, clock: IReactorTime, transports, *, resolver
                   "entry to a PSTN gateway) in {path}", numbers="/".join(config.emergency.patterns), path=config.path)
     elif not config.emergency.gateways:
         log.warn("Emergency calls ({numbers}) go {plan}", numbers="/".join(config.emergency.patterns), plan=plan)
-    targets = Targets(identity, location, credentials, routes, NextHopResolver(resolver), nat)
+    gateways = GatewayHealth(clock)
+    targets = Targets(identity, location, credentials, routes, NextHopResolver(resolver), nat, gateways)
     hops = Hops(identity, trust.signer, config.realm)
     router = Router(clock=clock, replies=replies, identity=identity, trust=trust, hops=hops, targets=targets,
                     routes=routes, settings=config.proxy,
@@ -211,6 +216,7 @@ def build_core(config: ProxyConfig, clock: IReactorTime, transports, *, resolver
     server = SipServer(clock, transports, identity, config.timers, user=dispatcher, replies=replies,
                        max_message_size=config.server.max_message_size, debug=config.server.debug,
                        max_transactions=config.server.max_transactions)
+    prober = GatewayProber(clock, gateways, server.transactions, targets.resolve, identity)
     keepalive = Keepalive(clock, server.transactions, location, identity, nat,
                           interval=config.registrar.keepalive_interval, on_event=plugins.emit)
     checksync = CheckSync(clock, server.transactions, location,
@@ -219,4 +225,4 @@ def build_core(config: ProxyConfig, clock: IReactorTime, transports, *, resolver
     return Core(identity=identity, replies=replies, server=server, dispatcher=dispatcher, credentials=credentials,
                 authenticator=authenticator, trust=trust, location=location, forwarding_store=forwarding_store,
                 forwarding=forwarding, registrar=registrar, router=router, stateless=stateless, checksync=checksync,
-                keepalive=keepalive, plugins=plugins)
+                keepalive=keepalive, gateways=gateways, prober=prober, plugins=plugins)

@@ -92,16 +92,19 @@ def make_connector(reactor, factory_for, trust_root=None):
 class _LocationService(service.Service):
     """Starts the binding sweeper and the phone keepalive with the server; closes the database on stop."""
 
-    def __init__(self, location: SqliteLocationService, keepalive):
+    def __init__(self, location: SqliteLocationService, keepalive, prober):
         self.location = location
         self.keepalive = keepalive
+        self.prober = prober
 
     def startService(self):
         super().startService()
         self.location.start()
         self.keepalive.start()
+        self.prober.start()
 
     def stopService(self):
+        self.prober.stop()
         self.keepalive.stop()
         self.location.stop()
         return super().stopService()
@@ -187,10 +190,11 @@ def build_service(config: ProxyConfig, reactor, enabled_plugins=None) -> tuple[s
     transports = Transports(clock=reactor)
     core = build_core(config, reactor, transports, resolver=dns_client.createResolver())
     server, location, checksync = core.server, core.location, core.checksync
-    _LocationService(location, core.keepalive).setServiceParent(top)
+    _LocationService(location, core.keepalive, core.prober).setServiceParent(top)
     state_dir = config.server.state_dir
     api = AdminApi(load_or_create_token(state_dir), reactor, location, core.forwarding_store, checksync,
                    core.identity.domain, reachability=core.keepalive.status if config.registrar.keepalive_interval else None,
+                   gateways=core.gateways.gateways,
                    checksync_rate=config.checksync.rate, checksync_wait=config.checksync.wait_timeout)
 
     _build_plugins(config, reactor, top, core, api, enabled_plugins or [])

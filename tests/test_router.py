@@ -534,6 +534,34 @@ class GatewayTests(SynchronousTestCase):
         self.assertNotIn(Destination("UDP", *GW1), [d for _, d in requests(self.net.take(), "INVITE")])
         self.assertEqual(statuses(self.net.answer(second, 200, GW2)), [200])
 
+    def test_a_gateway_that_keeps_failing_is_tried_last_and_probed_until_it_answers(self):
+        core = self.net.core
+        prober = core.prober
+        prober.start()
+        for n in range(3):  # three calls the first gateway leaves unanswered
+            ((invite, dest),) = requests(self.net.invite(to="95551234", call_id=f"gw-{n}"), "INVITE")
+            self.assertEqual(dest, Destination("UDP", *GW1))
+            self.net.clock.advance(4)  # failover_after; the first gateway got only retransmissions meanwhile
+            ((second, dest),) = [(m, d) for m, d in requests(self.net.take(), "INVITE") if d != Destination("UDP", *GW1)]
+            self.assertEqual(dest, Destination("UDP", *GW2))
+            self.net.answer(second, 200, GW2)
+        self.assertEqual([(g["gateway"], g["up"]) for g in core.gateways.gateways()],
+                         [("192.0.2.20:5060", False), ("192.0.2.21:5060", True)])
+        # Now the second gateway is tried first...
+        ((invite, dest),) = requests(self.net.invite(to="95551234", call_id="gw-next"), "INVITE")
+        self.assertEqual(dest, Destination("UDP", *GW2))
+        self.net.answer(invite, 200, GW2)
+        self.net.take()
+        # ...and the first is probed with OPTIONS until it answers one; then it is up again.
+        self.net.clock.advance(10)
+        probes = [(m, d) for m, d in self.net.take() if isinstance(m, Request) and m.method == "OPTIONS"]
+        self.assertEqual([d for _, d in probes], [Destination("UDP", *GW1)])
+        self.net.answer(probes[0][0], 200, GW1)
+        self.assertTrue(core.gateways.gateways()[0]["up"])
+        ((invite, dest),) = requests(self.net.invite(to="95551234", call_id="gw-back"), "INVITE")
+        self.assertEqual(dest, Destination("UDP", *GW1))
+        prober.stop()
+
     def test_a_gateway_that_says_trying_is_not_left(self):
         ((invite, _),) = requests(self.net.invite(to="95551234"), "INVITE")
         self.net.answer(invite, 100, GW1)

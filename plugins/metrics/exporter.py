@@ -143,6 +143,11 @@ class SipProxyCollector:
                       counters["keepalive"].items())
         yield CounterMetricFamily("sipproxy_bindings_expired", "Bindings that expired without a refresh",
                                   value=counters["bindings_expired"])
+        # Gateways come from the config's routes, so the label stays bounded.
+        yield _family(GaugeMetricFamily, "sipproxy_gateway_up", "1 while a gateway answers, 0 once it is down",
+                      "gateway", [(g["gateway"], 1 if g["up"] else 0) for g in counters["gateways"]])
+        yield _family(CounterMetricFamily, "sipproxy_gateway_failures", "Calls a gateway failed (no answer, 503)",
+                      "gateway", [(g["gateway"], g["failed_calls"]) for g in counters["gateways"]])
         if "ldapdir" in self.context.plugins:
             yield CounterMetricFamily("sipproxy_ldap_errors", "Directory searches that failed (LDAP down or slow)",
                                       value=self.plugin.directory_errors)

@@ -15,6 +15,7 @@ Routes:
   GET|PUT|DELETE /api/forwarding/<user>   one user's (PUT a JSON object with any of
                                    always, busy, no_answer, no_answer_after, unavailable)
   GET /api/phones[?firmware=GLOB&model=7940&where=firmware<8.0]   one row per phone
+  GET /api/gateways                the routes' gateways: up or down since when, failures in a row, calls
   POST /api/reboot                 {"lines": [...], "phones": [...], "all": true, "firmware"/"model"/"where",
                                     "rate": 1, "wait": false, "timeout": 600, "dry_run": false,
                                     "push_dialplan": false} -> the job (202), 409 if a phone is busy in one
@@ -133,8 +134,9 @@ class AdminApi(resource.Resource):
 
     def __init__(self, token: str, clock: IReactorTime, location: ILocationService, forwarding_store=None,
                  checksync=None, domain: str = "", *, checksync_rate: float = 1.0, checksync_wait: float = 600.0,
-                 reachability=None):
+                 reachability=None, gateways=None):
         self.reachability = reachability  # binding -> Reachability | None, with the phone keepalive on
+        self.gateways = gateways  # () -> [gateway states]
         super().__init__()
         self.checksync = checksync
         self.domain = domain
@@ -152,6 +154,7 @@ class AdminApi(resource.Resource):
         if forwarding_store is not None:
             self.add_route("forwarding", self._forwarding)
         self.add_route("phones", self._phones)
+        self.add_route("gateways", self._gateways)
         if checksync is not None:
             self.add_route("reboot", self._reboot)
             self.add_route("jobs", self._jobs)
@@ -281,6 +284,11 @@ class AdminApi(resource.Resource):
         if job is None:
             return 404, {"error": f"no job {path[0]}"}
         return 200, job.as_json()
+
+    def _gateways(self, method, request):
+        if method != "GET":
+            return 405, {"error": "use GET"}
+        return 200, {"gateways": self.gateways() if self.gateways is not None else []}
 
     def _registrations(self, method, request):
         path = [p.decode("utf-8", "replace") for p in request.postpath if p]

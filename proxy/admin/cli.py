@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("--timeout", type=float, help="seconds to wait for each phone (default 600)")
 
     commands.add_parser("check-config", help="read the config file and every plugin table; exit 1 on an error")
+    gws = commands.add_parser("gateways", help="the routes' gateways: up, or down since when (needs the running server)")
+    gws.add_argument("--json", action="store_true")
     regs = commands.add_parser("registrations", help="list current registrations (needs the running server)")
     regs.add_argument("user", nargs="?", help="only this user's (or AoR's) registrations")
     regs.add_argument("--json", action="store_true")
@@ -128,6 +130,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"(state directory {os.path.abspath(config.server.state_dir)})", file=sys.stderr)
         if args.command == "user":
             return _user(config, args)
+        if args.command == "gateways":
+            rows = api_get(config, "/api/gateways")["gateways"]
+            return _show(rows, args.json, "no gateway has had a call yet", ("GATEWAY", "STATE", "FAILURES", "CALLS"),
+                         lambda r: (r["gateway"], "up" if r["up"] else f"DOWN since {time.ctime(r['down_since'])}",
+                                    str(r["failures_in_a_row"]), f"{r['calls']} ({r['failed_calls']} failed)"))
         if args.command == "check-config":
             return _check_config(config)
         if args.command == "unregister":

@@ -81,6 +81,8 @@ class CallContext:
     redirect_target: Callable[[SipUri, float], "Target"]  # a 3xx Contact -> a target
     on_answered: Callable[["ProxyCall", "Branch", Response], None]
     on_finished: Callable[["ProxyCall"], None]
+    gateway_answered: Callable[[Hop], None] = lambda hop: None  # gateway health (routing/gateways.py)
+    gateway_failed: Callable[[Hop], None] = lambda hop: None
 
 
 class Branch:
@@ -176,6 +178,7 @@ class Branch:
                  seconds=self.call.context.settings.failover_after)
         self._stop_timer_c()
         self.tx.abandon()
+        self.call.context.gateway_failed(self.hop)
         self._next_destination_or_hop()
 
     def _restart_timer_c(self) -> None:
@@ -203,6 +206,9 @@ class Branch:
         if self.done and not (200 <= response.status < 300):
             return
         status = response.status
+        if self.target.kind == "gateway" and not self.provisional and status != 100:
+            # Once per attempt: the first response other than 100 tells whether the gateway works.
+            (self.call.context.gateway_failed if status == 503 else self.call.context.gateway_answered)(self.hop)
         if status < 200:
             if status == 100:
                 return
@@ -228,6 +234,8 @@ class Branch:
     def _on_timeout(self) -> None:
         if self.done:
             return
+        if self.target.kind == "gateway" and not self.provisional:
+            self.call.context.gateway_failed(self.hop)
         self._stop_timer_c()
         if not self.cancelling and not self.call.cancelled and self._next_destination_or_hop():
             log.info("No answer from {host}; trying the next hop", host=self.hop.host)

@@ -69,6 +69,7 @@ class Router:
             clock=clock, replies=replies, settings=settings, resolve=targets.resolve, forward=hops.forward_request,
             branch_id=hops.branch_for, is_own_destination=identity.is_own_destination, plan_targets=targets.for_plan,
             redirect_target=targets.for_redirect, on_answered=self._answered, on_finished=self._finished,
+            gateway_answered=targets.gateways.answered, gateway_failed=targets.gateways.failed,
         )
 
     # -- the dispatcher's calls ----------------------------------------------------
@@ -216,7 +217,7 @@ class Router:
         uri = request.uri
         found = self.routes.by_domain(uri.host, uri)
         if found is not None:
-            return [Target(hops=tuple(found[1]), kind="gateway")]
+            return [self.targets.gateway_target(found[1])]
         if self.settings.outbound_proxy:
             hop = hop_for_uri(gateway_uri(self.settings.outbound_proxy), request_uri=request.uri_text)
             return [Target(hops=(hop,), kind="gateway")]

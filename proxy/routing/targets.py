@@ -15,13 +15,15 @@ from proxy.registration.location import ILocationService
 from proxy.nat import NatPolicy
 from proxy.routing.dns import NextHopResolver
 from proxy.routing.forking import Target
+from proxy.routing.gateways import GatewayHealth
 from proxy.routing.routes import Hop, RouteTable, hop_for_uri
 from proxy.sip.uri import SipUri
 
 
 class Targets:
     def __init__(self, identity: Identity, location: ILocationService, credentials: ICredentials,
-                 routes: RouteTable, resolver: NextHopResolver, nat: NatPolicy):
+                 routes: RouteTable, resolver: NextHopResolver, nat: NatPolicy, gateways: GatewayHealth):
+        self.gateways = gateways
         self.identity = identity
         self.location = location
         self.credentials = credentials
@@ -47,7 +49,11 @@ class Targets:
 
     def for_number(self, number: str) -> list[Target] | None:
         found = self.routes.by_number(number)
-        return None if found is None else [Target(hops=tuple(found[1]), kind="gateway")]
+        return None if found is None else [self.gateway_target(found[1])]
+
+    def gateway_target(self, hops) -> Target:
+        """A route's gateways in failover order, those that are down last."""
+        return Target(hops=self.gateways.order(tuple(hops)), kind="gateway")
 
     def for_uri(self, uri: SipUri, q: float = 1.0, kind: str = "user") -> Target:
         """A target for a URI: a registered contact when it is one (NAT rules), else the URI's host."""
