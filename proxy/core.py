@@ -66,6 +66,27 @@ class Core:
     prober: GatewayProber
     plugins: PluginHost  # empty until service.py adds the enabled ones; the router asks it from the start
 
+    def reload(self, old: ProxyConfig, new: ProxyConfig) -> tuple[list[str], list[str]]:
+        """Apply what can change while calls go on; returns (reloaded, needs a restart) as config sections.
+
+        Reloaded: routes and gateways, emergency settings, trusted networks. Calls in progress keep the
+        targets they were given; new calls use the new tables.
+        """
+        reloaded, restart = [], []
+        if (old.routes, old.emergency) != (new.routes, new.emergency):
+            self.router.routes.load(new.routes, new.emergency)
+            reloaded += ["routes", "emergency"]
+        if old.proxy.trusted != new.proxy.trusted:
+            self.trust.load_networks(new.proxy.trusted)
+            reloaded.append("proxy.trusted")
+        rest_old = attrs.evolve(old, path="", routes=(), emergency=new.emergency,
+                                proxy=attrs.evolve(old.proxy, trusted=()))
+        rest_new = attrs.evolve(new, path="", routes=(), proxy=attrs.evolve(new.proxy, trusted=()))
+        for field in attrs.fields(ProxyConfig):
+            if getattr(rest_old, field.name) != getattr(rest_new, field.name):
+                restart.append(field.name)
+        return reloaded, restart
+
     def counters(self) -> dict:
         """Every core counter the metrics plugin exports, by component: plain values, read at scrape time."""
         server = self.server

@@ -9,6 +9,8 @@ import errno
 import os
 import socket
 
+import attrs
+
 from twisted.application import internet, service, strports
 from twisted.internet import endpoints, ssl
 from twisted.logger import Logger
@@ -184,17 +186,49 @@ def check_state(config: ProxyConfig) -> list[str]:
     return [warning] if warning else []
 
 
+class SipProxyService(service.MultiService):
+    """The server's top service; `reloader` re-reads the config (tap.py connects SIGHUP to it)."""
+
+    reloader: "Reloader | None" = None
+
+
+class Reloader:
+    """Re-reads the config file and applies what can change without a restart (sipproxy-admin reload, SIGHUP)."""
+
+    def __init__(self, config: ProxyConfig, core: Core):
+        self.config = config
+        self.core = core
+
+    def reload(self) -> dict:
+        from proxy.config import load_config
+
+        if self.config.path == "<defaults>":
+            return {"error": "the server runs on its embedded defaults: there is no file to reload"}
+        try:
+            new = load_config(self.config.path)
+        except ConfigError as e:
+            log.error("Reload refused: {error}", error=str(e))
+            return {"error": str(e)}
+        reloaded, restart = self.core.reload(self.config, new)
+        self.config = attrs.evolve(new, server=self.config.server) if restart else new
+        log.info("Reloaded {path}: {reloaded}{restart}", path=new.path, reloaded=", ".join(reloaded) or "nothing changed",
+                 restart=f"; a restart is needed for {', '.join(restart)}" if restart else "")
+        return {"reloaded": reloaded, "restart_needed": restart}
+
+
 def build_service(config: ProxyConfig, reactor, enabled_plugins=None) -> tuple[service.MultiService, Core]:
     """The listeners and sites around the core that `build_core` makes; returns the service and the core."""
-    top = service.MultiService()
+    top = SipProxyService()
     transports = Transports(clock=reactor)
     core = build_core(config, reactor, transports, resolver=dns_client.createResolver())
     server, location, checksync = core.server, core.location, core.checksync
     _LocationService(location, core.keepalive, core.prober).setServiceParent(top)
     state_dir = config.server.state_dir
+    reloader = Reloader(config, core)
+    top.reloader = reloader
     api = AdminApi(load_or_create_token(state_dir), reactor, location, core.forwarding_store, checksync,
                    core.identity.domain, reachability=core.keepalive.status if config.registrar.keepalive_interval else None,
-                   gateways=core.gateways.gateways,
+                   gateways=core.gateways.gateways, reload=reloader.reload,
                    checksync_rate=config.checksync.rate, checksync_wait=config.checksync.wait_timeout)
 
     _build_plugins(config, reactor, top, core, api, enabled_plugins or [])

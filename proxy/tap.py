@@ -36,4 +36,15 @@ def makeService(options):
     from proxy.service import build_service
 
     top, _ = build_service(options["proxy_config"], reactor, options["plugins"])
+    _reload_on_sighup(reactor, top.reloader)
     return top
+
+
+def _reload_on_sighup(reactor, reloader) -> None:
+    """kill -HUP (systemctl reload) re-reads the config, as sipproxy-admin reload does."""
+    import signal
+
+    def handler(signum, frame):
+        reactor.callFromThread(reloader.reload)
+
+    signal.signal(signal.SIGHUP, handler)

@@ -124,12 +124,16 @@ class Trust:
 
     def __init__(self, networks: tuple[str, ...], signer: RouteSigner, authenticator: DigestAuthenticator,
                  credentials: ICredentials, is_our_domain: Callable[[SipUri], bool]):
-        self.networks = tuple(ipaddress.ip_network(n, strict=False) for n in networks)
+        self.load_networks(networks)
         self.signer = signer
         self.authenticator = authenticator
         self.credentials = credentials
         self.is_our_domain = is_our_domain
         self.refused: dict[str, int] = {}  # why requests were not served: relay, unsigned_ack...
+
+    def load_networks(self, networks: tuple[str, ...]) -> None:
+        """(Re)read `[proxy] trusted` (also on reload)."""
+        self.networks = tuple(ipaddress.ip_network(n, strict=False) for n in networks)
 
     def is_trusted_network(self, host: str) -> bool:
         try:

@@ -856,3 +856,26 @@ class SignedRouteTests(SynchronousTestCase):
         from proxy.errors import ConfigError
         error = self.assertRaises(ConfigError, load_route_signer, d)
         self.assertIn("line 1", str(error))
+
+
+class ReloadTests(SynchronousTestCase):
+    def test_reload_swaps_routes_and_trusted_networks_and_names_what_needs_a_restart(self):
+        import attrs
+
+        net = Net(self, routes=[RouteConfig(pattern="9[0-9]+", strip=1, gateways=("192.0.2.20",), name="a")])
+        old = net.core  # the config the core was built with is rebuilt here the same way
+        from proxy.config import ListenerConfig, ProxyConfig, ServerConfig
+
+        base = attrs.evolve(ProxyConfig(), server=ServerConfig(domains=(REALM,), addresses=(PROXY,), state_dir=net.dir,
+                                                               listen=(ListenerConfig.parse("udp:5060"),)),
+                            routes=(RouteConfig(pattern="9[0-9]+", strip=1, gateways=("192.0.2.20",), name="a"),),
+                            emergency=EmergencyConfig(gateways=("192.0.2.30",)))
+        new = attrs.evolve(base, routes=(RouteConfig(pattern="9[0-9]+", strip=1, gateways=("192.0.2.21",), name="b"),),
+                           proxy=attrs.evolve(base.proxy, trusted=("192.0.2.99/32",)),
+                           server=attrs.evolve(base.server, listen=(ListenerConfig.parse("udp:5070"),)))
+        reloaded, restart = old.reload(base, new)
+        self.assertEqual((reloaded, restart), (["routes", "emergency", "proxy.trusted"], ["server"]))
+        ((invite, dest),) = requests(net.invite(to="95551234"), "INVITE")
+        self.assertEqual(dest, Destination("UDP", *GW2))
+        self.assertTrue(net.trust.is_trusted_network("192.0.2.99"))
+        self.assertEqual(old.reload(new, new), ([], []))

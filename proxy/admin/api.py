@@ -16,6 +16,8 @@ Routes:
                                    always, busy, no_answer, no_answer_after, unavailable)
   GET /api/phones[?firmware=GLOB&model=7940&where=firmware<8.0]   one row per phone
   GET /api/gateways                the routes' gateways: up or down since when, failures in a row, calls
+  POST /api/reload                 re-read the config file: routes, emergency, trusted networks -> what was
+                                   reloaded and what needs a restart (also on SIGHUP)
   POST /api/reboot                 {"lines": [...], "phones": [...], "all": true, "firmware"/"model"/"where",
                                     "rate": 1, "wait": false, "timeout": 600, "dry_run": false,
                                     "push_dialplan": false} -> the job (202), 409 if a phone is busy in one
@@ -134,7 +136,8 @@ class AdminApi(resource.Resource):
 
     def __init__(self, token: str, clock: IReactorTime, location: ILocationService, forwarding_store=None,
                  checksync=None, domain: str = "", *, checksync_rate: float = 1.0, checksync_wait: float = 600.0,
-                 reachability=None, gateways=None):
+                 reachability=None, gateways=None, reload=None):
+        self.reload = reload  # () -> {"reloaded": [...], "restart_needed": [...]} or {"error": ...}
         self.reachability = reachability  # binding -> Reachability | None, with the phone keepalive on
         self.gateways = gateways  # () -> [gateway states]
         super().__init__()
@@ -155,6 +158,7 @@ class AdminApi(resource.Resource):
             self.add_route("forwarding", self._forwarding)
         self.add_route("phones", self._phones)
         self.add_route("gateways", self._gateways)
+        self.add_route("reload", self._reload)
         if checksync is not None:
             self.add_route("reboot", self._reboot)
             self.add_route("jobs", self._jobs)
@@ -284,6 +288,14 @@ class AdminApi(resource.Resource):
         if job is None:
             return 404, {"error": f"no job {path[0]}"}
         return 200, job.as_json()
+
+    def _reload(self, method, request):
+        if method != "POST":
+            return 405, {"error": "use POST"}
+        if self.reload is None:
+            return 501, {"error": "this server cannot reload"}
+        result = self.reload()
+        return (400 if "error" in result else 200), result
 
     def _gateways(self, method, request):
         if method != "GET":

@@ -103,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("--timeout", type=float, help="seconds to wait for each phone (default 600)")
 
     commands.add_parser("check-config", help="read the config file and every plugin table; exit 1 on an error")
+    commands.add_parser("reload", help="make the running server re-read its config (routes, emergency, trusted)")
     gws = commands.add_parser("gateways", help="the routes' gateways: up, or down since when (needs the running server)")
     gws.add_argument("--json", action="store_true")
     regs = commands.add_parser("registrations", help="list current registrations (needs the running server)")
@@ -130,6 +131,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"(state directory {os.path.abspath(config.server.state_dir)})", file=sys.stderr)
         if args.command == "user":
             return _user(config, args)
+        if args.command == "reload":
+            result = api_request(config, "POST", "/api/reload")
+            print(f"reloaded: {', '.join(result['reloaded']) or 'nothing changed'}")
+            if result["restart_needed"]:
+                print(f"a restart is needed for: {', '.join(result['restart_needed'])}")
+            return 0
         if args.command == "gateways":
             rows = api_get(config, "/api/gateways")["gateways"]
             return _show(rows, args.json, "no gateway has had a call yet", ("GATEWAY", "STATE", "FAILURES", "CALLS"),

@@ -42,6 +42,10 @@ class _CompiledRoute:
 
 class RouteTable:
     def __init__(self, routes: tuple[RouteConfig, ...], emergency: EmergencyConfig):
+        self.load(routes, emergency)
+
+    def load(self, routes: tuple[RouteConfig, ...], emergency: EmergencyConfig) -> None:
+        """(Re)read the routes and emergency settings: a reload swaps them between two calls, never during one."""
         self.routes = [_CompiledRoute(r, re.compile(r.pattern) if r.pattern else None) for r in routes]
         self.emergency_patterns = [re.compile(p) for p in emergency.patterns]
         self.emergency_gateways = emergency.gateways

@@ -66,3 +66,28 @@ class KeepaliveTests(TrustTestCase):
                 break
         self.assertIn("REACHABLE", listed)
         self.assertRegex(listed, r" yes +[0-9.]+ms ")
+
+
+class ReloadTests(TrustTestCase):
+    def test_reload_changes_a_route_while_the_server_runs(self):
+        from tests.integration.harness import free_port
+
+        new_port = free_port()
+        new_gateway = self.agent(new_port)
+        with open(self.server.config_path) as f:
+            text = f.read()
+        with open(self.server.config_path, "w") as f:
+            f.write(text.replace(f"127.0.0.1:{self.gw_port}", f"127.0.0.1:{new_port}"))
+        result = self.server.admin("reload")
+        self.assertIn("reloaded: routes, emergency", result.stdout)
+        phone = self.agent()
+        self.authenticated_invite(phone, f"sip:9011441234@{REALM}", call_id="after-reload", to="9011441234")
+        invite = new_gateway.receive(5, lambda t: t.startswith("INVITE"))
+        self.assertIsNotNone(invite, self.server.log()[-2000:])
+        self.assertEqual([m for m in self.gateway.expect_nothing(0.5) if m.startswith("INVITE")], [])
+        # A broken file is refused and the running tables stay.
+        with open(self.server.config_path, "a") as f:
+            f.write("[timers]\nt1 = -1\n")
+        refused = self.server.admin("reload", check=False)
+        self.assertEqual(refused.returncode, 1)
+        self.assertIn("timers.t1", refused.stderr)
