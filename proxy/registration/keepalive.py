@@ -15,11 +15,11 @@ import secrets
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from proxy.identity import Identity
 from proxy.nat import NatPolicy
+from proxy.periodic import Every
 from proxy.registration.location import Binding, ILocationService
 from proxy.sip.headers import Headers
 from proxy.sip.message import Request, Response
@@ -50,18 +50,16 @@ class Keepalive:
         self.on_event = on_event  # on_event(name, **fields)
         self.state: dict[Destination, Reachability] = {}
         self.counts = {"sent": 0, "answered": 0, "unanswered": 0, "went_silent": 0, "came_back": 0}
-        self._loop: LoopingCall | None = None
+        self._rounds = Every(clock, interval, self.round) if interval > 0 else None
         self._pending = []
 
     def start(self) -> None:
-        if self.interval > 0:
-            self._loop = LoopingCall(self.round)
-            self._loop.clock = self.clock
-            self._loop.start(self.interval, now=False)
+        if self._rounds is not None:
+            self._rounds.start()
 
     def stop(self) -> None:
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
+        if self._rounds is not None:
+            self._rounds.stop()
         for call in self._pending:
             if call.active():
                 call.cancel()

@@ -16,12 +16,12 @@ import sqlite3
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
 from proxy.errors import ConfigError
 from proxy.nat import NatPolicy
+from proxy.periodic import Every
 from proxy.transport import Destination
 
 log = Logger()
@@ -145,7 +145,7 @@ class SqliteLocationService:
             self._load()
         except sqlite3.DatabaseError as e:
             raise ConfigError(path, "", f"cannot read the bindings: {e}; restore the file") from None
-        self._sweeper: LoopingCall | None = None
+        self._sweeper = Every(clock, sweep_interval, self.sweep)
 
     def _load(self) -> None:
         now = self.clock.seconds()
@@ -161,13 +161,10 @@ class SqliteLocationService:
         log.info("Location service {path}: {kept} bindings restored", path=self.path, kept=kept)
 
     def start(self) -> None:
-        self._sweeper = LoopingCall(self.sweep)
-        self._sweeper.clock = self.clock
-        self._sweeper.start(self.sweep_interval, now=False)
+        self._sweeper.start()
 
     def stop(self) -> None:
-        if self._sweeper is not None and self._sweeper.running:
-            self._sweeper.stop()
+        self._sweeper.stop()
         self._db.close()
 
     def add_observer(self, observer) -> None:

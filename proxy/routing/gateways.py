@@ -13,10 +13,10 @@ import secrets
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from proxy.identity import Identity
+from proxy.periodic import Every
 from proxy.routing.routes import Hop
 from proxy.sip.headers import Headers
 from proxy.sip.message import Request
@@ -106,17 +106,13 @@ class GatewayProber:
         self.transactions = transactions
         self.resolve = resolve  # hop -> Deferred[list[Destination]]
         self.identity = identity
-        self.interval = interval
-        self._loop: LoopingCall | None = None
+        self._rounds = Every(clock, interval, self.probe)
 
     def start(self) -> None:
-        self._loop = LoopingCall(self.probe)
-        self._loop.clock = self.clock
-        self._loop.start(self.interval, now=False)
+        self._rounds.start()
 
     def stop(self) -> None:
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
+        self._rounds.stop()
 
     def probe(self) -> None:
         for state in list(self.health.states.values()):
