@@ -140,7 +140,8 @@ def default_route_address() -> str | None:
     return None
 
 
-def _advertised(config: ProxyConfig, addresses: frozenset[str], find_address) -> tuple[str, dict[str, int]]:
+def _advertised(config: ProxyConfig, addresses: frozenset[str], find_address,
+                quiet: bool = False) -> tuple[str, dict[str, int]]:
     """The host phones reach us at (Via, Record-Route) and our port per transport.
 
     In order: `[proxy] advertise`, the first of `[server] addresses`, a listener's interface, the source address of
@@ -166,12 +167,14 @@ def _advertised(config: ProxyConfig, addresses: frozenset[str], find_address) ->
     routed = find_address()
     if routed:
         also = [a for a in others if a != routed]
-        log.info("Advertising {address} in Via and Record-Route: the source address of the default route"
-                 "{others} (set proxy.advertise to choose)", address=routed,
-                 others=f"; this host also has {', '.join(also)}" if also else "")
+        if not quiet:
+            log.info("Advertising {address} in Via and Record-Route: the source address of the default route"
+                     "{others} (set proxy.advertise to choose)", address=routed,
+                     others=f"; this host also has {', '.join(also)}" if also else "")
         return routed, ports
     if others:
-        log.info("Advertising {address} in Via and Record-Route (set proxy.advertise to choose)", address=others[0])
+        if not quiet:
+            log.info("Advertising {address} in Via and Record-Route (set proxy.advertise to choose)", address=others[0])
         return others[0], ports
     if all(_is_loopback(lst.interface) for lst in config.server.listen):
         return "127.0.0.1", ports
@@ -183,9 +186,9 @@ def _is_loopback(interface: str) -> bool:
     return interface.startswith("127.") or interface in ("::1", "localhost")
 
 
-def identity_from_config(config: ProxyConfig, find_address=default_route_address) -> Identity:
+def identity_from_config(config: ProxyConfig, find_address=default_route_address, quiet: bool = False) -> Identity:
     addresses = local_addresses(config)
-    host, ports = _advertised(config, addresses, find_address)
+    host, ports = _advertised(config, addresses, find_address, quiet)
     return Identity(domains=frozenset(config.server.domains), addresses=addresses | {host},
                     ports=frozenset(lst.port for lst in config.server.listen), domain=config.server.domains[0],
                     advertise_host=host, advertise_ports=tuple(sorted(ports.items())))

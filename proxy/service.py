@@ -164,7 +164,7 @@ def check_state(config: ProxyConfig) -> list[str]:
     Returns warnings to log (a last good copy in use). `tap.Options` calls this,
     so the message comes before twistd daemonises.
     """
-    identity_from_config(config)  # an address to advertise, or ConfigError saying what to set
+    identity_from_config(config, quiet=True)  # an address to advertise, or ConfigError saying what to set
     state_dir = config.server.state_dir
     try:
         os.makedirs(state_dir, mode=0o700, exist_ok=True)

@@ -149,7 +149,7 @@ class SipProxyCollector:
         yield _family(CounterMetricFamily, "sipproxy_gateway_failures", "Calls a gateway failed (no answer, 503)",
                       "gateway", [(g["gateway"], g["failed_calls"]) for g in counters["gateways"]])
         if "ldapdir" in self.context.plugins:
-            yield CounterMetricFamily("sipproxy_ldap_errors", "Directory searches that failed (LDAP down or slow)",
+            yield CounterMetricFamily("sipproxy_directory_errors", "Directory searches that failed (LDAP down or slow)",
                                       value=self.plugin.directory_errors)
         info = InfoMetricFamily("sipproxy_build", "sipproxy version")
         info.add_metric([], {"version": __version__})
@@ -185,14 +185,14 @@ class MetricsPlugin:
         self.registry.register(SipProxyCollector(context, self))
         self.call_setup = Histogram("sipproxy_call_setup_seconds", "INVITE to first final response",
                                     buckets=(0.1, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 180), registry=self.registry)
-        self.ldap_query = Histogram("sipproxy_ldap_query_seconds", "Directory search time",
+        self.directory_search = Histogram("sipproxy_directory_search_seconds", "Directory search time (LDAP or local users)",
                                     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
                                     registry=self.registry)
         self._timed: set[str] = set()  # keys of calls whose setup time is observed (answered, not yet ended)
 
     def event(self, name, fields):
         if name == "directory_search":
-            self.ldap_query.observe(fields["seconds"])
+            self.directory_search.observe(fields["seconds"])
             if not fields["ok"]:
                 self.directory_errors += 1
             return

@@ -65,6 +65,12 @@ def binding_json(binding: Binding, now: float) -> dict:
     }
 
 
+def _reachability(state) -> dict:
+    """The phone keepalive's view of a binding: reachable (None: not asked yet) and the last round-trip time."""
+    return {"reachable": None if state is None else state.reachable,
+            "rtt_ms": None if state is None or state.rtt is None else round(state.rtt * 1000, 1)}
+
+
 class _JsonResource(resource.Resource):
     isLeaf = True
 
@@ -213,7 +219,7 @@ class AdminApi(resource.Resource):
             return 405, {"error": "use GET"}
         args = {k.decode(): v[0].decode("utf-8", "replace") for k, v in (request.args or {}).items()}
         try:
-            rows = [p.as_json() for p in phones(self.location.all_bindings())
+            rows = [self._phone_row(p) for p in phones(self.location.all_bindings())
                     if matches(p, firmware=args.get("firmware"), model=args.get("model"), where=args.get("where"))]
         except FilterError as e:
             return 400, {"error": str(e)}
@@ -322,10 +328,14 @@ class AdminApi(resource.Resource):
         now = self.clock.seconds()
         return 200, {"registrations": [self._binding_row(b, now) for b in self.location.all_bindings()]}
 
+    def _phone_row(self, phone) -> dict:
+        row = phone.as_json()
+        if self.reachability is not None:
+            row.update(_reachability(self.reachability(phone.notify_binding())))
+        return row
+
     def _binding_row(self, binding: Binding, now: float) -> dict:
         row = binding_json(binding, now)
         if self.reachability is not None:
-            state = self.reachability(binding)
-            row["reachable"] = None if state is None else state.reachable
-            row["rtt_ms"] = None if state is None or state.rtt is None else round(state.rtt * 1000, 1)
+            row.update(_reachability(self.reachability(binding)))
         return row

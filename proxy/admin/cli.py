@@ -409,6 +409,14 @@ def _phones(config: ProxyConfig, args) -> int:
     query = urllib.parse.urlencode({k: v for k, v in (("firmware", args.firmware), ("model", args.model),
                                                       ("where", args.where)) if v})
     rows = api_get(config, "/api/phones" + (f"?{query}" if query else ""))["phones"]
+    if rows and "reachable" in rows[0]:  # the phone keepalive is on
+        return _show(rows, args.json, "no phones",
+                     ("PHONE", "LINES", "MODEL", "FIRMWARE", "ADDRESS", "REACHABLE", "RTT", "LAST REGISTERED"),
+                     lambda r: (r["device"], ",".join(_line(a) for a in r["lines"]), r["model"] or "-",
+                                r["firmware"] or r["user_agent"] or "-", r["address"],
+                                {True: "yes", False: "NO", None: "?"}[r["reachable"]],
+                                "-" if r["rtt_ms"] is None else f"{r['rtt_ms']:g}ms",
+                                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["last_registration"]))))
     return _show(rows, args.json, "no phones", ("PHONE", "LINES", "MODEL", "FIRMWARE", "ADDRESS", "LAST REGISTERED"),
                  lambda r: (r["device"], ",".join(_line(a) for a in r["lines"]), r["model"] or "-",
                             r["firmware"] or r["user_agent"] or "-", r["address"],

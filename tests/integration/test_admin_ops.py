@@ -66,6 +66,7 @@ class KeepaliveTests(TrustTestCase):
                 break
         self.assertIn("REACHABLE", listed)
         self.assertRegex(listed, r" yes +[0-9.]+ms ")
+        self.assertRegex(self.server.admin("phones").stdout, r" yes +[0-9.]+ms ")  # per phone too
 
 
 class ReloadTests(TrustTestCase):
