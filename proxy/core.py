@@ -194,7 +194,7 @@ def identity_from_config(config: ProxyConfig, find_address=default_route_address
                     advertise_host=host, advertise_ports=tuple(sorted(ports.items())))
 
 
-def build_core(config: ProxyConfig, clock: IReactorTime, transports, *, resolver=None) -> Core:
+def build_core(config: ProxyConfig, clock: IReactorTime, transports, *, resolver=None, tracer=None) -> Core:
     """The whole core for `config`; `resolver` is a twisted.names IResolver (None: names do not resolve)."""
     state_dir = config.server.state_dir
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
@@ -239,7 +239,7 @@ def build_core(config: ProxyConfig, clock: IReactorTime, transports, *, resolver
                             on_stray_response=stateless.stray_response)
     server = SipServer(clock, transports, identity, config.timers, user=dispatcher, replies=replies,
                        max_message_size=config.server.max_message_size, debug=config.server.debug,
-                       max_transactions=config.server.max_transactions)
+                       max_transactions=config.server.max_transactions, tracer=tracer)
     prober = GatewayProber(clock, gateways, server.transactions, targets.resolve, identity)
     keepalive = Keepalive(clock, server.transactions, location, identity, nat,
                           interval=config.registrar.keepalive_interval, on_event=plugins.emit)

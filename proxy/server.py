@@ -32,7 +32,9 @@ class SipServer:
     """Parses, validates and hands over; `user` decides (the transaction user)."""
 
     def __init__(self, clock: IReactorTime, transports, identity: Identity, timers: Timers, *, user, replies: Replies,
-                 max_message_size: int = MAX_DATAGRAM, debug: bool = False, max_transactions: int = 100_000):
+                 max_message_size: int = MAX_DATAGRAM, debug: bool = False, max_transactions: int = 100_000,
+                 tracer=None):
+        self.tracer = tracer  # proxy/trace.py: matching messages logged while a trace runs
         self.clock = clock
         self.transports = transports
         self.identity = identity
@@ -52,6 +54,8 @@ class SipServer:
     # -- from the transports --------------------------------------------
 
     def data_received(self, data: bytes, source: Source) -> None:
+        if self.tracer is not None and self.tracer.active:
+            self.tracer.saw("in", data, source.host, source.port)
         try:
             self._data_received(data, source)
         except Exception:

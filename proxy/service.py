@@ -25,6 +25,7 @@ from proxy.registration.location import LOCATION_FILE, SqliteLocationService, op
 from proxy.phone.site import build_site_root
 from proxy.plugin import IProxyPlugin, IServicePlugin, IWebResources, PluginContext, PluginHost
 from proxy.transport import SipDatagramProtocol, SipStreamFactory, Transports
+from proxy.trace import Tracer
 from proxy.trust import KEYS_FILE, load_route_signer
 from proxy.web import bounded_site
 
@@ -219,8 +220,9 @@ class Reloader:
 def build_service(config: ProxyConfig, reactor, enabled_plugins=None) -> tuple[service.MultiService, Core]:
     """The listeners and sites around the core that `build_core` makes; returns the service and the core."""
     top = SipProxyService()
-    transports = Transports(clock=reactor)
-    core = build_core(config, reactor, transports, resolver=dns_client.createResolver())
+    tracer = Tracer(reactor)
+    transports = Transports(clock=reactor, tracer=tracer)
+    core = build_core(config, reactor, transports, resolver=dns_client.createResolver(), tracer=tracer)
     server, location, checksync = core.server, core.location, core.checksync
     _LocationService(location, core.keepalive, core.prober).setServiceParent(top)
     state_dir = config.server.state_dir
@@ -228,7 +230,7 @@ def build_service(config: ProxyConfig, reactor, enabled_plugins=None) -> tuple[s
     top.reloader = reloader
     api = AdminApi(load_or_create_token(state_dir), reactor, location, core.forwarding_store, checksync,
                    core.identity.domain, reachability=core.keepalive.status if config.registrar.keepalive_interval else None,
-                   gateways=core.gateways.gateways, reload=reloader.reload,
+                   gateways=core.gateways.gateways, reload=reloader.reload, tracer=tracer,
                    checksync_rate=config.checksync.rate, checksync_wait=config.checksync.wait_timeout)
 
     _build_plugins(config, reactor, top, core, api, enabled_plugins or [])

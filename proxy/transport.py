@@ -189,6 +189,7 @@ class Transports:
     _connections: dict = attrs.field(factory=dict)
     _pending: dict = attrs.field(factory=dict)
     unsendable: int = 0  # messages for a destination that is not a numeric address and port
+    tracer: object = None  # proxy/trace.py: matching messages logged while a trace runs
 
     def connection_made(self, transport: str, peer, proto) -> None:
         self._connections[(transport, peer[0], peer[1])] = proto
@@ -203,6 +204,8 @@ class Transports:
 
     def send(self, data: bytes, dest: Destination, connection=None) -> None:
         """Send bytes toward `dest`; for streams prefer `connection` when it is still up."""
+        if self.tracer is not None and self.tracer.active:
+            self.tracer.saw("out", data, dest.host, dest.port)
         if not is_ip_address(dest.host) or not 0 < dest.port < 65536:
             # Names are resolved before this (RFC 3263, proxy/routing/dns.py); one that slips through is a
             # bug upstream, which must cost this one message, never a traceback per retransmission.

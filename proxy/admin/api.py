@@ -16,6 +16,7 @@ Routes:
                                    always, busy, no_answer, no_answer_after, unavailable)
   GET /api/phones[?firmware=GLOB&model=7940&where=firmware<8.0]   one row per phone
   GET /api/gateways                the routes' gateways: up or down since when, failures in a row, calls
+  POST|DELETE /api/trace           {"user"|"address"|"call_id": ..., "minutes": 5}: log matching messages
   POST /api/reload                 re-read the config file: routes, emergency, trusted networks -> what was
                                    reloaded and what needs a restart (also on SIGHUP)
   POST /api/reboot                 {"lines": [...], "phones": [...], "all": true, "firmware"/"model"/"where",
@@ -142,7 +143,8 @@ class AdminApi(resource.Resource):
 
     def __init__(self, token: str, clock: IReactorTime, location: ILocationService, forwarding_store=None,
                  checksync=None, domain: str = "", *, checksync_rate: float = 1.0, checksync_wait: float = 600.0,
-                 reachability=None, gateways=None, reload=None):
+                 reachability=None, gateways=None, reload=None, tracer=None):
+        self.tracer = tracer
         self.reload = reload  # () -> {"reloaded": [...], "restart_needed": [...]} or {"error": ...}
         self.reachability = reachability  # binding -> Reachability | None, with the phone keepalive on
         self.gateways = gateways  # () -> [gateway states]
@@ -165,6 +167,7 @@ class AdminApi(resource.Resource):
         self.add_route("phones", self._phones)
         self.add_route("gateways", self._gateways)
         self.add_route("reload", self._reload)
+        self.add_route("trace", self._trace)
         if checksync is not None:
             self.add_route("reboot", self._reboot)
             self.add_route("jobs", self._jobs)
@@ -294,6 +297,29 @@ class AdminApi(resource.Resource):
         if job is None:
             return 404, {"error": f"no job {path[0]}"}
         return 200, job.as_json()
+
+    def _trace(self, method, request):
+        from proxy.trace import TraceFilter
+
+        if self.tracer is None:
+            return 501, {"error": "this server cannot trace"}
+        if method == "DELETE":
+            self.tracer.stop()
+            return 200, {"tracing": False}
+        if method != "POST":
+            return 405, {"error": "use POST (start) or DELETE (stop)"}
+        try:
+            body = json.loads(request.content.read() or b"{}")
+            trace_filter = TraceFilter(user=str(body.get("user") or ""), address=str(body.get("address") or ""),
+                                       call_id=str(body.get("call_id") or ""))
+            minutes = float(body.get("minutes", 5))
+        except (ValueError, TypeError, AttributeError):
+            return 400, {"error": 'the body must be {"user"|"address"|"call_id": ..., "minutes": N}'}
+        if not trace_filter.describe():
+            return 400, {"error": "say what to trace: user, address or call_id"}
+        if not 0 < minutes <= 60:
+            return 400, {"error": "minutes must be more than 0 and at most 60"}
+        return 200, {"tracing": trace_filter.describe(), "until": self.tracer.start(trace_filter, minutes)}
 
     def _reload(self, method, request):
         if method != "POST":

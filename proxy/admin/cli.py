@@ -104,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("check-config", help="read the config file and every plugin table; exit 1 on an error")
     commands.add_parser("reload", help="make the running server re-read its config (routes, emergency, trusted)")
+    trace = commands.add_parser("trace", help="log every SIP message of a user, address or Call-ID for N minutes")
+    trace.add_argument("--user")
+    trace.add_argument("--address")
+    trace.add_argument("--call-id")
+    trace.add_argument("--minutes", type=float, default=5.0)
+    trace.add_argument("--stop", action="store_true", help="stop the running trace")
     gws = commands.add_parser("gateways", help="the routes' gateways: up, or down since when (needs the running server)")
     gws.add_argument("--json", action="store_true")
     regs = commands.add_parser("registrations", help="list current registrations (needs the running server)")
@@ -131,6 +137,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"(state directory {os.path.abspath(config.server.state_dir)})", file=sys.stderr)
         if args.command == "user":
             return _user(config, args)
+        if args.command == "trace":
+            if args.stop:
+                api_request(config, "DELETE", "/api/trace")
+                print("trace stopped")
+                return 0
+            result = api_request(config, "POST", "/api/trace", {"user": args.user, "address": args.address,
+                                                                 "call_id": args.call_id, "minutes": args.minutes})
+            print(f"tracing {result['tracing']} until {time.strftime('%H:%M:%S', time.localtime(result['until']))}: "
+                  "see the server's log (journalctl -u sipproxy)")
+            return 0
         if args.command == "reload":
             result = api_request(config, "POST", "/api/reload")
             print(f"reloaded: {', '.join(result['reloaded']) or 'nothing changed'}")

@@ -92,3 +92,18 @@ class ReloadTests(TrustTestCase):
         refused = self.server.admin("reload", check=False)
         self.assertEqual(refused.returncode, 1)
         self.assertIn("timers.t1", refused.stderr)
+
+
+class TraceTests(TrustTestCase):
+    def test_trace_a_user_at_runtime(self):
+        result = self.server.admin("trace", "--user", "1002", "--minutes", "1")
+        self.assertIn("tracing user 1002 until", result.stdout)
+        phone, other = self.agent(), self.agent()
+        self.register(phone, "1002")
+        self.register(other, "1001")
+        log = self.server.log()
+        self.assertIn("TRACE in 127.0.0.1", log)
+        self.assertIn("REGISTER sip:localhost SIP/2.0", log)
+        self.assertIn("Authorization: (masked)", log)
+        self.assertNotIn("From: <sip:1001@localhost>", log)  # only the traced user's messages
+        self.server.admin("trace", "--stop")
