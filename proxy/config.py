@@ -501,7 +501,7 @@ def _parse_admin(t: _Table) -> AdminConfig:
     if kind not in ("tcp", "tcp6", "unix", "ssl", "tls"):
         raise t.error("listen", "must be a stream endpoint such as tcp:8060:interface=127.0.0.1")
     allow_remote = t.get("allow_remote", False, bool)
-    if kind != "unix" and not _is_loopback(endpoint_interface(listen)):
+    if kind != "unix" and not is_loopback(endpoint_interface(listen)):
         # The admin API reboots phones and changes forwarding: never on the network by accident.
         if not allow_remote:
             raise t.error("listen", "listens beyond loopback; use interface=127.0.0.1, or set allow_remote = true "
@@ -535,7 +535,7 @@ def endpoint_interface(description: str) -> str:
     return ""
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:

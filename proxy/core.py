@@ -19,7 +19,7 @@ from twisted.logger import Logger
 
 from proxy.registration.auth import DigestAuthenticator, load_secret
 from proxy.admin.checksync import CheckSync
-from proxy.config import ProxyConfig
+from proxy.config import ProxyConfig, is_loopback
 from proxy.registration.credentials import USERS_FILE, FileCredentials
 from proxy.dispatch import Dispatcher
 from proxy.errors import ConfigError
@@ -176,14 +176,10 @@ def _advertised(config: ProxyConfig, addresses: frozenset[str], find_address,
         if not quiet:
             log.info("Advertising {address} in Via and Record-Route (set proxy.advertise to choose)", address=others[0])
         return others[0], ports
-    if all(_is_loopback(lst.interface) for lst in config.server.listen):
+    if all(is_loopback(lst.interface) for lst in config.server.listen):
         return "127.0.0.1", ports
     raise ConfigError(config.path, "proxy.advertise", "no routable address of this host found (the hostname "
                       "resolves to loopback only): set it to the address the phones reach this proxy at")
-
-
-def _is_loopback(interface: str) -> bool:
-    return interface.startswith("127.") or interface in ("::1", "localhost")
 
 
 def identity_from_config(config: ProxyConfig, find_address=default_route_address, quiet: bool = False) -> Identity:

@@ -2,6 +2,8 @@
 tests and plugin authors drive the server without sockets.
 """
 
+from typing import TYPE_CHECKING
+
 from twisted.internet.task import Clock
 
 from proxy.dispatch import Dispatcher
@@ -12,6 +14,9 @@ from proxy.sip.message import Request, Response
 from proxy.sip.wire import parse_message
 from proxy.transaction import Timers
 from proxy.transport import Destination, Source
+
+if TYPE_CHECKING:  # the core imports nearly everything: only for the annotation
+    from proxy.core import Core
 
 
 class RecordingTransports:

@@ -6,12 +6,11 @@ import random
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from proxy.registration.auth import DigestAuthenticator, load_secret, parse_digest
+from proxy.registration.auth import parse_digest
 from proxy.config import RegistrarConfig
-from proxy.registration.credentials import FileCredentials, UserRecord, compute_ha1, locked_users
+from proxy.registration.credentials import UserRecord, compute_ha1, locked_users
 from proxy.registration.location import Binding, SqliteLocationService
 from proxy.nat import NatPolicy
-from proxy.registration.registrar import Registrar
 from proxy.testing import make_core, sip_bytes, udp_source
 from proxy.transport import Destination
 from tests.test_auth import client_answer

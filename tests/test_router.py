@@ -7,7 +7,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from proxy.registration.auth import parse_digest
-from proxy.config import EmergencyConfig, ForwardingConfig, ProxySettings, RouteConfig
+from proxy.config import EmergencyConfig, ProxySettings, RouteConfig
 from proxy.registration.credentials import UserRecord, compute_ha1, locked_users
 from proxy.registration.location import Binding
 from proxy.routing.dns import NextHopResolver

@@ -21,20 +21,12 @@ from twisted.logger import Logger
 from twisted.names import dns
 from twisted.names.error import DomainError
 
-from proxy.transport import Destination
+from proxy.transport import Destination, is_ip_address
 
 log = Logger()
 
 _SRV_PREFIX = {"UDP": "_sip._udp.", "TCP": "_sip._tcp.", "TLS": "_sips._tcp."}
 _DEFAULT_PORT = {"UDP": 5060, "TCP": 5060, "TLS": 5061}
-
-
-def is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-        return True
-    except ValueError:
-        return False
 
 
 def order_srv(records: list, rng: random.Random) -> list:
@@ -67,7 +59,7 @@ class NextHopResolver:
     def resolve(self, host: str, port: int | None, transport: str = "UDP") -> defer.Deferred:
         """Deferred list of Destinations (empty when the name does not resolve)."""
         transport = transport.upper()
-        if is_ip(host):
+        if is_ip_address(host):
             return defer.succeed([Destination(transport, host, port or _DEFAULT_PORT.get(transport, 5060))])
         if self.resolver is None:
             return defer.succeed([])

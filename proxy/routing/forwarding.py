@@ -19,7 +19,6 @@ while the server runs: every lookup reads the table (an indexed row).
 
 import os
 import re
-import sqlite3
 
 import attrs
 from twisted.logger import Logger

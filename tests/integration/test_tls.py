@@ -1,6 +1,5 @@
 """TLS both ways on loopback: the server's TLS listener, and verified outgoing TLS."""
 
-import os
 import socket
 import ssl as stdlib_ssl
 import tempfile
