@@ -69,6 +69,9 @@ class ServerConfig:
     max_connections: int = 2_000  # TCP/TLS connections at once, per listener
     server_header: str = "sipproxy"
     debug: bool = False  # a log line per SIP message
+    overload_lag: float = 0.0  # load shedding (proxy/overload.py): the queue wait that starts it; 0: off
+    overload_retry_after: int = 10  # a shed request's Retry-After: spread over [this, 2 * this] seconds
+    udp_receive_buffer: int = 1024 * 1024  # bytes asked for (capped at net.core.rmem_max): ~150 ms of work queued
 
 
 @attrs.frozen
@@ -578,6 +581,12 @@ def _parse_server(t: _Table) -> ServerConfig:
         max_connections=t.get("max_connections", d.max_connections, int, lambda v: v >= 1, "must be at least 1"),
         server_header=t.get("server_header", d.server_header, str),
         debug=t.get("debug", d.debug, bool),
+        overload_lag=t.get("overload_lag", d.overload_lag, float, lambda v: 0 <= v <= 10,
+                           "must be between 0 (never shed) and 10 seconds"),
+        udp_receive_buffer=t.get("udp_receive_buffer", d.udp_receive_buffer, int,
+                                 lambda v: 65536 <= v <= 1 << 30, "must be between 65536 and 1073741824 bytes"),
+        overload_retry_after=t.get("overload_retry_after", d.overload_retry_after, int, lambda v: 1 <= v <= 3600,
+                                   "must be between 1 and 3600 seconds"),
     )
     t.finish()
     return server

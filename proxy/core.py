@@ -28,6 +28,7 @@ from proxy.identity import Identity
 from proxy.registration.keepalive import Keepalive
 from proxy.registration.location import LOCATION_FILE, SqliteLocationService
 from proxy.nat import NatPolicy
+from proxy.overload import LoadShedder
 from proxy.plugin import PluginHost
 from proxy.registration.registrar import Registrar
 from proxy.replies import Replies
@@ -65,6 +66,7 @@ class Core:
     gateways: GatewayHealth
     prober: GatewayProber
     plugins: PluginHost  # empty until service.py adds the enabled ones; the router asks it from the start
+    shedder: LoadShedder  # overload control (started with the service)
 
     def reload(self, old: ProxyConfig, new: ProxyConfig) -> tuple[list[str], list[str]]:
         """Apply what can change while calls go on; returns (reloaded, needs a restart) as config sections.
@@ -109,6 +111,7 @@ class Core:
             "gateways": self.gateways.gateways(),
             "bindings_expired": self.location.expired,
             "plugin_failures": dict(self.plugins.failures),
+            "overload": self.shedder.counters(),
         }
 
 
@@ -225,17 +228,19 @@ def build_core(config: ProxyConfig, clock: IReactorTime, transports, *, resolver
     router = Router(clock=clock, replies=replies, identity=identity, trust=trust, hops=hops, targets=targets,
                     routes=routes, settings=config.proxy,
                     redirect=RedirectServer(identity, location, replies, config.forwarding),
-                    forwarding=forwarding, forwarding_config=config.forwarding, plugins=plugins)
+                    forwarding=forwarding, forwarding_config=config.forwarding, plugins=plugins,
+                    debug=config.server.debug)
     stateless = StatelessForwarder(identity, trust, hops, targets, transports, replies)
     registrar = Registrar(clock=clock, replies=replies, location=location, authenticator=authenticator,
                           config=config.registrar, identity=identity)
 
+    shedder = LoadShedder(clock, threshold=config.server.overload_lag, retry_after=config.server.overload_retry_after)
     dispatcher = Dispatcher(replies, identity, methods={"REGISTER": registrar.handle}, route=router.route,
                             on_cancel=router.cancel, on_ack=stateless.ack,
-                            on_stray_response=stateless.stray_response)
+                            on_stray_response=stateless.stray_response, retry_after=shedder.retry_after_value)
     server = SipServer(clock, transports, identity, config.timers, user=dispatcher, replies=replies,
                        max_message_size=config.server.max_message_size, debug=config.server.debug,
-                       max_transactions=config.server.max_transactions, tracer=tracer)
+                       max_transactions=config.server.max_transactions, tracer=tracer, shedder=shedder)
     prober = GatewayProber(clock, gateways, server.transactions, targets.resolve, identity)
     keepalive = Keepalive(clock, server.transactions, location, identity, nat,
                           interval=config.registrar.keepalive_interval, on_event=plugins.emit)
@@ -245,4 +250,4 @@ def build_core(config: ProxyConfig, clock: IReactorTime, transports, *, resolver
     return Core(identity=identity, replies=replies, server=server, dispatcher=dispatcher, credentials=credentials,
                 authenticator=authenticator, trust=trust, location=location, forwarding_store=forwarding_store,
                 forwarding=forwarding, registrar=registrar, router=router, stateless=stateless, checksync=checksync,
-                keepalive=keepalive, gateways=gateways, prober=prober, plugins=plugins)
+                keepalive=keepalive, gateways=gateways, prober=prober, plugins=plugins, shedder=shedder)

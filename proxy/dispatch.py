@@ -56,8 +56,10 @@ class Dispatcher:
                  route: Handler | None = None,
                  on_cancel: Callable[[ServerTransaction, Request], None] | None = None,
                  on_ack: Callable[[Request, Source], None] | None = None,
-                 on_stray_response: Callable[[Response, Source], None] | None = None):
+                 on_stray_response: Callable[[Response, Source], None] | None = None,
+                 retry_after: Callable[[], str] | None = None):
         self.replies = replies
+        self.retry_after = retry_after or (lambda: str(5 + os.urandom(1)[0] % 10))  # a shed request's Retry-After
         self.identity = identity
         self.methods = dict(methods)
         self.route = route or self._no_route
@@ -103,12 +105,15 @@ class Dispatcher:
         else:
             self.replies.dropped["stray_response"] += 1
 
-    def overloaded(self, request: Request, source: Source) -> None:
-        """The transaction table is full: 503 with a spread Retry-After (RFC 3261 21.5.4)."""
-        self.replies.dropped["transaction_table_full"] += 1
-        if self.replies.log_limit.should_log("overload"):
-            log.warn("Transaction table full: answering new requests with 503")
-        retry = str(5 + os.urandom(1)[0] % 10)
+    def overloaded(self, request: Request, source: Source, reason: str = "transaction_table_full") -> None:
+        """The transaction table is full, or the load shedder refuses: 503 with a spread Retry-After (21.5.4)."""
+        if reason == "transaction_table_full":
+            self.replies.dropped[reason] += 1
+            if self.replies.log_limit.should_log("overload"):
+                log.warn("Transaction table full: answering new requests with 503")
+            retry = str(5 + os.urandom(1)[0] % 10)
+        else:
+            retry = self.retry_after()
         self.replies.answer(request, source, 503, "Service Unavailable", extra=(("Retry-After", retry),))
 
     # -- the table ----------------------------------------------------------------

@@ -67,18 +67,22 @@ class Replies:
         return extra + (("Server", self.server_header),) if self.server_header else extra
 
     def respond(self, tx: ServerTransaction, status: int, reason: str | None = None, *,
-                extra: tuple[tuple[str, str], ...] = (), body: bytes = b"") -> Response:
-        """Answer a server transaction with a response built from its request."""
+                extra: tuple[tuple[str, str], ...] = (), body: bytes = b"") -> Response | None:
+        """Answer a server transaction with a response built from its request (none once it lingers: too late)."""
+        if tx.lingering:
+            return None
         response = make_response(tx.request, status, reason, to_tag=_to_tag(tx), extra=self._extra(extra), body=body)
         self.send_response(tx, response)
         return response
 
     def send_response(self, tx: ServerTransaction, response: Response) -> None:
-        self.replies[(tx.request.method, response.status)] += 1
+        self.replies[(tx.method, response.status)] += 1
         tx.respond(response)
 
     def respond_statelessly(self, tx: ServerTransaction, status: int, reason: str | None = None, *,
                             extra: tuple[tuple[str, str], ...] = ()) -> None:
+        if tx.lingering:
+            return
         request = tx.request
         response = make_response(request, status, reason, to_tag=self.stateless_tag(request), extra=self._extra(extra))
         self.replies[(request.method, status)] += 1

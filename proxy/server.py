@@ -23,7 +23,7 @@ from proxy.sip.grammar import for_log
 from proxy.sip.message import Request, Response
 from proxy.sip.wire import MAX_DATAGRAM, ResponseParseError, parse_message
 from proxy.transaction import Timers, TransactionLayer
-from proxy.transport import Source
+from proxy.transport import Destination, Source
 
 log = Logger()
 
@@ -33,8 +33,9 @@ class SipServer:
 
     def __init__(self, clock: IReactorTime, transports, identity: Identity, timers: Timers, *, user, replies: Replies,
                  max_message_size: int = MAX_DATAGRAM, debug: bool = False, max_transactions: int = 100_000,
-                 tracer=None):
-        self.tracer = tracer  # proxy/trace.py: matching messages logged while a trace runs
+                 tracer=None, shedder=None):
+        self.tracer = tracer
+        self.shedder = shedder if shedder is not None and shedder.enabled else None  # proxy/overload.py  # proxy/trace.py: matching messages logged while a trace runs
         self.clock = clock
         self.transports = transports
         self.identity = identity
@@ -44,7 +45,8 @@ class SipServer:
         self.debug = debug
         self.max_message_size = max_message_size
         self.transactions = TransactionLayer(clock, transports, timers, user=user, nat=replies.nat,
-                                             max_server=max_transactions)
+                                             max_server=max_transactions,
+                                             shed=self.shedder.sheds if self.shedder is not None else None)
         self.requests: Counter = Counter()
 
     @property
@@ -72,6 +74,12 @@ class SipServer:
             return
         if not data.strip(b"\r\n"):
             return  # keepalive
+        if self.shedder is not None and self.shedder.refuse_low and not source.reliable:
+            refusal = self.shedder.refusal_for(data, new_tag(), self.replies.server_header)
+            if refusal is not None:
+                if refusal:
+                    self.transports.send(refusal, Destination("UDP", source.host, source.port))
+                return
         try:
             message = parse_message(data, stream=source.reliable)
         except ResponseParseError as e:

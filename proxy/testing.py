@@ -57,10 +57,11 @@ def make_server(clock: Clock | None = None, *, domains=("example.com",), ports=(
 
 
 def make_core(directory: str, clock: Clock | None = None, *, domains=("example.com",), addresses=("192.0.2.1",),
-              **sections) -> tuple["Core", RecordingTransports, Clock]:
+              server_settings: dict | None = None, **sections) -> tuple["Core", RecordingTransports, Clock]:
     """The whole core as the server builds it (`build_core`), on a Clock with recording transports.
 
-    `sections` replace parts of the config: proxy=ProxySettings(...), routes=(...), emergency=..., forwarding=...
+    `sections` replace parts of the config: proxy=ProxySettings(...), routes=(...), emergency=..., forwarding=...;
+    `server_settings` are fields of [server] (e.g. {"overload_lag": 0.1}).
     """
     import attrs
 
@@ -70,7 +71,7 @@ def make_core(directory: str, clock: Clock | None = None, *, domains=("example.c
     clock = clock or Clock()
     transports = RecordingTransports()
     server = ServerConfig(domains=tuple(domains), addresses=tuple(addresses), state_dir=directory,
-                          listen=(ListenerConfig.parse("udp:5060"),))
+                          listen=(ListenerConfig.parse("udp:5060"),), **(server_settings or {}))
     config = attrs.evolve(ProxyConfig(), server=server, **sections)
     return build_core(config, clock, transports), transports, clock
 

@@ -1,8 +1,7 @@
 """Client and server transactions (RFC 3261 section 17, RFC 6026).
 
 Each transaction is a small explicit state machine: `state` is one of the
-names in the RFC's figures, every transition is a method, every timer is a
-`callLater` on the injected clock. Timers:
+names in the RFC's figures, every transition is a method. Timers:
 
   client INVITE      A (retransmit, UDP, T1 doubling)  B (64*T1 timeout)  D (32 s UDP, wait for retransmitted finals)
                      M (RFC 6026: 64*T1 in Accepted, absorbs 2xx from other forks)
@@ -13,6 +12,16 @@ names in the RFC's figures, every transition is a method, every timer is a
 The phones' own defaults are T1 = 500 ms and T2 = 4 s (seed 001 lines 1990-1991).
 Hot path: plain classes and a dict lookup per message, no framework; the
 state names are kept so logs and tests read like the RFC.
+
+Memory: the retransmission timers (A, E, G) and the guards B, F, H are a
+`callLater` each; the timers of the absorbing states (D, I, J, K, L, M) and U
+have fixed lengths and live in `proxy.deadlines` queues. A transaction that
+enters an absorbing state *lingers*: it drops the parsed request and
+responses and keeps only what absorbing needs (its key, where to answer, the
+bytes to resend). At a few hundred calls per second tens of thousands of
+transactions linger for 32 s; holding their parsed messages made every full
+garbage collection scan hundreds of thousands of objects and stall the
+server for a quarter of a second.
 """
 
 import os
@@ -21,6 +30,7 @@ import attrs
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from proxy.deadlines import Deadlines
 from proxy.sip.grammar import for_log
 from proxy.sip.message import Request, Response, make_ack, make_response
 from proxy.nat import NatPolicy
@@ -129,23 +139,44 @@ class _Transaction:
         if call is not None and call.active():
             call.cancel()
 
-    def _terminate(self) -> None:
-        self.state = "Terminated"
+    def _cancel_timers(self) -> None:
         for call in self._timers.values():
             if call.active():
                 call.cancel()
         self._timers.clear()
+
+    def _terminate(self) -> None:
+        self.state = "Terminated"
+        self._cancel_timers()
         self.layer._remove(self)
+
+    def _linger(self, seconds: float) -> None:
+        """Enter an absorbing state for `seconds`: no timers of its own, the parsed messages let go."""
+        self._cancel_timers()
+        self._release()
+        if seconds > 0:
+            self.layer.deadlines.add(seconds, _Transaction._end_lingering, self)
+        else:
+            self._terminate()
+
+    def _end_lingering(self) -> None:
+        if self.state != "Terminated":
+            self._terminate()
+
+    def _release(self) -> None:
+        """Drop what an absorbing state does not need (overridden)."""
 
 
 class ServerTransaction(_Transaction):
     """INVITE (figure 7 with RFC 6026's Accepted) and non-INVITE (figure 8) server transactions."""
 
-    __slots__ = ("request", "source", "is_invite", "last_response", "_wire", "destination", "_interval", "cancelled")
+    __slots__ = ("request", "method", "source", "is_invite", "last_response", "_wire", "destination", "_interval",
+                 "cancelled", "_unanswered_timer")
 
     def __init__(self, layer, key, request: Request, source: Source):
         super().__init__(layer, key)
-        self.request = request
+        self.request: Request | None = request  # None once the transaction lingers (see the module docstring)
+        self.method = request.method
         self.source = source
         self.is_invite = request.method == "INVITE"
         self.last_response: Response | None = None
@@ -154,25 +185,43 @@ class ServerTransaction(_Transaction):
         self._interval = 0.0
         self.cancelled = False
         self.state = "Proceeding" if self.is_invite else "Trying"
+        self._unanswered_timer = None
         if not self.is_invite:
             # A non-INVITE the core never answers (a bug, a plugin that never calls back) would
             # otherwise live for ever: the RFC gives its server transaction no timer before the final.
-            self._start("U", self.timers.b + 2 * self.timers.t4, self._unanswered)
+            self._unanswered_timer = layer.deadlines.add(self.timers.b + 2 * self.timers.t4,
+                                                         ServerTransaction._unanswered, self)
 
     @property
-    def branch(self) -> str | None:
-        return self.request.top_via.branch
+    def lingering(self) -> bool:
+        """Past its final response: nothing more may be built from its request."""
+        return self.request is None
+
+    def _release(self) -> None:
+        self.request = None
+        self.last_response = None
+        if self.state != "Completed":
+            self._wire = None  # Completed (non-INVITE) resends it; Accepted and Confirmed send nothing
+
+    def _stop_unanswered(self) -> None:
+        if self._unanswered_timer is not None:
+            self._unanswered_timer.cancel()
+            self._unanswered_timer = None
+
+    def _terminate(self) -> None:
+        self._stop_unanswered()
+        super()._terminate()
 
     def respond(self, response: Response) -> None:
         """Send a response from the TU; the transaction follows the RFC's transitions."""
         if self.state in ("Completed", "Confirmed", "Terminated"):
             log.debug("Late {status} for {method} dropped: transaction {state}",
-                      status=response.status, method=self.request.method, state=self.state)
+                      status=response.status, method=self.method, state=self.state)
             return
         if self.state == "Accepted":
-            # Only further 2xx (to a forked INVITE) may pass in Accepted.
+            # Only further 2xx (to a forked INVITE) may pass in Accepted; nothing is kept of them.
             if 200 <= response.status < 300:
-                self._send(response)
+                self.layer.send_response_bytes(response.serialize(), self)
             return
         self._send(response)
         status = response.status
@@ -185,7 +234,7 @@ class ServerTransaction(_Transaction):
             if status < 300:
                 # RFC 6026: Accepted absorbs INVITE retransmissions for 64*T1.
                 self.state = "Accepted"
-                self._start("L", self.timers.b, self._terminate)
+                self._linger(self.timers.b)
             else:
                 self.state = "Completed"
                 if not reliable:
@@ -194,11 +243,8 @@ class ServerTransaction(_Transaction):
                 self._start("H", self.timers.b, self._timer_h)
         else:
             self.state = "Completed"
-            self._stop("U")
-            if reliable:
-                self._terminate()
-            else:
-                self._start("J", self.timers.b, self._terminate)
+            self._stop_unanswered()
+            self._linger(0 if reliable else self.timers.b)
 
     def respond_statelessly(self, response: Response) -> None:
         """Send one final response and forget the transaction: no retransmission, no state held.
@@ -214,10 +260,11 @@ class ServerTransaction(_Transaction):
         self._terminate()
 
     def _unanswered(self) -> None:
+        self._unanswered_timer = None
         if self.state not in ("Trying", "Proceeding"):
             return
         log.warn("{method} (Call-ID {call_id}) got no final response from the core; answering 500",
-                 method=self.request.method, call_id=for_log(self.request.call_id))
+                 method=self.method, call_id=for_log(self.request.call_id))
         self.layer.unanswered += 1
         response = make_response(self.request, 500, "Server Internal Error", to_tag=os.urandom(6).hex())
         self.respond_statelessly(response)
@@ -237,12 +284,7 @@ class ServerTransaction(_Transaction):
         if request.method == "ACK":
             if self.state == "Completed":
                 self.state = "Confirmed"
-                self._stop("G")
-                self._stop("H")
-                if self.source.reliable:
-                    self._terminate()
-                else:
-                    self._start("I", self.timers.t4, self._terminate)
+                self._linger(0 if self.source.reliable else self.timers.t4)
             return
         if self.state in ("Proceeding", "Completed"):
             self._resend()
@@ -266,7 +308,8 @@ class ClientTransaction(_Transaction):
     Via with a unique branch already.
     """
 
-    __slots__ = ("request", "destination", "is_invite", "_wire", "_interval", "on_response", "on_timeout", "branch")
+    __slots__ = ("request", "destination", "is_invite", "_wire", "_interval", "on_response", "on_timeout", "branch",
+                 "_ack_wire")
 
     def __init__(self, layer, key, request: Request, destination: Destination, on_response, on_timeout):
         super().__init__(layer, key)
@@ -277,8 +320,16 @@ class ClientTransaction(_Transaction):
         self.on_timeout = on_timeout
         self.branch = key[0]
         self._wire = request.serialize()
+        self._ack_wire: bytes | None = None
         self._interval = self.timers.t1
         self.state = "Calling" if self.is_invite else "Trying"
+
+    def _release(self) -> None:
+        self.request = None
+        self._wire = None
+        self.on_timeout = None
+        if self.state != "Accepted":
+            self.on_response = None  # only Accepted passes responses up (2xx from other forks)
 
     @property
     def reliable(self) -> bool:
@@ -337,20 +388,17 @@ class ClientTransaction(_Transaction):
                 self.on_response(response)
             elif status < 300:
                 self.state = "Accepted"
-                self._stop("B")
-                self._start("M", self.timers.b, self._terminate)
-                self.on_response(response)
+                on_response = self.on_response
+                self._linger(self.timers.b)
+                on_response(response)
             else:
                 self.state = "Completed"
-                self._stop("B")
                 self._send_ack(response)
-                if self.reliable:
-                    self._terminate()
-                else:
-                    self._start("D", 32.0, self._terminate)
-                self.on_response(response)
-        elif state == "Completed" and status >= 300:
-            self._send_ack(response)
+                on_response = self.on_response
+                self._linger(0 if self.reliable else 32.0)
+                on_response(response)
+        elif state == "Completed" and status >= 300 and self._ack_wire is not None:
+            self.layer.send_request_bytes(self._ack_wire, self.destination)
         elif state == "Accepted" and 200 <= status < 300:
             self.on_response(response)
 
@@ -362,17 +410,14 @@ class ClientTransaction(_Transaction):
             self.on_response(response)
             return
         self.state = "Completed"
-        self._stop("E")
-        self._stop("F")
-        if self.reliable:
-            self._terminate()
-        else:
-            self._start("K", self.timers.t4, self._terminate)
-        self.on_response(response)
+        on_response = self.on_response
+        self._linger(0 if self.reliable else self.timers.t4)
+        on_response(response)
 
     def _send_ack(self, response: Response) -> None:
-        """ACK for a non-2xx final, per section 17.1.1.3; sent hop by hop."""
-        self.layer.send_request_bytes(make_ack(self.request, response).serialize(), self.destination)
+        """ACK for a non-2xx final, per section 17.1.1.3; sent hop by hop (and kept: a retransmitted final gets it)."""
+        self._ack_wire = make_ack(self.request, response).serialize()
+        self.layer.send_request_bytes(self._ack_wire, self.destination)
 
 
 class TransactionLayer:
@@ -383,17 +428,20 @@ class TransactionLayer:
       ack_received(request, source)   an ACK matching no transaction (ACK for 2xx)
       cancel_received(tx, request, invite_tx)  a CANCEL (its own transaction), and the INVITE's
       stray_response(response, source)  a response matching no client transaction
-      overloaded(request, source)     a new request while the server table is full (max_server)
+      overloaded(request, source, reason)  a new request while the server table is full (max_server)
+                                      or that `shed(request)` refuses (proxy/overload.py)
     """
 
     def __init__(self, clock: IReactorTime, transports, timers: Timers = Timers(), user=None, nat: NatPolicy = NatPolicy(),
-                 max_server: int = 100_000):
+                 max_server: int = 100_000, shed=None):
         self.clock = clock
+        self.shed = shed  # shed(request) -> True: answer this new request 503 (load shedding)
         self.max_server = max_server  # a flood gets 503s, never an unbounded table
         self.nat = nat
         self.transports = transports
         self.timers = timers
         self.user = user
+        self.deadlines = Deadlines(clock)  # the fixed-length timers of every transaction here
         self.server: dict[tuple, ServerTransaction] = {}
         self.client: dict[tuple, ClientTransaction] = {}
         self.retransmissions = 0
@@ -426,7 +474,10 @@ class TransactionLayer:
             tx.request_retransmitted(request)
             return
         if len(self.server) >= self.max_server:
-            self.user.overloaded(request, source)
+            self.user.overloaded(request, source, "transaction_table_full")
+            return
+        if self.shed is not None and self.shed(request):
+            self.user.overloaded(request, source, "shed")
             return
         tx = ServerTransaction(self, key, request, source)
         self.server[key] = tx

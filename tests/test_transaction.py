@@ -330,3 +330,59 @@ class UnansweredTests(SynchronousTestCase):
         self.assertEqual(answer.status, 500)
         self.assertEqual(server.transactions.server, {})
         self.assertEqual(server.transactions.unanswered, 1)
+
+
+class LingeringTests(Base):
+    """Absorbing states keep only what absorbing needs, on the layer's shared deadline queues."""
+
+    def test_completed_non_invite_keeps_only_the_bytes_to_resend(self):
+        self.layer.request_received(request("REGISTER"), udp_source())
+        tx, req = self.user.requests[0]
+        tx.respond(make_response(req, 200, to_tag="t"))
+        self.assertEqual((tx.request, tx.last_response), (None, None))
+        self.assertTrue(tx.lingering)
+        # The layer's queues (J, and U's whose entry was cancelled), not a callLater of its own.
+        self.assertEqual(sorted(c.getTime() for c in self.clock.getDelayedCalls()), [32.0, 42.0])
+        self.layer.request_received(request("REGISTER"), udp_source())
+        self.assertEqual([m.status for m, _ in self.transports.messages()], [200, 200])
+
+    def test_many_lingering_transactions_share_one_timer(self):
+        for i in range(50):
+            self.layer.request_received(request("OPTIONS", branch=f"z9hG4bK{i}"), udp_source())
+            tx, req = self.user.requests[-1]
+            tx.respond(make_response(req, 200, to_tag="t"))
+            self.clock.advance(0.1)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 2)  # J's queue and U's
+        self.assertEqual(len(self.layer.server), 50)
+        self.clock.advance(32 - 5)  # the first ends at 32 s, the others after it, in order
+        self.assertEqual(len(self.layer.server), 49)
+        self.clock.advance(5)
+        self.assertEqual(len(self.layer.server), 0)
+        self.clock.advance(10)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_accepted_invite_and_late_answer_from_the_core_is_ignored(self):
+        self.layer.request_received(request(), udp_source())
+        tx, req = self.user.requests[0]
+        tx.respond(make_response(req, 200, to_tag="t"))
+        self.assertEqual(tx.state, "Accepted")
+        self.assertIsNone(tx.request)
+        self.layer.request_received(request(), udp_source())  # retransmitted INVITE: absorbed
+        self.assertEqual(self.sent_count(), 1)
+        forked = make_response(req, 200, to_tag="other")
+        tx.respond(forked)  # a 2xx from another fork still passes, and is not kept
+        self.assertEqual(self.sent_count(), 2)
+        self.assertIsNone(tx.last_response)
+
+    def test_client_invite_completed_acks_a_retransmitted_final_without_its_request(self):
+        dest = Destination("UDP", "192.0.2.99", 5060)
+        responses = []
+        tx = self.layer.start_client(request(branch="z9hG4bKclient"), dest, responses.append, lambda: None)
+        final = make_response(request(branch="z9hG4bKclient"), 486, to_tag="callee")
+        self.layer.response_received(parse_message(final.serialize()), udp_source("192.0.2.99"))
+        self.assertIsNone(tx.request)
+        self.layer.response_received(parse_message(final.serialize()), udp_source("192.0.2.99"))
+        acks = [m for m, _ in self.transports.messages() if getattr(m, "method", "") == "ACK"]
+        self.assertEqual(len(acks), 2)
+        self.assertEqual(acks[0].serialize(), acks[1].serialize())
+        self.assertEqual(len(responses), 1)

@@ -4,6 +4,8 @@ from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+import socket
+
 from twisted.trial.unittest import SynchronousTestCase
 
 from proxy.sip.wire import MAX_DATAGRAM
@@ -151,3 +153,33 @@ class TlsNameTests(SynchronousTestCase):
 
         (found,) = self.successResultOf(NextHopResolver(Fake()).resolve("trunk.example.net", 5061, "TLS"))
         self.assertEqual((found.host, found.tls_name), ("192.0.2.40", "trunk.example.net"))
+
+
+class TimestampedUdpPortTests(SynchronousTestCase):
+    """On a real socket (no reactor): each datagram's wait in the kernel queue is reported, and it is delivered."""
+
+    def test_delay_reported_per_datagram(self):
+        import select
+
+        from twisted.internet import protocol
+
+        from proxy.transport import TimestampedUdpPort
+
+        got, delays = [], []
+
+        class Receiver(protocol.DatagramProtocol):
+            def datagramReceived(self, data, addr):
+                got.append((data, addr[0]))
+
+        port = TimestampedUdpPort(0, Receiver(), "127.0.0.1", on_delay=delays.append)
+        port._bindSocket()
+        self.addCleanup(port.socket.close)
+        sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(sender.close)
+        for _ in range(2):
+            sender.sendto(b"OPTIONS sip:x SIP/2.0\r\n\r\n", port.socket.getsockname())
+        select.select([port.socket], [], [], 5)
+        port.doRead()  # reads until the queue is empty
+        self.assertEqual(got, [(b"OPTIONS sip:x SIP/2.0\r\n\r\n", "127.0.0.1")] * 2)
+        self.assertEqual(len(delays), 2)
+        self.assertTrue(all(0 <= d < 5 for d in delays), delays)

@@ -49,6 +49,7 @@ KNOWN_LABELS = {
     "sipproxy_redirects": ("300", "302"),
     "sipproxy_checksync_notifies": ("accepted", "no_answer", "refused"),
     "sipproxy_keepalive": ("answered", "came_back", "sent", "unanswered", "went_silent"),
+    "sipproxy_shed": ("invite", "other", "register", "register_stale"),
 }
 
 
@@ -124,6 +125,17 @@ class SipProxyCollector:
                                   value=auth["evicted"])
         yield _family(CounterMetricFamily, "sipproxy_trust_refused", "Requests not served, by reason", "reason",
                       counters["trust_refused"].items())
+
+        overload = counters["overload"]
+        yield _family(CounterMetricFamily, "sipproxy_shed",
+                      "New requests refused with 503 under overload, by class", "class",
+                      overload["shed"].items())
+        yield GaugeMetricFamily("sipproxy_reactor_lag_seconds", "How late the server's event loop runs (smoothed)",
+                                value=overload["lag_seconds"])
+        yield CounterMetricFamily("sipproxy_udp_kernel_drops", "Datagrams the kernel dropped: receive queue full",
+                                  value=overload["kernel_drops"])
+        yield GaugeMetricFamily("sipproxy_overload_level", "Load shedding level: 0 none, 1-3 (docs/performance.md)",
+                                value=overload["level"])
 
         calls = counters["calls"]
         in_setup = GaugeMetricFamily("sipproxy_calls", "Calls (INVITE transactions) being set up", labels=["state"])

@@ -148,7 +148,7 @@ class Branch:
                                             record_route=call.record_route)
         # Client transactions live in the layer of the server transaction they serve.
         self.tx = call.tx.layer.start_client(self.request, destination, self._on_response, self._on_timeout)
-        if self.request.method == "INVITE":
+        if call.method == "INVITE":
             self._restart_timer_c()
             self._start_failover_timer()
 
@@ -213,7 +213,7 @@ class Branch:
             if status == 100:
                 return
             self.provisional = True
-            if self.request.method == "INVITE":
+            if self.call.method == "INVITE":
                 self._restart_timer_c()
             if self.cancel_pending:
                 self._send_cancel()
@@ -304,6 +304,7 @@ class ProxyCall:
         self.created_at = self.clock.seconds()  # for call-setup time (metrics)
         self.tx = tx
         self.request = request
+        self.method = request.method
         self.call_id = request.call_id
         self.record_route = record_route
         self.redirects_left = redirects_left
@@ -433,7 +434,7 @@ class ProxyCall:
             self.answered = True
             self._stop_ring_timer()
             self.context.on_answered(self, branch, response)
-            if self.request.method == "INVITE":
+            if self.method == "INVITE":
                 for other in self.branches:
                     if other is not branch:
                         other.cancel()
@@ -497,6 +498,10 @@ class ProxyCall:
         self.finished = True
         self._stop_ring_timer()
         self.context.on_finished(self)
+        self._answer_upstream()
+        self._release()
+
+    def _answer_upstream(self) -> None:
         if self.answered:
             return
         if self.cancelled:
@@ -510,6 +515,20 @@ class ProxyCall:
             self.context.replies.respond(self.tx, 408, "Request Timeout")
             return
         self.context.replies.send_response(self.tx, best)
+
+    def _release(self) -> None:
+        """Finished: keep only what relaying a late 2xx from another fork needs (the transactions, the branches).
+
+        A finished call can stay referenced for 64*T1 by its branches' client
+        transactions (RFC 6026 Accepted); its messages need not be.
+        """
+        self.finals = []
+        self.tried_uris = set()
+        self.pending_groups = []
+        self.on_busy = self.on_no_answer = self.diverting = None
+        for branch in self.branches:
+            branch.request = None
+            branch.destinations = []
 
     def best_response(self) -> Response | None:
         if not self.finals:
