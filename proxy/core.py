@@ -208,10 +208,10 @@ def build_core(config: ProxyConfig, clock: IReactorTime, transports, *, resolver
     trust = Trust(config.proxy.trusted, load_route_signer(state_dir), authenticator, credentials,
                   is_our_domain=identity.is_our_domain)
 
-    location = SqliteLocationService(os.path.join(state_dir, LOCATION_FILE), clock)
+    location = SqliteLocationService(os.path.join(state_dir, LOCATION_FILE), clock, group_commit=True)
     location.add_observer(lambda event, binding: plugins.listening and plugins.emit(f"registration_{event}",
                                                                                     binding=binding))
-    forwarding_store = ForwardingStore(os.path.join(state_dir, LOCATION_FILE))
+    forwarding_store = ForwardingStore(os.path.join(state_dir, LOCATION_FILE), db=location.database)
     forwarding = Forwarding(forwarding_store, identity, max_depth=config.forwarding.max_depth,
                             has_bindings=lambda user: bool(location.lookup(identity.aor(user))))
 

@@ -288,6 +288,30 @@ class PersistenceTests(SynchronousTestCase):
                          ("sip:1001@example.com", "Cisco-CP7960G/8.0", 3400))
         self.assertEqual(oct(os.stat(os.path.join(state, "location.sqlite")).st_mode & 0o777), "0o600")
 
+    def test_group_commit_at_the_end_of_the_turn(self):
+        """The server commits a turn's bindings together; another reader sees them once the turn ends."""
+        import sqlite3
+
+        clock = Clock()
+        clock.advance(1_700_000_000)
+        state = self.mktemp()
+        h = Harness(self, clock=clock, state_dir=state)
+        self.assertTrue(h.location.group_commit)
+        phone = Phone(h)
+        phone.register("1001", expires=3600)
+        phone.register("1002", expires=3600)
+        reader = sqlite3.connect(os.path.join(state, "location.sqlite"))
+        self.addCleanup(reader.close)
+        count = "SELECT COUNT(*) FROM bindings"
+        self.assertEqual(reader.execute(count).fetchone()[0], 0)  # the turn is not over
+        clock.advance(0)
+        self.assertEqual(reader.execute(count).fetchone()[0], 2)
+        h.core.forwarding_store.update("1001", always="1002")  # the shared connection: never "database is locked"
+        phone.register("1001", expires=0)
+        clock.advance(0)
+        self.assertEqual(reader.execute(count).fetchone()[0], 1)
+        self.assertEqual(reader.execute("SELECT always FROM forwarding").fetchone()[0], "1002")
+
 
 class NatTargetTests(SynchronousTestCase):
     def binding(self, host="203.0.113.9", port=40000):

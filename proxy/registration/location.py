@@ -4,8 +4,14 @@
 backend (Redis, PostgreSQL) for several nodes would provide the same
 interface. The embedded backend, `SqliteLocationService`, keeps every
 binding in an in-memory index for reads and writes each change through to
-SQLite (WAL) in the state directory before the registrar answers, so a
-restart loses no binding. Expired bindings are swept on the injected clock.
+SQLite (WAL) in the state directory, so a restart loses no binding. With
+`group_commit` (the server's setting) the changes of one turn of the event
+loop are committed together at its end, within a millisecond of the 200
+going out: a commit per REGISTER was a sixth of the server's CPU at 3,000
+registrations/s. Only a process killed inside that turn loses them. The
+forwarding store shares the connection (`database`), so it never waits on
+the open write transaction.
+Expired bindings are swept on the injected clock.
 
 Times are absolute (`clock.seconds()`, the epoch in production), so
 bindings keep their expiry across a restart.
@@ -97,6 +103,7 @@ CREATE TABLE IF NOT EXISTS bindings (
 )
 """
 _FIELDS = [a.name for a in attrs.fields(Binding)]
+_UPSERT = f"INSERT OR REPLACE INTO bindings ({', '.join(_FIELDS)}) VALUES ({', '.join('?' * len(_FIELDS))})"
 
 
 LOCATION_FILE = "location.sqlite"
@@ -128,9 +135,11 @@ def open_state_database(path: str) -> sqlite3.Connection:
 class SqliteLocationService:
     """Bindings in memory, written through to SQLite (WAL)."""
 
-    def __init__(self, path: str, clock: IReactorTime, sweep_interval: float = 10.0):
+    def __init__(self, path: str, clock: IReactorTime, sweep_interval: float = 10.0, group_commit: bool = False):
         self.path = path
         self.clock = clock
+        self.group_commit = group_commit
+        self._commit_call = None  # the pending end-of-turn commit (group_commit)
         self.sweep_interval = sweep_interval
         self._observers: list = []
         self.expired = 0  # bindings that expired without a refresh (a phone that stopped registering)
@@ -165,7 +174,28 @@ class SqliteLocationService:
 
     def stop(self) -> None:
         self._sweeper.stop()
+        self.flush()
         self._db.close()
+
+    @property
+    def database(self):
+        """The SQLite connection (shared with the forwarding store)."""
+        return self._db
+
+    def _write(self, sql: str, args=()) -> None:
+        if self.group_commit and self._commit_call is None:
+            self._db.execute("BEGIN")
+            self._commit_call = self.clock.callLater(0, self.flush)
+        self._db.execute(sql, args)
+
+    def flush(self) -> None:
+        """Commit what this turn changed (group_commit; otherwise every write committed at once)."""
+        call, self._commit_call = self._commit_call, None
+        if call is None:
+            return
+        if call.active():
+            call.cancel()
+        self._db.execute("COMMIT")
 
     def add_observer(self, observer) -> None:
         self._observers.append(observer)
@@ -199,10 +229,7 @@ class SqliteLocationService:
             del self._by_contact[binding.contact]
 
     def save(self, binding: Binding) -> None:
-        self._db.execute(
-            f"INSERT OR REPLACE INTO bindings ({', '.join(_FIELDS)}) VALUES ({', '.join('?' * len(_FIELDS))})",
-            attrs.astuple(binding),
-        )
+        self._write(_UPSERT, attrs.astuple(binding))
         contacts = self._index.setdefault(binding.aor, {})
         event = "refreshed" if binding.contact in contacts else "added"
         contacts[binding.contact] = binding
@@ -210,7 +237,7 @@ class SqliteLocationService:
         self._notify(event, binding)
 
     def remove(self, aor: str, contact: str) -> None:
-        self._db.execute("DELETE FROM bindings WHERE aor = ? AND contact = ?", (aor, contact))
+        self._write("DELETE FROM bindings WHERE aor = ? AND contact = ?", (aor, contact))
         contacts = self._index.get(aor, {})
         binding = contacts.pop(contact, None)
         if not contacts:
@@ -229,7 +256,7 @@ class SqliteLocationService:
         expired = [b for contacts in self._index.values() for b in contacts.values() if b.expires_at <= now]
         if not expired:
             return 0
-        self._db.execute("DELETE FROM bindings WHERE expires_at <= ?", (now,))
+        self._write("DELETE FROM bindings WHERE expires_at <= ?", (now,))
         for binding in expired:
             contacts = self._index.get(binding.aor, {})
             contacts.pop(binding.contact, None)

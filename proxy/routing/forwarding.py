@@ -78,14 +78,18 @@ CREATE TABLE IF NOT EXISTS forwarding (
 class ForwardingStore:
     """Forwarding settings in SQLite (WAL), read through on every lookup."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, db=None):
+        """`db`: the location service's connection to the same file, shared so that its group commit
+        (proxy/registration/location.py) never holds a write lock this store would wait on."""
         os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
         self.path = path
-        self._db = open_state_database(path)
+        self._owned = db is None
+        self._db = open_state_database(path) if db is None else db
         self._db.execute(_SCHEMA)
 
     def close(self) -> None:
-        self._db.close()
+        if self._owned:
+            self._db.close()
 
     def get(self, user: str) -> ForwardSettings:
         row = self._db.execute(
