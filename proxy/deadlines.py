@@ -41,7 +41,8 @@ class Deadlines:
         self._queues: dict[float, deque[Deadline]] = {}
         self._calls: dict[float, IDelayedCall] = {}
 
-    def __len__(self) -> int:
+    def pending(self) -> int:
+        """Timers not yet fired nor cancelled (counts them: for tests and inspection, not the hot path)."""
         return sum(1 for q in self._queues.values() for d in q if d.fn is not None)
 
     def add(self, seconds: float, fn, arg=None) -> Deadline:

@@ -34,8 +34,8 @@ class SipServer:
     def __init__(self, clock: IReactorTime, transports, identity: Identity, timers: Timers, *, user, replies: Replies,
                  max_message_size: int = MAX_DATAGRAM, debug: bool = False, max_transactions: int = 100_000,
                  tracer=None, shedder=None):
-        self.tracer = tracer
-        self.shedder = shedder if shedder is not None and shedder.enabled else None  # proxy/overload.py  # proxy/trace.py: matching messages logged while a trace runs
+        self.tracer = tracer  # proxy/trace.py: matching messages logged while a trace runs
+        self.shedder = shedder if shedder is not None and shedder.enabled else None  # proxy/overload.py
         self.clock = clock
         self.transports = transports
         self.identity = identity

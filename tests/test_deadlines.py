@@ -34,7 +34,7 @@ class DeadlinesTests(SynchronousTestCase):
             self.deadlines.add(32, self.fired.append, i)
             self.deadlines.add(5, self.fired.append, -i)
         self.assertEqual(len(self.clock.getDelayedCalls()), 2)
-        self.assertEqual(len(self.deadlines), 200)
+        self.assertEqual(self.deadlines.pending(), 200)
 
     def test_cancelled_never_fires(self):
         first = self.deadlines.add(5, self.fired.append, "a")
