@@ -72,6 +72,7 @@ class ServerConfig:
     overload_lag: float = 0.0  # load shedding (proxy/overload.py): the queue wait that starts it; 0: off
     overload_retry_after: int = 10  # a shed request's Retry-After: spread over [this, 2 * this] seconds
     udp_receive_buffer: int = 1024 * 1024  # bytes asked for (capped at net.core.rmem_max): ~150 ms of work queued
+    workers: int = 0  # processes serving SIP (proxy/workers/); 0 ("auto"): one per core
 
 
 @attrs.frozen
@@ -587,9 +588,20 @@ def _parse_server(t: _Table) -> ServerConfig:
                                  lambda v: 65536 <= v <= 1 << 30, "must be between 65536 and 1073741824 bytes"),
         overload_retry_after=t.get("overload_retry_after", d.overload_retry_after, int, lambda v: 1 <= v <= 3600,
                                    "must be between 1 and 3600 seconds"),
+        workers=_parse_workers(t, d.workers),
     )
     t.finish()
     return server
+
+
+def _parse_workers(t: _Table, default: int) -> int:
+    """`workers = "auto"` (one process per core: 0 here) or a count from 1 (one process) to 64."""
+    value = t.get("workers", "auto" if default == 0 else default, (int, str))
+    if value == "auto":
+        return 0
+    if isinstance(value, str) or not 1 <= value <= 64:
+        raise t.error("workers", 'must be "auto" (one per core) or a number of processes from 1 to 64')
+    return value
 
 
 def _parse_timers(t: _Table) -> Timers:

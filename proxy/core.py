@@ -185,39 +185,50 @@ def _advertised(config: ProxyConfig, addresses: frozenset[str], find_address,
                       "resolves to loopback only): set it to the address the phones reach this proxy at")
 
 
-def identity_from_config(config: ProxyConfig, find_address=default_route_address, quiet: bool = False) -> Identity:
+def identity_from_config(config: ProxyConfig, find_address=default_route_address, quiet: bool = False,
+                         worker: int | None = None) -> Identity:
     addresses = local_addresses(config)
     host, ports = _advertised(config, addresses, find_address, quiet)
     return Identity(domains=frozenset(config.server.domains), addresses=addresses | {host},
                     ports=frozenset(lst.port for lst in config.server.listen), domain=config.server.domains[0],
-                    advertise_host=host, advertise_ports=tuple(sorted(ports.items())))
+                    advertise_host=host, advertise_ports=tuple(sorted(ports.items())), worker=worker)
 
 
-def build_core(config: ProxyConfig, clock: IReactorTime, transports, *, resolver=None, tracer=None) -> Core:
-    """The whole core for `config`; `resolver` is a twisted.names IResolver (None: names do not resolve)."""
+def build_core(config: ProxyConfig, clock: IReactorTime, transports, *, resolver=None, tracer=None,
+               worker: int | None = None) -> Core:
+    """The whole core for `config`; `resolver` is a twisted.names IResolver (None: names do not resolve).
+
+    `worker`: this process's number when the server runs on several (proxy/workers/); 0 is the primary,
+    the one that writes the state files and says things once. None: the only process.
+    """
     state_dir = config.server.state_dir
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
-    identity = identity_from_config(config)
+    primary = not worker
+    identity = identity_from_config(config, quiet=not primary, worker=worker)
     nat = NatPolicy(config.registrar.nat_mode)
     replies = Replies(clock, transports, nat=nat, server_header=config.server.server_header)
 
     plugins = PluginHost()  # service.py adds the enabled plugins; everything here talks to the host from the start
     credentials = FileCredentials(os.path.join(state_dir, USERS_FILE), clock)
     authenticator = DigestAuthenticator(clock, credentials, config.realm, load_secret(state_dir), config.auth,
-                                        names_this_server=identity.is_me, observer=plugins.emit)
+                                        names_this_server=identity.is_me, observer=plugins.emit, worker=worker)
     trust = Trust(config.proxy.trusted, load_route_signer(state_dir), authenticator, credentials,
                   is_our_domain=identity.is_our_domain)
 
-    location = SqliteLocationService(os.path.join(state_dir, LOCATION_FILE), clock, group_commit=True)
-    location.add_observer(lambda event, binding: plugins.listening and plugins.emit(f"registration_{event}",
-                                                                                    binding=binding))
+    location = SqliteLocationService(os.path.join(state_dir, LOCATION_FILE), clock, group_commit=True,
+                                     persist=primary)
+    if primary:  # (a worker's changes reach the primary's location, whose observers tell the plugins)
+        location.add_observer(lambda event, binding: plugins.listening and plugins.emit(f"registration_{event}",
+                                                                                        binding=binding))
     forwarding_store = ForwardingStore(os.path.join(state_dir, LOCATION_FILE), db=location.database)
     forwarding = Forwarding(forwarding_store, identity, max_depth=config.forwarding.max_depth,
                             has_bindings=lambda user: bool(location.lookup(identity.aor(user))))
 
     routes = RouteTable(config.routes, config.emergency)
     plan = routes.emergency_plan()
-    if not plan:
+    if not primary:
+        pass  # the primary has said it
+    elif not plan:
         log.error("EMERGENCY CALLS CANNOT BE PLACED: {numbers} get 503. Set [emergency] gateways (or a [[routes]] "
                   "entry to a PSTN gateway) in {path}", numbers="/".join(config.emergency.patterns), path=config.path)
     elif not config.emergency.gateways:

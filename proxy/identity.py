@@ -21,6 +21,9 @@ class Identity:
     domain: str = ""  # the primary domain: AoRs are written sip:user@domain
     advertise_host: str = "127.0.0.1"
     advertise_ports: tuple[tuple[str, int], ...] = (("UDP", 5060),)  # by transport
+    # With workers: this process's number, written into our Via (`;worker=N`) so that the response comes
+    # to the process holding the client transaction (proxy/workers/owner.py).
+    worker: int | None = None
     # Derived once (per-message path): the advertised ports as a dict and as a set.
     _port_of: dict = attrs.field(init=False, eq=False, repr=False)
     _our_via_ports: frozenset = attrs.field(init=False, eq=False, repr=False)
@@ -80,7 +83,8 @@ class Identity:
         return ports.get(transport) or ports.get("UDP", 5060)
 
     def via_value(self, transport: str, branch: str) -> str:
-        return f"SIP/2.0/{transport} {self.advertise_host}:{self.port_for(transport)};branch={branch}"
+        marker = "" if self.worker is None else f";worker={self.worker}"
+        return f"SIP/2.0/{transport} {self.advertise_host}:{self.port_for(transport)};branch={branch}{marker}"
 
     def record_route_value(self, transport: str, extra: str = "") -> str:
         """Our Record-Route (loose routing, RFC 3261 16.6 step 4), with `extra` URI parameters (`;name=value`)."""

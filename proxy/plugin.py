@@ -100,6 +100,12 @@ def _no_counters() -> dict:
     return {}
 
 
+def _nothing_to_refresh():
+    from twisted.internet import defer
+
+    return defer.succeed(None)
+
+
 def _no_events(name: str, **fields) -> None:
     return None
 
@@ -108,7 +114,9 @@ def _no_events(name: str, **fields) -> None:
 class PluginContext:
     """What plugins may use of the core: narrow on purpose. Plugins find each other here, never by import.
 
-    - `counters()`: every core counter, as plain values (proxy/core.py `Core.counters`);
+    - `counters()`: every core counter, as plain values (proxy/core.py `Core.counters`), summed over the
+      worker processes; `refresh()` returns a Deferred that fires when the workers' latest counters
+      (and events) are in: wait on it before reading counters for a scrape;
     - `emit(name, **fields)`: send an event to every plugin (the directory's `directory_search`);
     - `credentials`, `location`: users and bindings, read-only by convention;
     - `plugins`: the other enabled plugins, by name.
@@ -120,6 +128,7 @@ class PluginContext:
     credentials: object = None
     location: object = None
     counters: object = _no_counters
+    refresh: object = _nothing_to_refresh
     emit: object = _no_events
     plugins: dict = attrs.field(factory=dict)
 
@@ -168,6 +177,9 @@ class PluginHost:
         self.failures: dict[str, int] = {}
         self.listening = False  # any IEventObserver: callers skip building event values when nobody listens
         self.policing = False  # any IRequestPolicy
+        # In a worker (proxy/workers/): events go to the primary, where the observers are; `listening` then
+        # says whether the primary has any.
+        self.relay = None  # relay(name, fields)
 
     def add(self, plugin) -> None:
         self.plugins.append(plugin)
@@ -183,6 +195,8 @@ class PluginHost:
         log.failure("Plugin {plugin} failed in {what}", plugin=name, what=what)
 
     def emit(self, name: str, **fields) -> None:
+        if self.relay is not None:
+            self.relay(name, fields)
         for plugin in self.providers(IEventObserver):
             try:
                 plugin.event(name, fields)

@@ -13,7 +13,7 @@ import socket
 import attrs
 
 from twisted.application import service, strports
-from twisted.internet import endpoints, ssl
+from twisted.internet import defer, endpoints, ssl
 from twisted.internet.posixbase import PosixReactorBase
 from twisted.logger import Logger
 from twisted.names import client as dns_client
@@ -23,7 +23,7 @@ from proxy.config import ListenerConfig, ProxyConfig
 from proxy.core import Core, build_core, identity_from_config
 from proxy.registration.credentials import USERS_FILE, load_users_at_startup
 from proxy.errors import ConfigError
-from proxy.registration.location import LOCATION_FILE, SqliteLocationService, open_state_database
+from proxy.registration.location import LOCATION_FILE, open_state_database
 from proxy.phone.site import build_site_root
 from proxy.plugin import IProxyPlugin, IServicePlugin, IWebResources, PluginContext, PluginHost
 from proxy.transport import SipDatagramProtocol, SipStreamFactory, TimestampedUdpPort, Transports
@@ -47,11 +47,16 @@ def load_trust_root(ca_file: str):
     return ssl.trustRootFromCertificates(certs)
 
 
-def _build_plugins(config: ProxyConfig, reactor, top, core: Core, api: AdminApi, enabled) -> PluginHost:
-    """Build the enabled plugins into the core's host; mount their services and web resources."""
+def _build_plugins(config: ProxyConfig, reactor, top, core: Core, api: AdminApi, enabled, link=None) -> PluginHost:
+    """Build the enabled plugins into the core's host; mount their services and web resources.
+
+    `link` (proxy/workers/link.py): with workers, the plugins read every process's counters through it.
+    """
     host = core.plugins
     context = PluginContext(clock=reactor, reactor=reactor, config=config, credentials=core.credentials,
-                            location=core.location, counters=core.counters, emit=host.emit)
+                            location=core.location, emit=host.emit,
+                            counters=link.counters if link else core.counters,
+                            **({"refresh": link.refresh} if link else {}))
     for item in enabled:
         plugin = item.factory.build(item.config, context)
         if not IProxyPlugin.providedBy(plugin):
@@ -95,24 +100,31 @@ def make_connector(reactor, factory_for, trust_root=None):
 
 
 class UdpListener(service.Service):
-    """A SIP UDP listener on a `TimestampedUdpPort` (queue delay for overload control)."""
+    """A SIP UDP listener on a `TimestampedUdpPort` (queue delay for overload control).
 
-    def __init__(self, reactor, listener: ListenerConfig, protocol, shedder=None, receive_buffer: int = 0):
+    `fd`: a socket the primary opened, adopted by a worker (proxy/workers/): every process reads the same port.
+    """
+
+    def __init__(self, reactor, listener: ListenerConfig | None, protocol, shedder=None, receive_buffer: int = 0,
+                 fd: tuple[int, int] | None = None):
         self.reactor = reactor
         self.receive_buffer = receive_buffer
         self.listener = listener
         self.protocol = protocol
         self.shedder = shedder
+        self.fd = fd  # (file descriptor, address family)
         self.port = None
 
     def startService(self):
         super().startService()
-        if isinstance(self.reactor, PosixReactorBase):
-            shedder = self.shedder
+        shedder = self.shedder
+        options = dict(on_delay=shedder and shedder.queue_delay, on_dropped=shedder and shedder.kernel_dropped)
+        if self.fd is not None:
+            self.port = TimestampedUdpPort.adopt(self.reactor, *self.fd, self.protocol, **options)
+            self.port.startListening()
+        elif isinstance(self.reactor, PosixReactorBase):
             self.port = TimestampedUdpPort(self.listener.port, self.protocol, self.listener.interface, 65535,
-                                           self.reactor, on_delay=shedder and shedder.queue_delay,
-                                           on_dropped=shedder and shedder.kernel_dropped,
-                                           receive_buffer=self.receive_buffer)
+                                           self.reactor, receive_buffer=self.receive_buffer, **options)
             self.port.startListening()
         else:  # a test's memory reactor: no file descriptors to watch
             self.port = self.reactor.listenUDP(self.listener.port, self.protocol, self.listener.interface, 65535)
@@ -139,28 +151,31 @@ def settle_memory() -> None:
 
 
 class _BackgroundJobs(service.Service):
-    """Starts the binding sweeper, phone keepalive, gateway probes and load shedder with the server; closes the database on stop."""
+    """Starts the jobs (binding sweeper, phone keepalive, gateway probes, load shedder, worker link) with the
+    server, and stops them in reverse order, after the workers have exited (their last changes come first)."""
 
-    def __init__(self, location: SqliteLocationService, keepalive, prober, shedder):
-        self.location = location
-        self.keepalive = keepalive
-        self.prober = prober
-        self.shedder = shedder
+    def __init__(self, jobs: list, workers=None):
+        self.jobs = jobs
+        self.workers = workers  # proxy/workers/supervisor.py, started and stopped as its own service
 
     def startService(self):
         super().startService()
-        self.location.start()
-        self.keepalive.start()
-        self.prober.start()
-        self.shedder.start()
+        for job in self.jobs:
+            job.start()
         settle_memory()
 
     def stopService(self):
-        self.shedder.stop()
-        self.prober.stop()
-        self.keepalive.stop()
-        self.location.stop()
-        return super().stopService()
+        super().stopService()
+        if self.workers is None:
+            self._stop_jobs()
+            return None
+        waiting = defer.maybeDeferred(lambda: self.workers.all_stopped)
+        waiting.addBoth(lambda _: self._stop_jobs())
+        return waiting
+
+    def _stop_jobs(self) -> None:
+        for job in reversed(self.jobs):
+            job.stop()
 
 
 def check_listeners(config: ProxyConfig) -> None:
@@ -246,9 +261,10 @@ class SipProxyService(service.MultiService):
 class Reloader:
     """Re-reads the config file and applies what can change without a restart (sipproxy-admin reload, SIGHUP)."""
 
-    def __init__(self, config: ProxyConfig, core: Core):
+    def __init__(self, config: ProxyConfig, core: Core, also=None):
         self.config = config
         self.core = core
+        self.also = also  # also(): the workers reload too (proxy/workers/supervisor.py signal_all)
 
     def reload(self) -> dict:
         from proxy.config import load_config
@@ -261,44 +277,126 @@ class Reloader:
             log.error("Reload refused: {error}", error=str(e))
             return {"error": str(e)}
         reloaded, restart = self.core.reload(self.config, new)
+        if self.also is not None:
+            self.also()
         self.config = attrs.evolve(new, server=self.config.server) if restart else new
         log.info("Reloaded {path}: {reloaded}{restart}", path=new.path, reloaded=", ".join(reloaded) or "nothing changed",
                  restart=f"; a restart is needed for {', '.join(restart)}" if restart else "")
         return {"reloaded": reloaded, "restart_needed": restart}
 
 
-def build_service(config: ProxyConfig, reactor, enabled_plugins=None) -> tuple[service.MultiService, Core]:
-    """The listeners and sites around the core that `build_core` makes; returns the service and the core."""
+def worker_count(config: ProxyConfig) -> int:
+    """How many processes serve SIP: `[server] workers` (0: one per core), 1 without a UDP listener."""
+    if not any(listener.transport == "UDP" for listener in config.server.listen):
+        return 1
+    return config.server.workers or max(1, os.cpu_count() or 1)
+
+
+class _Sip:
+    """What the primary and a worker both build: tracer, transports, the core, the stream connector."""
+
+    def __init__(self, config: ProxyConfig, reactor, worker: int | None):
+        self.tracer = Tracer(reactor)
+        self.transports = Transports(clock=reactor, tracer=self.tracer)
+        self.core = build_core(config, reactor, self.transports, resolver=dns_client.createResolver(),
+                               tracer=self.tracer, worker=worker)
+        self.config = config
+        self._factories: dict[str, SipStreamFactory] = {}
+        self.transports.connector = make_connector(reactor, self.factory_for, load_trust_root(config.tls.ca_file))
+
+    def factory_for(self, name: str) -> SipStreamFactory:
+        if name not in self._factories:
+            server = self.config.server
+            self._factories[name] = SipStreamFactory(name, self.core.server, self.transports, server.tcp_idle_timeout,
+                                                     server.max_message_size, server.max_connections)
+        return self._factories[name]
+
+
+def build_service(config: ProxyConfig, reactor, enabled_plugins=None, *,
+                  workers: int = 1) -> tuple[service.MultiService, Core]:
+    """The listeners and sites around the core that `build_core` makes; returns the service and the core.
+
+    `workers` > 1 (twistd: `worker_count`): this is the primary of that many processes (proxy/workers/).
+    """
+    from proxy.workers.bus import Bus, make_pairs
+    from proxy.workers.link import WorkerLink
+    from proxy.workers.supervisor import WorkerSupervisor
+
     top = SipProxyService()
-    tracer = Tracer(reactor)
-    transports = Transports(clock=reactor, tracer=tracer)
-    core = build_core(config, reactor, transports, resolver=dns_client.createResolver(), tracer=tracer)
+    sip = _Sip(config, reactor, 0 if workers > 1 else None)
+    core, tracer = sip.core, sip.tracer
     server, location, checksync = core.server, core.location, core.checksync
-    _BackgroundJobs(location, core.keepalive, core.prober, core.shedder).setServiceParent(top)
-    state_dir = config.server.state_dir
-    reloader = Reloader(config, core)
+    jobs = [location, core.keepalive, core.prober, core.shedder]
+    link = supervisor = None
+    udp_listeners = []
+    for listener in config.server.listen:
+        if listener.transport == "UDP":
+            udp_listeners.append(UdpListener(reactor, listener, None, receive_buffer=config.server.udp_receive_buffer,
+                                             shedder=core.shedder if core.shedder.enabled else None))
+    if workers > 1:
+        pairs = make_pairs(workers)
+        link = WorkerLink(reactor, Bus(reactor, 0, pairs[0][1], {k: pairs[k][0] for k in range(1, workers)}), core)
+        jobs.append(link)
+        supervisor = WorkerSupervisor(reactor, link, pairs, udp_listeners,
+                                      config_path=None if config.path == "<defaults>" else config.path)
+    for udp in udp_listeners:
+        udp.protocol = SipDatagramProtocol(link or server, sip.transports)
+    reloader = Reloader(config, core, also=supervisor and supervisor.signal_all)
     top.reloader = reloader
+    state_dir = config.server.state_dir
     api = AdminApi(load_or_create_token(state_dir), reactor, location, core.forwarding_store, checksync,
                    core.identity.domain, reachability=core.keepalive.status if config.registrar.keepalive_interval else None,
                    gateways=core.gateways.gateways, reload=reloader.reload, tracer=tracer,
                    checksync_rate=config.checksync.rate, checksync_wait=config.checksync.wait_timeout)
-
-    _build_plugins(config, reactor, top, core, api, enabled_plugins or [])
+    _BackgroundJobs(jobs, workers=supervisor).setServiceParent(top)
+    _build_plugins(config, reactor, top, core, api, enabled_plugins or [], link)
     strports.service(config.admin.listen, bounded_site(api, max_body=1024 * 1024), reactor=reactor).setServiceParent(top)
-    factories = {}
-
-    def factory_for(name: str) -> SipStreamFactory:
-        if name not in factories:
-            factories[name] = SipStreamFactory(name, server, transports, config.server.tcp_idle_timeout,
-                                               config.server.max_message_size, config.server.max_connections)
-        return factories[name]
-
-    transports.connector = make_connector(reactor, factory_for, load_trust_root(config.tls.ca_file))
     for listener in config.server.listen:
-        if listener.transport == "UDP":
-            UdpListener(reactor, listener, SipDatagramProtocol(server, transports),
-                        shedder=core.shedder if core.shedder.enabled else None,
-                        receive_buffer=config.server.udp_receive_buffer).setServiceParent(top)
-        else:
-            strports.service(listener.description, factory_for(listener.transport), reactor=reactor).setServiceParent(top)
+        if listener.transport != "UDP":
+            strports.service(listener.description, sip.factory_for(listener.transport),
+                             reactor=reactor).setServiceParent(top)
+    for udp in udp_listeners:
+        udp.setServiceParent(top)
+    if supervisor is not None:
+        supervisor.setServiceParent(top)  # started after the UDP sockets exist, stopped first
+    return top, core
+
+
+def build_worker_service(config: ProxyConfig, reactor, enabled_plugins, *, index: int, count: int,
+                         udp_fds: list[tuple[int, int]], inbox_fd: int, outbox_fds: dict[int, int],
+                         events: bool) -> tuple[service.MultiService, Core]:
+    """Worker `index` of `count` (proxy/workers/child.py): SIP on the primary's sockets, nothing else.
+
+    No admin API, web sites, keepalive or TCP listeners (the primary's); plugins only as request policies
+    (their events go to the primary's plugins).
+    """
+    import socket as socket_module
+
+    from proxy.plugin import IRequestPolicy
+    from proxy.workers.bus import Bus
+    from proxy.workers.link import WorkerLink
+
+    top = SipProxyService()
+    sip = _Sip(config, reactor, index)
+    core = sip.core
+    adopt = socket_module.socket
+    bus = Bus(reactor, index, adopt(fileno=inbox_fd), {k: adopt(fileno=fd) for k, fd in outbox_fds.items()})
+    link = WorkerLink(reactor, bus, core)
+    host = core.plugins
+    if events:
+        host.relay = link.relay_event
+        host.listening = True
+    context = PluginContext(clock=reactor, reactor=reactor, config=config, credentials=core.credentials,
+                            location=core.location, counters=core.counters, emit=host.emit)
+    for item in enabled_plugins:
+        plugin = item.factory.build(item.config, context)
+        context.plugins[item.name] = plugin
+        if IRequestPolicy.providedBy(plugin):
+            host.plugins.append(plugin)
+            host.policing = True
+    _BackgroundJobs([core.location, core.prober, core.shedder, link]).setServiceParent(top)
+    top.reloader = Reloader(config, core)
+    for fd, family in udp_fds:
+        UdpListener(reactor, None, SipDatagramProtocol(link, sip.transports),
+                    shedder=core.shedder if core.shedder.enabled else None, fd=(fd, family)).setServiceParent(top)
     return top, core

@@ -33,9 +33,10 @@ class Options(usage.Options):
 def makeService(options):
     from twisted.internet import reactor
 
-    from proxy.service import build_service
+    from proxy.service import build_service, worker_count
 
-    top, _ = build_service(options["proxy_config"], reactor, options["plugins"])
+    config = options["proxy_config"]
+    top, _ = build_service(config, reactor, options["plugins"], workers=worker_count(config))
     _reload_on_sighup(reactor, top.reloader)
     return top
 

@@ -57,11 +57,13 @@ def make_server(clock: Clock | None = None, *, domains=("example.com",), ports=(
 
 
 def make_core(directory: str, clock: Clock | None = None, *, domains=("example.com",), addresses=("192.0.2.1",),
-              server_settings: dict | None = None, **sections) -> tuple["Core", RecordingTransports, Clock]:
+              server_settings: dict | None = None, worker: int | None = None,
+              **sections) -> tuple["Core", RecordingTransports, Clock]:
     """The whole core as the server builds it (`build_core`), on a Clock with recording transports.
 
     `sections` replace parts of the config: proxy=ProxySettings(...), routes=(...), emergency=..., forwarding=...;
-    `server_settings` are fields of [server] (e.g. {"overload_lag": 0.1}).
+    `server_settings` are fields of [server] (e.g. {"overload_lag": 0.1}); `worker`: the core of that
+    worker process (proxy/workers/; 0 the primary).
     """
     import attrs
 
@@ -73,7 +75,7 @@ def make_core(directory: str, clock: Clock | None = None, *, domains=("example.c
     server = ServerConfig(domains=tuple(domains), addresses=tuple(addresses), state_dir=directory,
                           listen=(ListenerConfig.parse("udp:5060"),), **(server_settings or {}))
     config = attrs.evolve(ProxyConfig(), server=server, **sections)
-    return build_core(config, clock, transports), transports, clock
+    return build_core(config, clock, transports, worker=worker), transports, clock
 
 
 def udp_source(host: str = "192.0.2.50", port: int = 5060) -> Source:

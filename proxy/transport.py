@@ -15,6 +15,7 @@ sent and received.
 import errno
 import functools
 import ipaddress
+import os
 import socket
 import struct
 import sys
@@ -141,6 +142,15 @@ class TimestampedUdpPort(udp.Port):
         self.on_dropped = on_dropped
         self.receive_buffer = receive_buffer
         self.kernel_dropped = 0
+
+    @classmethod
+    def adopt(cls, reactor, fd: int, family: int, proto, **options) -> "TimestampedUdpPort":
+        """A port on a socket another process opened and bound (a worker: proxy/workers/); `fd` is closed."""
+        sock = socket.fromfd(fd, family, socket.SOCK_DGRAM)
+        os.close(fd)
+        port = cls(None, proto, sock.getsockname()[0], 65535, reactor, **options)
+        port._preexistingSocket = sock
+        return port
 
     def _bindSocket(self):
         super()._bindSocket()

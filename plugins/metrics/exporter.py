@@ -20,12 +20,15 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from twisted.application import service, strports
-from twisted.web import resource
+from twisted.logger import Logger
+from twisted.web import resource, server
 from zope.interface import implementer
 
 from proxy import __version__
 from proxy.admin.inventory import phones
 from proxy.plugin import SIP_METHODS, IEventObserver, IProxyPlugin, IServicePlugin, IWebResources
+
+log = Logger()
 
 _KNOWN_METHODS = frozenset(SIP_METHODS)
 
@@ -179,7 +182,21 @@ class MetricsResource(resource.Resource):
 
     def render_GET(self, request):
         request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode())
-        return generate_latest(self.plugin.registry)
+        refreshed = self.plugin.context.refresh()  # the worker processes' latest counters and events
+        if refreshed.called:
+            return generate_latest(self.plugin.registry)
+
+        gone = []
+        request.notifyFinish().addBoth(gone.append)  # the scraper hung up meanwhile
+
+        def write(_):
+            if not gone:
+                request.write(generate_latest(self.plugin.registry))
+                request.finish()
+
+        refreshed.addCallback(write)
+        refreshed.addErrback(lambda failure: log.failure("Metrics scrape failed", failure))
+        return server.NOT_DONE_YET
 
 
 @implementer(IProxyPlugin, IEventObserver, IWebResources, IServicePlugin)

@@ -152,8 +152,14 @@ def digest_response(ha1: str, params: dict[str, str], method: str) -> str:
 class DigestAuthenticator:
     def __init__(self, clock: IReactorTime, credentials: ICredentials, realm: str, secret: bytes,
                  config: AuthSettings = AuthSettings(), names_this_server: Callable[[Uri], bool] | None = None,
-                 observer: Callable[..., None] | None = None):
+                 observer: Callable[..., None] | None = None, worker: int | None = None):
         self.clock = clock
+        # With workers (proxy/workers/) each keeps its own replay table, so a nonce is good only at the worker
+        # that issued it (its number is in the salt, under the HMAC); another worker answers it stale=true, and
+        # the phone asks again there. Failures are shared (`share_failure`, `peer_failure`): lockouts hold for all.
+        self._nonce_tag = "" if worker is None else f"w{worker}-"
+        self.share_failure: Callable[[str, str], None] | None = None
+        self.share_success: Callable[[str, str], None] | None = None
         self.names_this_server = names_this_server  # a URI naming this server itself (no user)
         self.credentials = credentials
         self.realm = realm
@@ -188,7 +194,7 @@ class DigestAuthenticator:
 
     def make_nonce(self, address: str) -> str:
         stamp = format(int(self.clock.seconds() * 1000), "x")
-        salt = secrets.token_hex(4)
+        salt = self._nonce_tag + secrets.token_hex(4)
         return f"{stamp}.{salt}.{self._mac(stamp, salt, address)}"
 
     def _nonce_age(self, nonce: str, address: str) -> float | None:
@@ -247,6 +253,8 @@ class DigestAuthenticator:
         age = self._nonce_age(nonce, address)
         if age is None:
             return self._refuse(address, "bad_nonce", "Nonce not issued to this address")
+        if self._nonce_tag and nonce.split(".")[1][:len(self._nonce_tag)] != self._nonce_tag:
+            return Challenge(self.challenge_value(address, stale=True), "nonce of another worker")
         qop = params.get("qop")
         if qop:
             if qop.lower() != "auth" or not params.get("cnonce") or not params.get("nc"):
@@ -279,7 +287,10 @@ class DigestAuthenticator:
                 return self._refuse(address, "replay", "Nonce replayed")
             self._replay[nonce] = _USED
         self._pair_failures.pop((username, address), None)
+        last_good = self._good.get((username, address))
         self._good[(username, address)] = now
+        if self.share_success is not None and (last_good is None or now - last_good > self.config.slow_window / 2):
+            self.share_success(username, address)  # seldom: what `_recently_good` needs at the other workers
         return Authenticated(username)
 
     def _uri_fits(self, digest_uri: str, request_uri: str) -> bool:
@@ -326,9 +337,25 @@ class DigestAuthenticator:
 
     def _fail(self, user: str, address: str, reason: str) -> AuthResult:
         """A wrong answer to our own nonce for this address: counts toward the three lockouts."""
-        now = self.clock.seconds()
         self._count(reason)
         self._emit("auth_failure", reason=reason, address=address, user=user)
+        if self.share_failure is not None:
+            self.share_failure(user, address)
+        if self._record_failure(user, address, announce=True):
+            return Refused("Too many failed attempts")
+        return Challenge(self.challenge_value(address), "bad credentials")
+
+    def peer_failure(self, user: str, address: str) -> None:
+        """A failure another worker saw: it counts here too; the lockout it may cause is announced there."""
+        self._record_failure(user, address, announce=False)
+
+    def peer_success(self, user: str, address: str) -> None:
+        """Another worker authenticated this user from this address (the slow lockout spares it)."""
+        self._good[(user, address)] = self.clock.seconds()
+
+    def _record_failure(self, user: str, address: str, announce: bool) -> bool:
+        """Add the failure to the three windows; lock what crossed its limit. True if anything locked."""
+        now = self.clock.seconds()
         c = self.config
         checks = (
             ("pair", (user, address), self._pair_failures, c.max_failures, c.failure_window),
@@ -344,14 +371,14 @@ class DigestAuthenticator:
             table[key] = times
             if len(times) == limit and now - times[0] < window:
                 table.pop(key, None)
-                self._lock(scope, key, user, address, limit)
+                self._lock(scope, key, user, address, limit, announce)
                 locked = True
-        if locked:
-            return Refused("Too many failed attempts")
-        return Challenge(self.challenge_value(address), "bad credentials")
+        return locked
 
-    def _lock(self, scope: str, key, user: str, address: str, count: int) -> None:
+    def _lock(self, scope: str, key, user: str, address: str, count: int, announce: bool = True) -> None:
         self._locks[(scope, *key) if isinstance(key, tuple) else (scope, key)] = self.clock.seconds() + self.config.lockout
+        if not announce:
+            return
         self.lockouts += 1
         self.lockouts_by_scope[scope] = self.lockouts_by_scope.get(scope, 0) + 1
         self._emit("auth_lockout", scope=scope, user=user, address=address, count=count)

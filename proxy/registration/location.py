@@ -13,6 +13,11 @@ forwarding store shares the connection (`database`), so it never waits on
 the open write transaction.
 Expired bindings are swept on the injected clock.
 
+With workers (proxy/workers/), every process keeps the index; only the
+primary writes the file (`persist`). A process's own changes go to
+`on_change` (the worker link sends them to the others), and what the others
+changed comes in through `apply_peer`.
+
 Times are absolute (`clock.seconds()`, the epoch in production), so
 bindings keep their expiry across a restart.
 """
@@ -109,13 +114,21 @@ _UPSERT = f"INSERT OR REPLACE INTO bindings ({', '.join(_FIELDS)}) VALUES ({', '
 LOCATION_FILE = "location.sqlite"
 
 
-def open_state_database(path: str) -> sqlite3.Connection:
+def open_state_database(path: str, checked: bool = True) -> sqlite3.Connection:
     """The SQLite file of bindings and forwarding, checked: a damaged one stops startup, never reads as empty.
 
     SQLite takes a zero-length file for a new, empty database; here that means a
     truncated file (ours always holds a schema), so every binding and every
     forwarding rule would silently be gone.
+
+    `checked=False` (a worker, proxy/workers/): the primary has checked the file and
+    put it in WAL mode; the worker only reads, beside the primary's writes.
     """
+    if not checked:
+        try:
+            return sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=2)
+        except sqlite3.DatabaseError as e:
+            raise ConfigError(path, "", f"cannot open the bindings ({e})") from None
     if os.path.exists(path) and os.path.getsize(path) == 0:
         raise ConfigError(path, "", "the file is empty (0 bytes; truncated?): restore it, or remove it to start "
                                     "with no bindings and no forwarding")
@@ -135,10 +148,13 @@ def open_state_database(path: str) -> sqlite3.Connection:
 class SqliteLocationService:
     """Bindings in memory, written through to SQLite (WAL)."""
 
-    def __init__(self, path: str, clock: IReactorTime, sweep_interval: float = 10.0, group_commit: bool = False):
+    def __init__(self, path: str, clock: IReactorTime, sweep_interval: float = 10.0, group_commit: bool = False,
+                 persist: bool = True):
         self.path = path
         self.clock = clock
         self.group_commit = group_commit
+        self.persist = persist  # False in a worker: the primary writes what the workers send it
+        self.on_change = None  # on_change(event, binding) for this process's own changes (proxy/workers/link.py)
         self._commit_call = None  # the pending end-of-turn commit (group_commit)
         self.sweep_interval = sweep_interval
         self._observers: list = []
@@ -147,10 +163,11 @@ class SqliteLocationService:
         self._by_contact: dict[str, Binding] = {}
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, mode=0o700, exist_ok=True)
-        self._db = open_state_database(path)
+        self._db = open_state_database(path, checked=persist)
         try:
-            self._db.execute(_SCHEMA)
-            os.chmod(path, 0o600)
+            if persist:
+                self._db.execute(_SCHEMA)
+                os.chmod(path, 0o600)
             self._load()
         except sqlite3.DatabaseError as e:
             raise ConfigError(path, "", f"cannot read the bindings: {e}; restore the file") from None
@@ -166,7 +183,8 @@ class SqliteLocationService:
                 self._index.setdefault(binding.aor, {})[binding.contact] = binding
                 self._by_contact[binding.contact] = binding
                 kept += 1
-        self._db.execute("DELETE FROM bindings WHERE expires_at <= ?", (now,))
+        if self.persist:
+            self._db.execute("DELETE FROM bindings WHERE expires_at <= ?", (now,))
         log.info("Location service {path}: {kept} bindings restored", path=self.path, kept=kept)
 
     def start(self) -> None:
@@ -183,6 +201,8 @@ class SqliteLocationService:
         return self._db
 
     def _write(self, sql: str, args=()) -> None:
+        if not self.persist:
+            return
         if self.group_commit and self._commit_call is None:
             self._db.execute("BEGIN")
             self._commit_call = self.clock.callLater(0, self.flush)
@@ -200,7 +220,9 @@ class SqliteLocationService:
     def add_observer(self, observer) -> None:
         self._observers.append(observer)
 
-    def _notify(self, event: str, binding: Binding) -> None:
+    def _notify(self, event: str, binding: Binding, local: bool = True) -> None:
+        if local and self.on_change is not None:
+            self.on_change(event, binding)
         for observer in self._observers:
             try:
                 observer(event, binding)
@@ -228,42 +250,59 @@ class SqliteLocationService:
         if self._by_contact.get(binding.contact) is binding:
             del self._by_contact[binding.contact]
 
-    def save(self, binding: Binding) -> None:
+    def save(self, binding: Binding, local: bool = True) -> None:
         self._write(_UPSERT, attrs.astuple(binding))
         contacts = self._index.setdefault(binding.aor, {})
         event = "refreshed" if binding.contact in contacts else "added"
         contacts[binding.contact] = binding
         self._by_contact[binding.contact] = binding
-        self._notify(event, binding)
+        self._notify(event, binding, local)
 
-    def remove(self, aor: str, contact: str) -> None:
-        self._write("DELETE FROM bindings WHERE aor = ? AND contact = ?", (aor, contact))
+    def _unindex(self, aor: str, contact: str) -> Binding | None:
         contacts = self._index.get(aor, {})
         binding = contacts.pop(contact, None)
         if not contacts:
             self._index.pop(aor, None)
         if binding is not None:
             self._forget_contact(binding)
-            self._notify("removed", binding)
+        return binding
+
+    def remove(self, aor: str, contact: str, local: bool = True) -> None:
+        self._write("DELETE FROM bindings WHERE aor = ? AND contact = ?", (aor, contact))
+        binding = self._unindex(aor, contact)
+        if binding is not None:
+            self._notify("removed", binding, local)
+
+    def apply_peer(self, event: str, binding: Binding) -> None:
+        """A change another process made ('added', 'refreshed', 'removed'); not sent back to `on_change`."""
+        if event == "removed":
+            self.remove(binding.aor, binding.contact, local=False)
+            return
+        current = self._index.get(binding.aor, {}).get(binding.contact)
+        if current is not None and (current.registered_at, current.cseq) > (binding.registered_at, binding.cseq):
+            return  # a newer registration of the same contact got here first
+        self.save(binding, local=False)
 
     def remove_all(self, aor: str) -> None:
         for binding in list(self._index.get(aor, {}).values()):
             self.remove(aor, binding.contact)
 
     def sweep(self) -> int:
-        """Drop expired bindings (counted in `expired`); returns how many."""
+        """Drop expired bindings (counted in `expired`); returns how many.
+
+        In a worker (not `persist`) only the index is swept, silently: the
+        primary logs, counts and tells the plugins, once for all processes.
+        """
         now = self.clock.seconds()
         expired = [b for contacts in self._index.values() for b in contacts.values() if b.expires_at <= now]
         if not expired:
             return 0
         self._write("DELETE FROM bindings WHERE expires_at <= ?", (now,))
         for binding in expired:
-            contacts = self._index.get(binding.aor, {})
-            contacts.pop(binding.contact, None)
-            if not contacts:
-                self._index.pop(binding.aor, None)
-            self._forget_contact(binding)
-            log.info("Binding expired: {aor} -> {contact}", aor=binding.aor, contact=binding.contact)
-            self._notify("expired", binding)
-        self.expired += len(expired)
+            self._unindex(binding.aor, binding.contact)
+            if self.persist:
+                log.info("Binding expired: {aor} -> {contact}", aor=binding.aor, contact=binding.contact)
+                self._notify("expired", binding, local=False)
+        if self.persist:
+            self.expired += len(expired)
         return len(expired)

@@ -66,7 +66,7 @@ class ServerProcess:
     """`twistd -n sipproxy` in a subprocess with a config written for the test."""
 
     def __init__(self, config_text: str = "", port: int | None = None, state_dir: str | None = None,
-                 admin_port: int | None = None, pythonpath: tuple[str, ...] = ()):
+                 admin_port: int | None = None, pythonpath: tuple[str, ...] = (), server_extra: str = ""):
         self.pythonpath = pythonpath
         self.port = port or free_port()
         self.admin_port = admin_port or free_port()
@@ -81,6 +81,7 @@ class ServerProcess:
                 f'listen = ["udp:{self.port}:interface=127.0.0.1", "tcp:{self.port}:interface=127.0.0.1"]\n'
                 f'state_dir = "{self.state_dir}"\n'
                 'domains = ["localhost", "127.0.0.1"]\n'
+                + server_extra +
                 f'[admin]\nlisten = "tcp:{self.admin_port}:interface=127.0.0.1"\n'
                 f'[phone_web]\nlisten = "tcp:{self.web_port}:interface=127.0.0.1"\n'
                 + config_text

@@ -9,10 +9,12 @@ PASSWORDS = {"1001": "pw-1001", "1002": "pw-1002", "1003": "pw-1003"}
 
 class CallTestCase(SynchronousTestCase):
     config = ""
+    server_extra = ""  # more keys of [server] (test_workers_sipp.py: workers = 2)
     pythonpath: tuple[str, ...] = ()
 
     def setUp(self):
-        self.server = ServerProcess(self.config, port=getattr(self, "port", None), pythonpath=self.pythonpath)
+        self.server = ServerProcess(self.config, port=getattr(self, "port", None), pythonpath=self.pythonpath,
+                                    server_extra=self.server_extra)
         for user, password in PASSWORDS.items():
             self.server.admin("user", "add", user, "--password", password)
         self.server.start()

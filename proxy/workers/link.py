@@ -1,0 +1,185 @@
+"""What ties one process's core to the others: datagrams to their owner, and the state they must share.
+
+- `data_received` sits between the UDP protocol and the `SipServer`: a
+  datagram another worker owns (proxy/workers/owner.py) is handed over; what
+  comes over the bus goes into the server as if read from the socket.
+- Bindings: the changes this process makes (its registrar, the primary's admin
+  API) go to every other process as they happen; each applies them to its
+  index, and the primary writes them to the SQLite file.
+- Digest: failures (for the lockouts) and the odd success (the slow lockout
+  spares a phone's own address) go to every other process.
+- Workers send the primary their counters every `COUNTER_INTERVAL` seconds and
+  their plugin events as they happen; the primary sums the counters (`counters`)
+  and emits the events to its plugins.
+- The supervisor tells everyone who is alive; nothing is handed to a worker that
+  is not (the reader serves it itself: a retransmission may then be answered
+  twice, which SIP allows).
+"""
+
+import os
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from proxy.periodic import Every
+from proxy.transport import Source
+from proxy.workers.owner import owner_of
+
+log = Logger()
+
+COUNTER_INTERVAL = 2.0
+# Counters that are levels of the whole process group, not sums: the greatest wins.
+_GREATEST = frozenset({"lag_seconds", "max_lag_seconds", "level", "busy", "low", "high", "kernel_drops"})
+
+
+def merge_counters(mine: dict, others: list[dict]) -> dict:
+    """Sum the processes' counters (dicts of numbers, nested); lists and strings are the primary's."""
+    merged = dict(mine)
+    for other in others:
+        for key, value in other.items():
+            merged[key] = _merge_value(key, merged.get(key), value)
+    return merged
+
+
+def _merge_value(key, mine, other):
+    if mine is None:
+        return other
+    if isinstance(mine, dict) and isinstance(other, dict):
+        out = dict(mine)
+        for k, v in other.items():
+            out[k] = _merge_value(k, out.get(k), v)
+        return out
+    if isinstance(mine, (int, float)) and isinstance(other, (int, float)) and not isinstance(mine, bool):
+        return max(mine, other) if key in _GREATEST else mine + other
+    return mine
+
+
+class WorkerLink:
+    """One process's side; `core` is its proxy/core.py `Core`, `bus` its proxy/workers/bus.py `Bus`."""
+
+    def __init__(self, clock, bus, core):
+        self.clock = clock
+        self.bus = bus
+        self.core = core
+        self.index = bus.index
+        self.count = bus.count
+        self.alive = {0, self.index}  # until the supervisor says who else is ready
+        self._counters: dict[int, dict] = {}  # primary: the last counters of each worker
+        self._refreshing: list[tuple[set, defer.Deferred]] = []  # primary: scrapes waiting for the workers
+        self._pusher = Every(clock, COUNTER_INTERVAL, self._push_counters) if self.index else None
+        bus.on_datagram = self._from_bus
+        bus.on("bindings", self._bindings)
+        bus.on("auth_failure", lambda value, sender: core.authenticator.peer_failure(*value))
+        bus.on("auth_success", lambda value, sender: core.authenticator.peer_success(*value))
+        bus.on("alive", self._set_alive)
+        bus.on("counters", self._store_counters)
+        bus.on("counters?", lambda value, sender: self._push_counters())
+        bus.on("event", self._event)
+        core.location.on_change = self._binding_changed
+        core.authenticator.share_failure = lambda user, address: bus.broadcast("auth_failure", (user, address))
+        core.authenticator.share_success = lambda user, address: bus.broadcast("auth_success", (user, address))
+        self.server = core.server
+
+    def start(self) -> None:
+        self.bus.start()
+        if self._pusher is not None:
+            self._pusher.start()
+        if self.index:  # once every service has started (this runs inside startService)
+            self.clock.callLater(0, self.bus.send, 0, "ready", os.getpid())
+
+    def stop(self) -> None:
+        if self._pusher is not None:
+            self._pusher.stop()
+        self.flush()
+        self.bus.stop()
+
+    # -- datagrams ------------------------------------------------------------
+
+    def data_received(self, data: bytes, source: Source) -> None:
+        owner = owner_of(data, self.count)
+        if owner is None or owner == self.index or owner not in self.alive:
+            self.server.data_received(data, source)
+        else:
+            self.bus.hand_over(owner, data, source.host, source.port, self.clock.seconds())
+
+    def stream_error(self, error, source: Source) -> None:
+        self.server.stream_error(error, source)
+
+    def _from_bus(self, data: bytes, host: str, port: int, arrived: float) -> None:
+        shedder = self.server.shedder
+        if shedder is not None:
+            shedder.queue_delay(self.clock.seconds() - arrived)
+        self.server.data_received(data, Source("UDP", host, port))
+
+    def _set_alive(self, alive, sender) -> None:
+        self.alive = set(alive)
+
+    # -- bindings ------------------------------------------------------------
+
+    def _binding_changed(self, event: str, binding) -> None:
+        # Sent at once, before the 200 that follows it leaves: every process knows the binding by the time
+        # the phone does.
+        self.bus.broadcast("bindings", [(event, binding)])
+
+    def flush(self) -> None:
+        self.bus.flush()
+
+    def _bindings(self, changes, sender) -> None:
+        apply = self.core.location.apply_peer
+        for event, binding in changes:
+            apply(event, binding)
+
+    # -- counters and events ------------------------------------------------------
+
+    def _push_counters(self) -> None:
+        self.flush()  # the bindings first: what the counters count is then at the primary too
+        self.bus.send(0, "counters", self.core.counters())
+
+    def _store_counters(self, counters, sender) -> None:
+        self._counters[sender] = counters
+        for waiting, done in list(self._refreshing):
+            waiting.discard(sender)
+            if not waiting:
+                self._refreshing.remove((waiting, done))
+                done.callback(None)
+
+    def refresh(self, timeout: float = 0.5) -> defer.Deferred:
+        """Fires when every live worker has sent its counters (and, before them, its events), or after `timeout`.
+
+        A scrape waits for it, so /metrics counts what happened up to the scrape, in every process.
+        """
+        waiting = {k for k in self.alive if k != self.index}
+        if self.index or not waiting:
+            return defer.succeed(None)
+        done = defer.Deferred()
+        entry = (waiting, done)
+        self._refreshing.append(entry)
+        self.bus.broadcast("counters?", None)
+
+        def give_up():
+            if entry in self._refreshing:
+                self._refreshing.remove(entry)
+                done.callback(None)
+
+        call = self.clock.callLater(timeout, give_up)
+        done.addBoth(lambda result: (call.active() and call.cancel(), result)[1])
+        return done
+
+    def forget_counters(self, index: int) -> None:
+        """A worker that died: its counts start again from 0 with the new one (a counter reset, to Prometheus)."""
+        self._counters.pop(index, None)
+
+    def counters(self) -> dict:
+        """The primary's counters with the workers' added in (what the metrics plugin reads)."""
+        return merge_counters(self.core.counters(), list(self._counters.values()))
+
+    def relay_event(self, name: str, fields: dict) -> None:
+        """A worker's plugin event, to the primary's plugins."""
+        try:
+            self.bus.send(0, "event", (name, fields))
+        except Exception:  # a value that cannot be pickled: the event is lost, not the request
+            log.failure("Cannot pass event {name} to the primary", name=name)
+
+    def _event(self, value, sender) -> None:
+        name, fields = value
+        self.core.plugins.emit(name, **fields)
