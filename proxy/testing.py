@@ -75,7 +75,9 @@ def make_core(directory: str, clock: Clock | None = None, *, domains=("example.c
     server = ServerConfig(domains=tuple(domains), addresses=tuple(addresses), state_dir=directory,
                           listen=(ListenerConfig.parse("udp:5060"),), **(server_settings or {}))
     config = attrs.evolve(ProxyConfig(), server=server, **sections)
-    return build_core(config, clock, transports, worker=worker), transports, clock
+    from proxy.trace import Tracer
+
+    return build_core(config, clock, transports, worker=worker, tracer=Tracer(clock)), transports, clock
 
 
 def udp_source(host: str = "192.0.2.50", port: int = 5060) -> Source:

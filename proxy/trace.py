@@ -30,11 +30,15 @@ class TraceFilter:
 
 
 class Tracer:
+    """With workers (proxy/workers/), the primary's tracer is the one the admin API drives; `on_change`
+    passes each start and stop to the workers' tracers (`follow`), whose lines reach the same log."""
+
     def __init__(self, clock: IReactorTime):
         self.clock = clock
         self.until = 0.0  # 0: off
         self.filter = TraceFilter()
         self.traced = 0
+        self.on_change = None  # on_change(filter, until): the primary tells its workers
 
     @property
     def active(self) -> bool:
@@ -44,12 +48,21 @@ class Tracer:
         self.filter = trace_filter
         self.until = self.clock.seconds() + minutes * 60
         log.info("Tracing {what} until {minutes:g} minutes from now", what=trace_filter.describe(), minutes=minutes)
+        if self.on_change is not None:
+            self.on_change(trace_filter, self.until)
         return self.until
 
     def stop(self) -> None:
         if self.active:
             log.info("Tracing of {what} stopped ({count} messages)", what=self.filter.describe(), count=self.traced)
+            if self.on_change is not None:
+                self.on_change(self.filter, 0.0)
         self.until = 0.0
+
+    def follow(self, trace_filter: TraceFilter, until: float) -> None:
+        """What the primary's tracer does (a worker's tracer): no log line of its own."""
+        self.filter = trace_filter
+        self.until = until
 
     def saw(self, direction: str, data: bytes, host: str, port: int) -> None:
         """Called with every message in and out while a trace runs."""

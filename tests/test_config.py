@@ -49,6 +49,21 @@ class ConfigTests(SynchronousTestCase):
         e = self.error({"timers": {"t1": 5, "t2": 4}})
         self.assertEqual(e.key, "timers.t2")
 
+    def test_workers(self):
+        from proxy.service import worker_count
+
+        self.assertEqual(parse_config({}, "site.toml").server.workers, 0)  # "auto"
+        self.assertEqual(parse_config({"server": {"workers": "auto"}}, "site.toml").server.workers, 0)
+        self.assertEqual(parse_config({"server": {"workers": 3}}, "site.toml").server.workers, 3)
+        for bad in (0, 65, "many", True, 1.5):
+            e = self.error({"server": {"workers": bad}})
+            self.assertEqual(e.key, "server.workers")
+        self.assertIn('"auto"', self.error({"server": {"workers": 0}}).reason)
+        auto = parse_config({}, "site.toml")
+        self.assertEqual(worker_count(auto), os.cpu_count() or 1)
+        tcp_only = parse_config({"server": {"listen": ["tcp:5060"], "workers": 4}}, "site.toml")
+        self.assertEqual(worker_count(tcp_only), 1)  # workers share UDP sockets; streams stay with the primary
+
     def test_bad_listener(self):
         e = self.error({"server": {"listen": ["sctp:5060"]}})
         self.assertEqual(e.key, "server.listen")

@@ -273,6 +273,24 @@ class LinkTests(SynchronousTestCase):
         self.assertEqual(merged["requests"].get("REGISTER"), 2)
         self.assertEqual(merged["registrations"], w.cores[1].registrar.results)
 
+    def test_a_trace_started_at_the_primary_runs_at_the_workers(self):
+        from proxy.trace import TraceFilter
+
+        w = TwoWorkers(self)
+        tracers = [core.server.tracer for core in w.cores]
+        self.assertIsNotNone(tracers[1])
+        until = tracers[0].start(TraceFilter(user="1001"), 5)
+        w.pump()
+        self.assertEqual((tracers[1].filter.user, tracers[1].until), ("1001", until))
+        tracers[0].stop()
+        w.pump()
+        self.assertFalse(tracers[1].active)
+        tracers[0].start(TraceFilter(user="1002"), 5)
+        tracers[1].follow(TraceFilter(), 0.0)  # as a worker that has just started
+        w.links[0].welcome(1)
+        w.pump()
+        self.assertEqual(tracers[1].filter.user, "1002")
+
     def test_a_refresh_gives_up_on_a_silent_worker(self):
         w = TwoWorkers(self)
         refreshed = w.links[0].refresh(timeout=0.5)

@@ -11,6 +11,7 @@
 - Workers send the primary their counters every `COUNTER_INTERVAL` seconds and
   their plugin events as they happen; the primary sums the counters (`counters`)
   and emits the events to its plugins.
+- A trace the admin API starts at the primary runs in every process.
 - The supervisor tells everyone who is alive; nothing is handed to a worker that
   is not (the reader serves it itself: a retransmission may then be answered
   twice, which SIP allows).
@@ -75,7 +76,10 @@ class WorkerLink:
         bus.on("counters", self._store_counters)
         bus.on("counters?", lambda value, sender: self._push_counters())
         bus.on("event", self._event)
+        bus.on("trace", lambda value, sender: core.server.tracer.follow(*value))
         core.location.on_change = self._binding_changed
+        if core.server.tracer is not None and self.index == 0:
+            core.server.tracer.on_change = lambda trace_filter, until: bus.broadcast("trace", (trace_filter, until))
         core.authenticator.share_failure = lambda user, address: bus.broadcast("auth_failure", (user, address))
         core.authenticator.share_success = lambda user, address: bus.broadcast("auth_success", (user, address))
         self.server = core.server
@@ -110,6 +114,12 @@ class WorkerLink:
         if shedder is not None:
             shedder.queue_delay(self.clock.seconds() - arrived)
         self.server.data_received(data, Source("UDP", host, port))
+
+    def welcome(self, index: int) -> None:
+        """A worker that has just started (the supervisor calls this): tell it of a trace that runs."""
+        tracer = self.core.server.tracer
+        if tracer is not None and tracer.active:
+            self.bus.send(index, "trace", (tracer.filter, tracer.until))
 
     def _set_alive(self, alive, sender) -> None:
         self.alive = set(alive)

@@ -184,6 +184,7 @@ class WorkerSupervisor(service.Service):
         log.info("Worker {index} ready (pid {pid})", index=sender, pid=pid)
         self.ready.add(sender)
         self._broadcast_alive()
+        self.link.welcome(sender)
         if len(self.ready) == self.count - 1:
             self._resume()
 
