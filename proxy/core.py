@@ -257,7 +257,8 @@ def build_core(config: ProxyConfig, clock: IReactorTime, transports, *, resolver
                           interval=config.registrar.keepalive_interval, on_event=plugins.emit)
     checksync = CheckSync(clock, server.transactions, location,
                           advertise=(identity.advertise_host, identity.port_for("UDP")),
-                          tftp_root=config.checksync.tftp_root, nat=nat, from_user=config.checksync.from_user)
+                          tftp_root=config.checksync.tftp_root, nat=nat, from_user=config.checksync.from_user,
+                          via=identity.via_value)
     return Core(identity=identity, replies=replies, server=server, dispatcher=dispatcher, credentials=credentials,
                 authenticator=authenticator, trust=trust, location=location, forwarding_store=forwarding_store,
                 forwarding=forwarding, registrar=registrar, router=router, stateless=stateless, checksync=checksync,

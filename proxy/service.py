@@ -106,8 +106,9 @@ class UdpListener(service.Service):
     """
 
     def __init__(self, reactor, listener: ListenerConfig | None, protocol, shedder=None, receive_buffer: int = 0,
-                 fd: tuple[int, int] | None = None):
+                 fd: tuple[int, int] | None = None, reuse_port: bool = False):
         self.reactor = reactor
+        self.reuse_port = reuse_port
         self.receive_buffer = receive_buffer
         self.listener = listener
         self.protocol = protocol
@@ -120,11 +121,13 @@ class UdpListener(service.Service):
         shedder = self.shedder
         options = dict(on_delay=shedder and shedder.queue_delay, on_dropped=shedder and shedder.kernel_dropped)
         if self.fd is not None:
-            self.port = TimestampedUdpPort.adopt(self.reactor, *self.fd, self.protocol, **options)
+            self.port = TimestampedUdpPort.adopt(self.reactor, *self.fd, self.protocol,
+                                                 receive_buffer=self.receive_buffer, **options)
             self.port.startListening()
         elif isinstance(self.reactor, PosixReactorBase):
             self.port = TimestampedUdpPort(self.listener.port, self.protocol, self.listener.interface, 65535,
-                                           self.reactor, receive_buffer=self.receive_buffer, **options)
+                                           self.reactor, receive_buffer=self.receive_buffer,
+                                           reuse_port=self.reuse_port, **options)
             self.port.startListening()
         else:  # a test's memory reactor: no file descriptors to watch
             self.port = self.reactor.listenUDP(self.listener.port, self.protocol, self.listener.interface, 65535)
@@ -286,8 +289,11 @@ class Reloader:
 
 
 def worker_count(config: ProxyConfig) -> int:
-    """How many processes serve SIP: `[server] workers` (0: one per core), 1 without a UDP listener."""
+    """How many processes serve SIP: `[server] workers` (0: one per core); 1 without a UDP listener
+    or without SO_REUSEPORT (each worker's socket shares the port: proxy/workers/supervisor.py)."""
     if not any(listener.transport == "UDP" for listener in config.server.listen):
+        return 1
+    if not hasattr(socket, "SO_REUSEPORT"):
         return 1
     return config.server.workers or max(1, os.cpu_count() or 1)
 
@@ -332,7 +338,8 @@ def build_service(config: ProxyConfig, reactor, enabled_plugins=None, *,
     for listener in config.server.listen:
         if listener.transport == "UDP":
             udp_listeners.append(UdpListener(reactor, listener, None, receive_buffer=config.server.udp_receive_buffer,
-                                             shedder=core.shedder if core.shedder.enabled else None))
+                                             shedder=core.shedder if core.shedder.enabled else None,
+                                             reuse_port=workers > 1))
     if workers > 1:
         pairs = make_pairs(workers)
         link = WorkerLink(reactor, Bus(reactor, 0, pairs[0][1], {k: pairs[k][0] for k in range(1, workers)}), core)
@@ -397,6 +404,7 @@ def build_worker_service(config: ProxyConfig, reactor, enabled_plugins, *, index
     _BackgroundJobs([core.location, core.prober, core.shedder, link]).setServiceParent(top)
     top.reloader = Reloader(config, core)
     for fd, family in udp_fds:
-        UdpListener(reactor, None, SipDatagramProtocol(link, sip.transports),
-                    shedder=core.shedder if core.shedder.enabled else None, fd=(fd, family)).setServiceParent(top)
+        UdpListener(reactor, None, SipDatagramProtocol(link, sip.transports), fd=(fd, family),
+                    shedder=core.shedder if core.shedder.enabled else None,
+                    receive_buffer=config.server.udp_receive_buffer).setServiceParent(top)
     return top, core

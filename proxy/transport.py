@@ -95,6 +95,10 @@ class SipDatagramProtocol(protocol.DatagramProtocol):
 
     def startProtocol(self):
         self.transports.udp = self
+        # The socket's own sendto when there is one: Twisted's Port.write checks the address on every
+        # datagram, and ours are numeric already (Transports resolves names first).
+        sock = getattr(self.transport, "socket", None)
+        self._sendto = getattr(sock, "sendto", None) or self.transport.write
 
     def stopProtocol(self):
         if self.transports.udp is self:
@@ -109,7 +113,7 @@ class SipDatagramProtocol(protocol.DatagramProtocol):
                      size=len(data), host=host, port=port)
             return
         try:
-            self.transport.write(data, (host, port))
+            self._sendto(data, (host, port))
         except OSError as e:
             log.warn("UDP send to {host}:{port} failed: {error}", host=host, port=port, error=e)
 
@@ -136,8 +140,9 @@ class TimestampedUdpPort(udp.Port):
     """
 
     def __init__(self, port, proto, interface="", maxPacketSize=65535, reactor=None, on_delay=None,
-                 on_dropped=None, receive_buffer: int = 0):
+                 on_dropped=None, receive_buffer: int = 0, reuse_port: bool = False):
         super().__init__(port, proto, interface, maxPacketSize, reactor)
+        self.reuse_port = reuse_port  # the primary of several workers: their sockets join this one's port
         self.on_delay = on_delay
         self.on_dropped = on_dropped
         self.receive_buffer = receive_buffer
@@ -151,6 +156,12 @@ class TimestampedUdpPort(udp.Port):
         port = cls(None, proto, sock.getsockname()[0], 65535, reactor, **options)
         port._preexistingSocket = sock
         return port
+
+    def createInternetSocket(self):
+        sock = super().createInternetSocket()
+        if self.reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        return sock
 
     def _bindSocket(self):
         super()._bindSocket()

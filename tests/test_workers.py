@@ -256,6 +256,12 @@ class LinkTests(SynchronousTestCase):
         via = w.cores[1].identity.via_value("UDP", "z9hG4bKabc")
         self.assertTrue(via.endswith(";worker=1"))
         self.assertEqual(owner_of(response(via), 2), 1)
+        # Requests the primary makes up (check-sync NOTIFY) say so too: their answers come back to it.
+        self.assertEqual(w.register(1).status, 200)
+        w.pump()
+        (binding,) = w.cores[0].location.lookup(f"sip:1001@{REALM}")
+        notify = w.cores[0].checksync.build_notify(binding)
+        self.assertTrue(notify.headers.get("via").endswith(";worker=0"))
 
     def test_the_primary_reads_every_workers_counters_and_events(self):
         w = TwoWorkers(self)

@@ -277,8 +277,11 @@ class CheckSync:
 
     def __init__(self, clock: IReactorTime, transactions: TransactionLayer, location: ILocationService, *,
                  advertise: tuple[str, int], tftp_root: str = "", nat: NatPolicy = NatPolicy(),
-                 from_user: str = "webadmin"):
+                 from_user: str = "webadmin", via=None):
         self.clock = clock
+        # via(transport, branch): our Via (Identity.via_value, which names the worker that waits for the answer)
+        self.via = via or (lambda transport, branch: f"SIP/2.0/{transport} {self.advertise_host}:"
+                                                     f"{self.advertise_port};branch={branch}")
         self.transactions = transactions
         self.location = location
         self.advertise_host, self.advertise_port = advertise
@@ -348,7 +351,7 @@ class CheckSync:
         me = f"{self.advertise_host}:{self.advertise_port}"
         branch = MAGIC_COOKIE + secrets.token_hex(8)
         headers = Headers.of(
-            ("Via", f"SIP/2.0/{binding.transport} {me};branch={branch}"),
+            ("Via", self.via(binding.transport, branch)),
             ("Max-Forwards", "70"),
             ("From", f"<sip:{self.from_user}@{self.advertise_host}>;tag={secrets.token_hex(5)}"),
             ("To", f"<sip:{line}@{contact.host}>"),

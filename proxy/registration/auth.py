@@ -165,6 +165,7 @@ class DigestAuthenticator:
         self.realm = realm
         self.config = config
         self._secret = secret
+        self._keyed = hmac.new(secret, digestmod=hashlib.sha256)
         bound = config.max_tracked
         # nonce -> highest nc seen (qop=auth), or _USED (no qop); oldest first.
         self._replay = BoundedDict(bound, on_evict=self._replay_evicted)
@@ -189,8 +190,9 @@ class DigestAuthenticator:
     # -- nonces -----------------------------------------------------------
 
     def _mac(self, stamp: str, salt: str, address: str) -> str:
-        msg = f"{stamp}:{salt}:{self.realm}:{address}".encode("utf-8", "surrogateescape")
-        return base64.urlsafe_b64encode(hmac.new(self._secret, msg, hashlib.sha256).digest()[:18]).decode()
+        mac = self._keyed.copy()  # the key schedule is done once (a sixth of a nonce's cost otherwise)
+        mac.update(f"{stamp}:{salt}:{self.realm}:{address}".encode("utf-8", "surrogateescape"))
+        return base64.urlsafe_b64encode(mac.digest()[:18]).decode()
 
     def make_nonce(self, address: str) -> str:
         stamp = format(int(self.clock.seconds() * 1000), "x")

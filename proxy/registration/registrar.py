@@ -13,6 +13,7 @@ phones set their clock from it).
 """
 
 import email.utils
+import functools
 import random
 
 import attrs
@@ -243,5 +244,10 @@ class Registrar:
             if b.q != 1.0:
                 value += f";q={b.q:g}"
             contacts.append(("Contact", value))
-        date = email.utils.formatdate(now, usegmt=True)
-        self.replies.respond(tx, 200, "OK", extra=tuple(contacts) + (("Date", date),))
+        self.replies.respond(tx, 200, "OK", extra=tuple(contacts) + (("Date", _http_date(int(now))),))
+
+
+@functools.lru_cache(maxsize=2)
+def _http_date(second: int) -> str:
+    """The Date of a 200 (RFC 3261 10.3 step 8): formatted once per second, not once per REGISTER."""
+    return email.utils.formatdate(second, usegmt=True)

@@ -1,8 +1,10 @@
 """One sipproxy on every core: the primary process (the twistd service) and `[server] workers - 1` helpers.
 
 How the work is split (docs/performance.md, "Workers"):
-- The primary opens the UDP sockets and passes them to every worker: they
-  all read and send on the same port, so phones see one server.
+- Every process has its own UDP socket on the same address and port
+  (SO_REUSEPORT, bound by the primary): phones see one server, and the
+  kernel gives each peer address to one socket, so a peer's datagrams are
+  read in the order it sent them.
 - A datagram belongs to one worker (`owner.py`): a request to the one its
   Call-ID hashes to (retransmissions, CANCEL and the non-2xx ACK follow the
   INVITE), a response to the one whose `worker=` parameter is in our top Via.

@@ -1,4 +1,4 @@
-"""A worker's main program: `python -m proxy.workers.child ...`, started only by the supervisor.
+"""A worker's main program, started only by the supervisor (proxy/workers/supervisor.py `_BOOT`).
 
 It reads the same config file as the primary (the primary checked it, and
 the state files, before it started), builds SIP on the sockets it was given

@@ -1,7 +1,13 @@
 """The primary's side of the workers: start them, restart one that dies, stop them with the server.
 
-A worker is `python -m proxy.workers.child` (the same interpreter), given
-by file descriptor the UDP sockets the primary opened and its bus sockets;
+A worker runs proxy/workers/child.py in the same interpreter with the
+primary's module path (so both run the same code, whatever the working
+directory holds), and is given by file descriptor its own UDP sockets and its
+bus sockets. Its UDP sockets are bound by the primary to the primary's
+address and port with SO_REUSEPORT: the kernel gives each peer address to
+one socket, so what one peer sends is read in the order it was sent (an ACK
+never overtakes its BYE in a hand-over), and the sockets outlive a worker
+that is restarted;
 its stdin is a pipe from the primary, so a primary that dies takes its
 workers with it. A worker logs JSON events to its stderr, and they are
 logged here again with `[worker N]` in front, at their own level, so the
@@ -13,8 +19,10 @@ that exits is restarted after `restart_delay`, doubled up to a minute while
 it keeps dying within 10 s of its start.
 """
 
+import json
 import os
 import signal
+import socket
 import sys
 
 from twisted.application import service
@@ -24,6 +32,9 @@ from twisted.logger import Logger, LogLevel, eventFromJSON, globalLogPublisher
 log = Logger()
 
 _RECORD_SEPARATOR = b"\x1e"
+# The worker's main program, on the primary's module path (the first argument).
+_BOOT = ("import json, sys; sys.path[:] = json.loads(sys.argv.pop(1)); "
+         "from proxy.workers.child import main; sys.exit(main())")
 
 
 class _WorkerProcess(protocol.ProcessProtocol):
@@ -95,6 +106,7 @@ class WorkerSupervisor(service.Service):
 
     def startService(self):
         super().startService()
+        self._bind_worker_sockets()
         # The primary reads nothing until the workers are ready (the kernel queues it): a Call-ID served here
         # while its worker starts would move there mid-transaction, and its nonce with it.
         for listener in self.udp_listeners:
@@ -131,6 +143,20 @@ class WorkerSupervisor(service.Service):
         self.all_stopped = done
         return None
 
+    def _bind_worker_sockets(self) -> None:
+        """Per worker, one socket beside each of the primary's UDP ports (same address and port)."""
+        self.sockets: dict[int, list[socket.socket]] = {}
+        for index in range(1, self.count):
+            socks = []
+            for listener in self.udp_listeners:
+                own = listener.port.socket
+                sock = socket.socket(own.family, socket.SOCK_DGRAM)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                sock.setblocking(False)
+                sock.bind(own.getsockname()[:2])
+                socks.append(sock)
+            self.sockets[index] = socks
+
     def _kill_remaining(self) -> None:
         for index, process in list(self.processes.items()):
             log.warn("Worker {index} did not stop within 5 s: killing it", index=index)
@@ -154,8 +180,7 @@ class WorkerSupervisor(service.Service):
         child_fds: dict[int, object] = {0: "w", 1: "r", 2: "r"}
         next_fd = 3
         udp = []
-        for listener in self.udp_listeners:
-            sock = listener.port.socket
+        for sock in self.sockets[index]:
             child_fds[next_fd] = sock.fileno()
             udp.append(f"{next_fd}:{sock.family.value}")
             next_fd += 1
@@ -168,7 +193,7 @@ class WorkerSupervisor(service.Service):
                 child_fds[next_fd] = self.pairs[other][0].fileno()
                 outboxes.append(f"{other}:{next_fd}")
                 next_fd += 1
-        args = [sys.executable, "-m", "proxy.workers.child", "--index", str(index), "--count", str(self.count),
+        args = [sys.executable, "-c", _BOOT, json.dumps(sys.path), "--index", str(index), "--count", str(self.count),
                 "--udp", ",".join(udp), "--inbox", str(inbox), "--outboxes", ",".join(outboxes)]
         if self.config_path:
             args += ["--config", self.config_path]
