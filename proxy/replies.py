@@ -108,7 +108,4 @@ class Replies:
 
 
 def _to_tag(tx: ServerTransaction) -> str:
-    last = tx.last_response
-    if last is not None and last.to.tag:
-        return last.to.tag
-    return new_tag()
+    return tx.last_to_tag or new_tag()

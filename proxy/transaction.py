@@ -170,8 +170,8 @@ class _Transaction:
 class ServerTransaction(_Transaction):
     """INVITE (figure 7 with RFC 6026's Accepted) and non-INVITE (figure 8) server transactions."""
 
-    __slots__ = ("request", "method", "source", "is_invite", "last_response", "_wire", "destination", "_interval",
-                 "cancelled", "_unanswered_timer")
+    __slots__ = ("request", "method", "source", "is_invite", "last_status", "last_to_tag", "_wire", "destination",
+                 "_interval", "cancelled", "_unanswered_timer")
 
     def __init__(self, layer, key, request: Request, source: Source):
         super().__init__(layer, key)
@@ -179,7 +179,10 @@ class ServerTransaction(_Transaction):
         self.method = request.method
         self.source = source
         self.is_invite = request.method == "INVITE"
-        self.last_response: Response | None = None
+        # Of the last response sent, only what is asked of it later: whether there was one, and its To tag
+        # (the next response repeats it). Its bytes are in _wire; a parsed copy per ringing call would be 2 KB.
+        self.last_status: int | None = None
+        self.last_to_tag: str | None = None
         self._wire: bytes | None = None
         self.destination = response_destination(request, source, layer.nat)
         self._interval = 0.0
@@ -199,7 +202,6 @@ class ServerTransaction(_Transaction):
 
     def _release(self) -> None:
         self.request = None
-        self.last_response = None
         if self.state != "Completed":
             self._wire = None  # Completed (non-INVITE) resends it; Accepted and Confirmed send nothing
 
@@ -255,7 +257,7 @@ class ServerTransaction(_Transaction):
         """
         if self.state in ("Completed", "Confirmed", "Terminated", "Accepted"):
             return
-        self.last_response = response
+        self._remember(response)
         self.layer.send_response_bytes(response.serialize(), self)
         self._terminate()
 
@@ -269,8 +271,12 @@ class ServerTransaction(_Transaction):
         response = make_response(self.request, 500, "Server Internal Error", to_tag=os.urandom(6).hex())
         self.respond_statelessly(response)
 
+    def _remember(self, response: Response) -> None:
+        self.last_status = response.status
+        self.last_to_tag = response.to.tag
+
     def _send(self, response: Response) -> None:
-        self.last_response = response
+        self._remember(response)
         self._wire = response.serialize()
         self.layer.send_response_bytes(self._wire, self)
 
@@ -296,7 +302,7 @@ class ServerTransaction(_Transaction):
 
     def _timer_h(self) -> None:
         log.info("No ACK for {status} to INVITE (Call-ID {call_id})",
-                 status=self.last_response.status, call_id=for_log(self.request.call_id))
+                 status=self.last_status, call_id=for_log(self.request.call_id))
         self._terminate()
 
 
@@ -342,7 +348,7 @@ class ClientTransaction(_Transaction):
         self._start("B" if self.is_invite else "F", self.timers.b, self._timeout)
 
     def _retransmit(self) -> None:
-        if self.state not in ("Calling", "Trying", "Proceeding"):
+        if self.state not in ("Calling", "Trying", "Proceeding") or self._wire is None:
             return
         self.layer.retransmitted()
         self.layer.send_request_bytes(self._wire, self.destination)
@@ -383,8 +389,10 @@ class ClientTransaction(_Transaction):
             self._stop("A")
             if status < 200:
                 self.state = "Proceeding"
-                # Timer B only guards Calling; Timer C (the proxy's) takes over.
+                # Timer B only guards Calling; Timer C (the proxy's) takes over. Nothing is retransmitted
+                # any more (17.1.1.2), so the bytes go: a ringing call holds 600 bytes less.
                 self._stop("B")
+                self._wire = None
                 self.on_response(response)
             elif status < 300:
                 self.state = "Accepted"

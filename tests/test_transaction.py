@@ -339,7 +339,7 @@ class LingeringTests(Base):
         self.layer.request_received(request("REGISTER"), udp_source())
         tx, req = self.user.requests[0]
         tx.respond(make_response(req, 200, to_tag="t"))
-        self.assertEqual((tx.request, tx.last_response), (None, None))
+        self.assertIsNone(tx.request)
         self.assertTrue(tx.lingering)
         # The layer's queues (J, and U's whose entry was cancelled), not a callLater of its own.
         self.assertEqual(sorted(c.getTime() for c in self.clock.getDelayedCalls()), [32.0, 42.0])
@@ -372,7 +372,7 @@ class LingeringTests(Base):
         forked = make_response(req, 200, to_tag="other")
         tx.respond(forked)  # a 2xx from another fork still passes, and is not kept
         self.assertEqual(self.sent_count(), 2)
-        self.assertIsNone(tx.last_response)
+        self.assertIsNone(tx.request)
 
     def test_client_invite_completed_acks_a_retransmitted_final_without_its_request(self):
         dest = Destination("UDP", "192.0.2.99", 5060)

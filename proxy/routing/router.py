@@ -86,7 +86,7 @@ class Router:
                          uri=for_log(request.uri_text), call_id=for_log(request.call_id), status=e.status,
                          reason=e.reason)
             if tx.state in ("Trying", "Proceeding"):
-                if tx.last_response is None:
+                if tx.last_status is None:
                     # Nothing sent yet (no 100): nobody vouched for this request, so hold no state for it.
                     self.replies.respond_statelessly(tx, e.status, e.reason, extra=e.headers)
                 else:

@@ -64,6 +64,9 @@ SINGLE_HEADERS = ("call-id", "cseq", "from", "to", "max-forwards", "content-type
 
 
 _KEYS: dict[str, str] = {}
+# The same names as str objects, one each: a parsed message keeps these instead of its own copies
+# (every ringing call holds its INVITE's header names).
+_NAMES: dict[str, str] = {}
 
 
 def header_key(name: str) -> str:
@@ -80,6 +83,7 @@ def header_key(name: str) -> str:
         key = COMPACT_FORMS.get(key, key)
     if len(_KEYS) < 4096 and TOKEN_RE.match(name):
         _KEYS[name] = key
+        _NAMES[name] = name
     return key
 
 

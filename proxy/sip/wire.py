@@ -16,7 +16,7 @@ import re
 
 from proxy.errors import SipParseError
 from proxy.sip.grammar import TOKEN_RE
-from proxy.sip.headers import _KEYS, SINGLE_HEADERS, Headers, header_key
+from proxy.sip.headers import _KEYS, _NAMES, SINGLE_HEADERS, Headers, header_key
 from proxy.sip.message import SIP_VERSION, Request, Response
 
 MAX_DATAGRAM = 65507
@@ -132,6 +132,7 @@ def _parse_headers(lines: list[str], error) -> Headers:
     # not seen before (the key cache holds only names that passed it); the
     # first-value index is built in the same pass.
     keys = _KEYS
+    names = _NAMES
     fields = []
     first = {}
     repeated = None
@@ -147,6 +148,8 @@ def _parse_headers(lines: list[str], error) -> Headers:
             if not TOKEN_RE.match(name):
                 raise error.because("Malformed header name")
             key = header_key(name)
+        else:
+            name = names[name]
         value = value.strip(" \t")
         fields.append((key, name, value))
         if key not in first:
