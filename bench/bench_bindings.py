@@ -14,18 +14,13 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir))
+sys.path.insert(0, os.path.dirname(__file__))
 
 from twisted.internet.task import Clock  # noqa: E402
 
 from proxy.registration.location import Binding, SqliteLocationService  # noqa: E402
+from resident import rss_kib  # noqa: E402
 
-
-def rss_kib() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
 
 
 def main() -> None:

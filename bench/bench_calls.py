@@ -16,19 +16,14 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir))
+sys.path.insert(0, os.path.dirname(__file__))
 
 from proxy.config import ProxySettings  # noqa: E402
 from proxy.registration.location import Binding  # noqa: E402
 from proxy.sip.message import Response  # noqa: E402
 from proxy.testing import make_core, sip_bytes, udp_source  # noqa: E402
+from resident import rss_kib  # noqa: E402
 
-
-def rss_kib() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
 
 
 def main() -> None:
