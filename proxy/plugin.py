@@ -100,7 +100,8 @@ def _no_counters() -> dict:
     return {}
 
 
-def _nothing_to_refresh():
+def nothing_to_refresh():
+    """`PluginContext.refresh` of a server on one process: its counters are always fresh."""
     from twisted.internet import defer
 
     return defer.succeed(None)
@@ -128,7 +129,7 @@ class PluginContext:
     credentials: object = None
     location: object = None
     counters: object = _no_counters
-    refresh: object = _nothing_to_refresh
+    refresh: object = nothing_to_refresh
     emit: object = _no_events
     plugins: dict = attrs.field(factory=dict)
 
@@ -185,6 +186,13 @@ class PluginHost:
         self.plugins.append(plugin)
         self.listening = self.listening or IEventObserver.providedBy(plugin)
         self.policing = self.policing or IRequestPolicy.providedBy(plugin)
+
+    def add_policy(self, plugin) -> None:
+        """In a worker (proxy/workers/): only the plugin's request policy, if it has one; its events are heard
+        at the primary."""
+        if IRequestPolicy.providedBy(plugin):
+            self.plugins.append(plugin)
+            self.policing = True
 
     def providers(self, interface) -> list:
         return [p for p in self.plugins if interface.providedBy(p)]

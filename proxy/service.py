@@ -25,7 +25,7 @@ from proxy.registration.credentials import USERS_FILE, load_users_at_startup
 from proxy.errors import ConfigError
 from proxy.registration.location import LOCATION_FILE, open_state_database
 from proxy.phone.site import build_site_root
-from proxy.plugin import IProxyPlugin, IServicePlugin, IWebResources, PluginContext, PluginHost
+from proxy.plugin import IProxyPlugin, IServicePlugin, IWebResources, PluginContext, PluginHost, nothing_to_refresh
 from proxy.transport import SipDatagramProtocol, SipStreamFactory, TimestampedUdpPort, Transports
 from proxy.trace import Tracer
 from proxy.trust import KEYS_FILE, load_route_signer
@@ -56,7 +56,7 @@ def _build_plugins(config: ProxyConfig, reactor, top, core: Core, api: AdminApi,
     context = PluginContext(clock=reactor, reactor=reactor, config=config, credentials=core.credentials,
                             location=core.location, emit=host.emit,
                             counters=link.counters if link else core.counters,
-                            **({"refresh": link.refresh} if link else {}))
+                            refresh=link.refresh if link else nothing_to_refresh)
     for item in enabled:
         plugin = item.factory.build(item.config, context)
         if not IProxyPlugin.providedBy(plugin):
@@ -334,20 +334,17 @@ def build_service(config: ProxyConfig, reactor, enabled_plugins=None, *,
     server, location, checksync = core.server, core.location, core.checksync
     jobs = [location, core.keepalive, core.prober, core.shedder]
     link = supervisor = None
-    udp_listeners = []
-    for listener in config.server.listen:
-        if listener.transport == "UDP":
-            udp_listeners.append(UdpListener(reactor, listener, None, receive_buffer=config.server.udp_receive_buffer,
-                                             shedder=core.shedder if core.shedder.enabled else None,
-                                             reuse_port=workers > 1))
     if workers > 1:
         pairs = make_pairs(workers)
         link = WorkerLink(reactor, Bus(reactor, 0, pairs[0][1], {k: pairs[k][0] for k in range(1, workers)}), core)
         jobs.append(link)
+    udp_listeners = [UdpListener(reactor, listener, SipDatagramProtocol(link or server, sip.transports),
+                                 receive_buffer=config.server.udp_receive_buffer, reuse_port=workers > 1,
+                                 shedder=core.shedder if core.shedder.enabled else None)
+                     for listener in config.server.listen if listener.transport == "UDP"]
+    if link is not None:
         supervisor = WorkerSupervisor(reactor, link, pairs, udp_listeners,
                                       config_path=None if config.path == "<defaults>" else config.path)
-    for udp in udp_listeners:
-        udp.protocol = SipDatagramProtocol(link or server, sip.transports)
     reloader = Reloader(config, core, also=supervisor and supervisor.signal_all)
     top.reloader = reloader
     state_dir = config.server.state_dir
@@ -379,7 +376,6 @@ def build_worker_service(config: ProxyConfig, reactor, enabled_plugins, *, index
     """
     import socket as socket_module
 
-    from proxy.plugin import IRequestPolicy
     from proxy.workers.bus import Bus
     from proxy.workers.link import WorkerLink
 
@@ -398,9 +394,7 @@ def build_worker_service(config: ProxyConfig, reactor, enabled_plugins, *, index
     for item in enabled_plugins:
         plugin = item.factory.build(item.config, context)
         context.plugins[item.name] = plugin
-        if IRequestPolicy.providedBy(plugin):
-            host.plugins.append(plugin)
-            host.policing = True
+        host.add_policy(plugin)
     _BackgroundJobs([core.location, core.prober, core.shedder, link]).setServiceParent(top)
     top.reloader = Reloader(config, core)
     for fd, family in udp_fds:

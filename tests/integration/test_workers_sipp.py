@@ -11,6 +11,7 @@ import signal
 import time
 
 from tests.integration.harness import free_port, run_sipp, sipp_errors
+from tests.integration.test_plugin_dropin import DropinTests
 from tests.integration.test_proxy_sipp import PASSWORDS, BasicCallTests, CallTestCase
 from proxy.workers.owner import call_id_owner
 
@@ -90,3 +91,13 @@ def _alive(pid: int) -> bool:
             return f.read().split()[2] != "Z"  # a zombie has exited
     except OSError:
         return False
+
+
+class TwoWorkerDropinTests(DropinTests):
+    """The third-party plugin on two processes: its events come from both, its policy runs in both."""
+
+    server_extra = TWO
+
+    def test_policy_blocks_a_number_at_every_worker(self):
+        for worker in (0, 1):
+            self.call("caller_403.xml", callee="9005551234", extra=["-cid_str", call_id_format(worker, f"p{worker}")])
