@@ -1,8 +1,12 @@
 """Metrics after real traffic: SIPp registers a phone and makes a call; /metrics must count exactly that."""
 
 import os
+import shutil
+import subprocess
 import urllib.error
 import urllib.request
+
+from twisted.trial.unittest import SkipTest
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -110,3 +114,27 @@ class MetricsTests(CallTestCase):
                          - value(before, "sipproxy_auth_failures_total", reason="wrong_password"), 1)
         self.assertEqual(value(after, "sipproxy_messages_dropped_total", reason="malformed")
                          - value(before, "sipproxy_messages_dropped_total", reason="malformed"), 1)
+
+
+class PromtoolTests(MetricsTests):
+    """On two processes: the counts above are still exact (the scrape waits for the worker's counters), and a
+    real scrape after real traffic passes Prometheus's own linter (`promtool check metrics`)."""
+
+    server_extra = "workers = 2\n"
+
+    def test_promtool_accepts_the_exposition(self):
+        promtool = os.environ.get("PROMTOOL") or shutil.which("promtool")
+        if promtool is None:
+            if os.environ.get("CI") == "true":
+                raise AssertionError("promtool is not installed; .ci/run must provide it (PROMTOOL=...)")
+            raise SkipTest("promtool is not installed (Debian: prometheus)")
+        port = free_port()
+        self.register("1002", port)
+        callee = self.peer("callee.xml", port=port)
+        self.call()
+        self.assertPeerDone(callee)
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as response:
+            text = response.read()
+        self.assertIn(b'sipproxy_requests_total{method="INVITE"}', text)
+        result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, timeout=60)
+        self.assertEqual((result.returncode, result.stdout + result.stderr), (0, b""))
