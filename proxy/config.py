@@ -122,6 +122,7 @@ class RouteConfig:
     strip: int = 0  # leading digits removed before sending
     prefix: str = ""  # digits put in front after stripping
     name: str = ""
+    failover_after: float | None = None  # this route's gateways: silent this long -> the next; None: [proxy]'s
 
 
 @attrs.frozen
@@ -439,6 +440,7 @@ def _parse_routes(root: _Table, path: str) -> tuple[RouteConfig, ...]:
             strip=t.get("strip", 0, int, lambda v: v >= 0, "must be 0 or more"),
             prefix=t.get("prefix", "", str),
             name=t.get("name", pattern or domain, str),
+            failover_after=t.get("failover_after", None, float, lambda v: v >= 0, "must be 0 (Timer B) or more"),
         ))
         t.finish()
     return tuple(routes)

@@ -64,6 +64,14 @@ class ConfigTests(SynchronousTestCase):
         tcp_only = parse_config({"server": {"listen": ["tcp:5060"], "workers": 4}}, "site.toml")
         self.assertEqual(worker_count(tcp_only), 1)  # workers share UDP sockets; streams stay with the primary
 
+    def test_a_route_may_set_its_failover_time(self):
+        routes = {"routes": [{"pattern": "9[0-9]+", "gateways": ["192.0.2.20"], "failover_after": 2}]}
+        self.assertEqual(parse_config(routes, "site.toml").routes[0].failover_after, 2.0)
+        self.assertIsNone(parse_config({"routes": [{"pattern": "9", "gateways": ["g"]}]}, "site.toml")
+                          .routes[0].failover_after)
+        routes["routes"][0]["failover_after"] = -1
+        self.assertEqual(self.error(routes).key, "routes[0].failover_after")
+
     def test_bad_listener(self):
         e = self.error({"server": {"listen": ["sctp:5060"]}})
         self.assertEqual(e.key, "server.listen")

@@ -534,6 +534,17 @@ class GatewayTests(SynchronousTestCase):
         self.assertNotIn(Destination("UDP", *GW1), [d for _, d in requests(self.net.take(), "INVITE")])
         self.assertEqual(statuses(self.net.answer(second, 200, GW2)), [200])
 
+    def test_a_route_can_have_its_own_failover_time(self):
+        route = RouteConfig(pattern="9[0-9]+", strip=1, gateways=("192.0.2.20", "192.0.2.21:5060"), name="pstn",
+                            failover_after=1.5)
+        net = Net(self, routes=[route], settings=ProxySettings(trusted=("192.0.2.20/32",), failover_after=4))
+        net.invite(to="95551234")
+        net.clock.advance(1.499)
+        self.assertEqual({d for _, d in requests(net.take(), "INVITE")}, {Destination("UDP", *GW1)})
+        net.clock.advance(0.001)
+        ((_, dest),) = requests(net.take(), "INVITE")
+        self.assertEqual(dest, Destination("UDP", *GW2))
+
     def test_a_gateway_that_keeps_failing_is_tried_last_and_probed_until_it_answers(self):
         core = self.net.core
         prober = core.prober

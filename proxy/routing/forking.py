@@ -46,6 +46,7 @@ class Target:
     hops: tuple[Hop, ...]
     q: float = 1.0
     kind: str = "user"  # user, gateway, emergency, dialog, redirect
+    failover_after: float | None = None  # a gateway route's own (RouteConfig); None: [proxy] failover_after
 
 
 @attrs.frozen
@@ -158,9 +159,13 @@ class Branch:
         Timer B would make the caller wait 32 s, by which time a person has hung up; Kamailio's sample config
         moves on after 4 s the same way (fr_timer).
         """
-        after = self.call.context.settings.failover_after
+        after = self._failover_after()
         if after > 0 and self.target.kind == "gateway" and self._has_another_hop():
             self.failover_timer = self.call.clock.callLater(after, self._failover)
+
+    def _failover_after(self) -> float:
+        own = self.target.failover_after
+        return self.call.context.settings.failover_after if own is None else own
 
     def _stop_failover_timer(self) -> None:
         if self.failover_timer is not None and self.failover_timer.active():
@@ -175,7 +180,7 @@ class Branch:
         if self.done or self.cancelling or self.call.cancelled:
             return
         log.info("No response from {host} within {seconds:g} s; trying the next hop", host=self.hop.host,
-                 seconds=self.call.context.settings.failover_after)
+                 seconds=self._failover_after())
         self._stop_timer_c()
         self.tx.abandon()
         self.call.context.gateway_failed(self.hop)

@@ -220,7 +220,7 @@ class Router:
         uri = request.uri
         found = self.routes.by_domain(uri.host, uri)
         if found is not None:
-            return [self.targets.gateway_target(found[1])]
+            return [self.targets.gateway_target(*found)]
         if self.settings.outbound_proxy:
             hop = hop_for_uri(gateway_uri(self.settings.outbound_proxy), request_uri=request.uri_text)
             return [Target(hops=(hop,), kind="gateway")]

@@ -1,7 +1,8 @@
 """Where calls that are not for a registered local user go: gateways by dial pattern or domain, and emergency.
 
 A route yields an ordered list of `Hop`s (one per gateway): the router tries
-them in turn when a gateway answers 408 or 503 or does not answer.
+them in turn when a gateway answers 408 or 503 or does not answer (within the
+route's `failover_after`, else `[proxy] failover_after`).
 """
 
 import re
@@ -72,23 +73,23 @@ class RouteTable:
         gateways = self.emergency_gateways or (self.emergency_route.gateways if self.emergency_route else ())
         return [self._gateway_hop(gw, dialled) for gw in gateways]
 
-    def by_number(self, dialled: str) -> tuple[str, list[Hop]] | None:
-        """(route name, hops) of the first pattern route matching the dialled user part."""
+    def by_number(self, dialled: str) -> tuple[RouteConfig, list[Hop]] | None:
+        """(route, hops) of the first pattern route matching the dialled user part."""
         for route in self.routes:
             if route.regex is not None and route.regex.fullmatch(dialled):
                 number = route.config.prefix + dialled[route.config.strip:]
-                return route.config.name, [self._gateway_hop(gw, number) for gw in route.config.gateways]
+                return route.config, [self._gateway_hop(gw, number) for gw in route.config.gateways]
         return None
 
-    def by_domain(self, domain: str, request_uri: SipUri) -> tuple[str, list[Hop]] | None:
-        """Hops for a foreign domain: the Request-URI is kept, sent to each gateway in turn."""
+    def by_domain(self, domain: str, request_uri: SipUri) -> tuple[RouteConfig, list[Hop]] | None:
+        """(route, hops) for a foreign domain: the Request-URI is kept, sent to each gateway in turn."""
         for route in self.routes:
             if route.config.domain and route.config.domain == domain:
                 hops = []
                 for gw in route.config.gateways:
                     hop = hop_for_uri(gateway_uri(gw), request_uri=str(request_uri))
                     hops.append(hop)
-                return route.config.name, hops
+                return route.config, hops
         return None
 
     @staticmethod

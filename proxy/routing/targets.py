@@ -49,11 +49,11 @@ class Targets:
 
     def for_number(self, number: str) -> list[Target] | None:
         found = self.routes.by_number(number)
-        return None if found is None else [self.gateway_target(found[1])]
+        return None if found is None else [self.gateway_target(*found)]
 
-    def gateway_target(self, hops) -> Target:
-        """A route's gateways in failover order, those that are down last."""
-        return Target(hops=self.gateways.order(tuple(hops)), kind="gateway")
+    def gateway_target(self, route, hops) -> Target:
+        """A route's gateways in failover order, those that are down last, with the route's failover time."""
+        return Target(hops=self.gateways.order(tuple(hops)), kind="gateway", failover_after=route.failover_after)
 
     def for_uri(self, uri: SipUri, q: float = 1.0, kind: str = "user") -> Target:
         """A target for a URI: a registered contact when it is one (NAT rules), else the URI's host."""
