@@ -492,15 +492,21 @@ class GatewayTests(SynchronousTestCase):
         self.assertEqual((second.uri_text, dest), ("sip:5551234@192.0.2.21:5060", Destination("UDP", *GW2)))
         self.assertEqual(statuses(self.net.answer(second, 200, GW2)), [200])
 
-    def test_fails_over_at_timer_b_when_failover_after_is_off(self):
-        route = RouteConfig(pattern="9[0-9]+", strip=1, gateways=("192.0.2.20", "192.0.2.21:5060"), name="pstn")
-        net = Net(self, routes=[route], settings=ProxySettings(trusted=("192.0.2.20/32",), failover_after=0))
+    def assert_second_gateway_after(self, seconds: float, failover_after: float, route_failover=None):
+        """A silent first gateway gets only retransmissions until `seconds`, then the second gets the INVITE."""
+        route = RouteConfig(pattern="9[0-9]+", strip=1, gateways=("192.0.2.20", "192.0.2.21:5060"), name="pstn",
+                            failover_after=route_failover)
+        net = Net(self, routes=[route], settings=ProxySettings(trusted=("192.0.2.20/32",),
+                                                               failover_after=failover_after))
         net.invite(to="95551234")
-        net.clock.advance(31.9)
+        net.clock.advance(seconds - 0.001)
         self.assertEqual({d for _, d in requests(net.take(), "INVITE")}, {Destination("UDP", *GW1)})
-        net.clock.advance(0.1)
-        ((second, dest),) = requests(net.take(), "INVITE")
+        net.clock.advance(0.001)
+        ((_, dest),) = requests(net.take(), "INVITE")
         self.assertEqual(dest, Destination("UDP", *GW2))
+
+    def test_fails_over_at_timer_b_when_failover_after_is_off(self):
+        self.assert_second_gateway_after(32, failover_after=0)
 
     def test_branch_cancelled_after_another_answers_does_not_fail_over(self):
         # Fork to phone B and to a two-gateway target; B answers, the gateway branch is CANCELled
@@ -535,15 +541,7 @@ class GatewayTests(SynchronousTestCase):
         self.assertEqual(statuses(self.net.answer(second, 200, GW2)), [200])
 
     def test_a_route_can_have_its_own_failover_time(self):
-        route = RouteConfig(pattern="9[0-9]+", strip=1, gateways=("192.0.2.20", "192.0.2.21:5060"), name="pstn",
-                            failover_after=1.5)
-        net = Net(self, routes=[route], settings=ProxySettings(trusted=("192.0.2.20/32",), failover_after=4))
-        net.invite(to="95551234")
-        net.clock.advance(1.499)
-        self.assertEqual({d for _, d in requests(net.take(), "INVITE")}, {Destination("UDP", *GW1)})
-        net.clock.advance(0.001)
-        ((_, dest),) = requests(net.take(), "INVITE")
-        self.assertEqual(dest, Destination("UDP", *GW2))
+        self.assert_second_gateway_after(1.5, failover_after=4, route_failover=1.5)
 
     def test_a_gateway_that_keeps_failing_is_tried_last_and_probed_until_it_answers(self):
         core = self.net.core
