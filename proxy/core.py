@@ -41,6 +41,7 @@ from proxy.routing.routes import RouteTable
 from proxy.routing.stateless import StatelessForwarder
 from proxy.routing.targets import Targets
 from proxy.server import SipServer
+from proxy.trace import RuntimeVerbosity
 from proxy.trust import Trust, load_route_signer
 
 log = Logger()
@@ -67,6 +68,7 @@ class Core:
     prober: GatewayProber
     plugins: PluginHost  # empty until service.py adds the enabled ones; the router asks it from the start
     shedder: LoadShedder  # overload control (started with the service)
+    verbosity: RuntimeVerbosity  # sipproxy-admin log-level
 
     def reload(self, old: ProxyConfig, new: ProxyConfig) -> tuple[list[str], list[str]]:
         """Apply what can change while calls go on; returns (reloaded, needs a restart) as config sections.
@@ -262,4 +264,5 @@ def build_core(config: ProxyConfig, clock: IReactorTime, transports, *, resolver
     return Core(identity=identity, replies=replies, server=server, dispatcher=dispatcher, credentials=credentials,
                 authenticator=authenticator, trust=trust, location=location, forwarding_store=forwarding_store,
                 forwarding=forwarding, registrar=registrar, router=router, stateless=stateless, checksync=checksync,
-                keepalive=keepalive, gateways=gateways, prober=prober, plugins=plugins, shedder=shedder)
+                keepalive=keepalive, gateways=gateways, prober=prober, plugins=plugins, shedder=shedder,
+                verbosity=RuntimeVerbosity(clock, (server, router), configured=config.server.debug))

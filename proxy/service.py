@@ -350,7 +350,7 @@ def build_service(config: ProxyConfig, reactor, enabled_plugins=None, *,
     state_dir = config.server.state_dir
     api = AdminApi(load_or_create_token(state_dir), reactor, location, core.forwarding_store, checksync,
                    core.identity.domain, reachability=core.keepalive.status if config.registrar.keepalive_interval else None,
-                   gateways=core.gateways.gateways, reload=reloader.reload, tracer=tracer,
+                   gateways=core.gateways.gateways, reload=reloader.reload, tracer=tracer, verbosity=core.verbosity,
                    checksync_rate=config.checksync.rate, checksync_wait=config.checksync.wait_timeout)
     _BackgroundJobs(jobs, workers=supervisor).setServiceParent(top)
     _build_plugins(config, reactor, top, core, api, enabled_plugins or [], link)

@@ -81,3 +81,49 @@ class Tracer:
         self.traced += 1
         log.info("TRACE {direction} {host}:{port} ({size} body bytes)\n{text}", direction=direction, host=host,
                  port=port, size=len(body), text=head.decode("utf-8", "replace"))
+
+
+class RuntimeVerbosity:
+    """`sipproxy-admin log-level debug --minutes N`: the per-message decision lines of `[server] debug`
+    (what each request was and where it went) for N minutes, without a restart; `info` ends it.
+
+    `components` are the objects with a `debug` flag (the SipServer, the Router). With workers the
+    primary's `on_change` passes it on, and each worker `follow`s.
+    """
+
+    def __init__(self, clock: IReactorTime, components, configured: bool = False):
+        self.clock = clock
+        self.components = tuple(components)
+        self.configured = configured  # [server] debug: where it returns when the minutes are over
+        self.until = 0.0
+        self.on_change = None  # on_change(debug, until)
+        self._call = None
+
+    @property
+    def level(self) -> str:
+        return "debug" if self.components and self.components[0].debug else "info"
+
+    def set(self, level: str, minutes: float = 10.0) -> float:
+        """`debug` for `minutes` (returns until when), or `info` (returns 0)."""
+        if level == "debug":
+            self.follow(True, self.clock.seconds() + minutes * 60)
+            log.info("Log level debug for {minutes:g} minutes ([server] debug: {configured})", minutes=minutes,
+                     configured=self.configured)
+        else:
+            self.follow(self.configured, 0.0)
+            log.info("Log level back to {verbosity}", verbosity="debug" if self.configured else "info")
+        if self.on_change is not None:
+            self.on_change(level == "debug", self.until)
+        return self.until
+
+    def follow(self, debug: bool, until: float) -> None:
+        """Apply a level (a worker: what the primary set), back to the configured one at `until`."""
+        for component in self.components:
+            component.debug = debug
+        self.until = until
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+        if until:
+            self._call = self.clock.callLater(max(0.0, until - self.clock.seconds()), self.follow,
+                                              self.configured, 0.0)

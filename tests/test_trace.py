@@ -42,3 +42,51 @@ class TracerTests(SynchronousTestCase):
         self.clock.advance(120.001)
         self.assertEqual(self.traced(MESSAGE), [])
         self.assertFalse(self.tracer.active)
+
+
+class RuntimeVerbosityTests(SynchronousTestCase):
+    """sipproxy-admin log-level: the per-message lines of [server] debug for N minutes, in the real core."""
+
+    def test_debug_for_n_minutes_then_back(self):
+        from proxy.testing import make_core, sip_bytes, udp_source
+
+        core, _, clock = make_core(self.mktemp())
+        verbosity = core.verbosity
+        options = sip_bytes("""
+            OPTIONS sip:192.0.2.1 SIP/2.0
+            Via: SIP/2.0/UDP 192.0.2.50:5060;branch=z9hG4bKv1
+            From: <sip:a@example.com>;tag=1
+            To: <sip:192.0.2.1>
+            Call-ID: verbose-1
+            CSeq: 1 OPTIONS
+            Max-Forwards: 70
+        """)
+
+        def lines():
+            with capturedLogs() as events:
+                core.server.data_received(options.replace(b"z9hG4bKv1", b"z9hG4bK" + str(clock.seconds()).encode()),
+                                          udp_source())
+            return [e for e in events if "Call-ID" in e.get("log_format", "")]
+
+        self.assertEqual((verbosity.level, lines()), ("info", []))
+        until = verbosity.set("debug", minutes=2)
+        self.assertEqual((verbosity.level, until), ("debug", clock.seconds() + 120))
+        (line,) = lines()
+        self.assertEqual(line["call_id"], "verbose-1")
+        clock.advance(120)
+        self.assertEqual((verbosity.level, lines()), ("info", []))
+        verbosity.set("debug", minutes=5)
+        verbosity.set("info")
+        self.assertEqual((verbosity.level, verbosity.until), ("info", 0.0))
+        self.assertFalse(core.router.debug)
+
+    def test_the_configured_level_is_where_it_returns(self):
+        from proxy.trace import RuntimeVerbosity
+
+        class Component:
+            debug = True
+
+        clock = Clock()
+        verbosity = RuntimeVerbosity(clock, [Component()], configured=True)
+        verbosity.set("info")
+        self.assertEqual(verbosity.level, "debug")  # [server] debug = true: info cannot go below the file

@@ -297,6 +297,23 @@ class LinkTests(SynchronousTestCase):
         w.pump()
         self.assertEqual(tracers[1].filter.user, "1002")
 
+    def test_a_log_level_set_at_the_primary_holds_at_the_workers(self):
+        w = TwoWorkers(self)
+        until = w.cores[0].verbosity.set("debug", minutes=1)
+        w.pump()
+        self.assertEqual((w.cores[1].verbosity.level, w.cores[1].verbosity.until), ("debug", until))
+        self.assertTrue(w.cores[1].router.debug)
+        w.clock.advance(60)  # each process goes back by itself
+        self.assertEqual([core.verbosity.level for core in w.cores], ["info", "info"])
+        w.cores[0].verbosity.set("debug", minutes=5)
+        w.cores[1].verbosity.follow(False, 0.0)  # as a worker that has just started
+        w.links[0].welcome(1)
+        w.pump()
+        self.assertEqual(w.cores[1].verbosity.level, "debug")
+        w.cores[0].verbosity.set("info")
+        w.pump()
+        self.assertEqual(w.cores[1].verbosity.level, "info")
+
     def test_a_refresh_gives_up_on_a_silent_worker(self):
         w = TwoWorkers(self)
         refreshed = w.links[0].refresh(timeout=0.5)

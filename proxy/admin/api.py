@@ -17,6 +17,8 @@ Routes:
   GET /api/phones[?firmware=GLOB&model=7940&where=firmware<8.0]   one row per phone
   GET /api/gateways                the routes' gateways: up or down since when, failures in a row, calls
   POST|DELETE /api/trace           {"user"|"address"|"call_id": ..., "minutes": 5}: log matching messages
+  GET|POST /api/log-level          {"level": "debug", "minutes": 10} or {"level": "info"}: a log line per
+                                   request and routing decision for N minutes, in every process
   POST /api/reload                 re-read the config file: routes, emergency, trusted networks -> what was
                                    reloaded and what needs a restart (also on SIGHUP)
   POST /api/reboot                 {"lines": [...], "phones": [...], "all": true, "firmware"/"model"/"where",
@@ -143,8 +145,9 @@ class AdminApi(resource.Resource):
 
     def __init__(self, token: str, clock: IReactorTime, location: ILocationService, forwarding_store=None,
                  checksync=None, domain: str = "", *, checksync_rate: float = 1.0, checksync_wait: float = 600.0,
-                 reachability=None, gateways=None, reload=None, tracer=None):
+                 reachability=None, gateways=None, reload=None, tracer=None, verbosity=None):
         self.tracer = tracer
+        self.verbosity = verbosity  # proxy/trace.py RuntimeVerbosity
         self.reload = reload  # () -> {"reloaded": [...], "restart_needed": [...]} or {"error": ...}
         self.reachability = reachability  # binding -> Reachability | None, with the phone keepalive on
         self.gateways = gateways  # () -> [gateway states]
@@ -168,6 +171,7 @@ class AdminApi(resource.Resource):
         self.add_route("gateways", self._gateways)
         self.add_route("reload", self._reload)
         self.add_route("trace", self._trace)
+        self.add_route("log-level", self._log_level)
         if checksync is not None:
             self.add_route("reboot", self._reboot)
             self.add_route("jobs", self._jobs)
@@ -320,6 +324,26 @@ class AdminApi(resource.Resource):
         if not 0 < minutes <= 60:
             return 400, {"error": "minutes must be more than 0 and at most 60"}
         return 200, {"tracing": trace_filter.describe(), "until": self.tracer.start(trace_filter, minutes)}
+
+    def _log_level(self, method, request):
+        if self.verbosity is None:
+            return 501, {"error": "this server has no runtime log level"}
+        if method == "GET":
+            return 200, {"level": self.verbosity.level, "until": self.verbosity.until or None}
+        if method != "POST":
+            return 405, {"error": "use GET or POST"}
+        try:
+            body = json.loads(request.content.read() or b"{}")
+            level = str(body.get("level", ""))
+            minutes = float(body.get("minutes", 10))
+        except (ValueError, TypeError, AttributeError):
+            return 400, {"error": 'the body must be {"level": "debug"|"info", "minutes": N}'}
+        if level not in ("debug", "info"):
+            return 400, {"error": 'level must be "debug" or "info"'}
+        if not 0 < minutes <= 60:
+            return 400, {"error": "minutes must be more than 0 and at most 60"}
+        until = self.verbosity.set(level, minutes)
+        return 200, {"level": self.verbosity.level, "until": until or None}
 
     def _reload(self, method, request):
         if method != "POST":

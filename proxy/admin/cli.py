@@ -110,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     trace.add_argument("--call-id")
     trace.add_argument("--minutes", type=float, default=5.0)
     trace.add_argument("--stop", action="store_true", help="stop the running trace")
+    level = commands.add_parser("log-level", help="show the log level, or set debug (a line per request and "
+                                                  "routing decision) for N minutes, or back to info")
+    level.add_argument("level", nargs="?", choices=("debug", "info"))
+    level.add_argument("--minutes", type=float, default=10.0)
     gws = commands.add_parser("gateways", help="the routes' gateways: up, or down since when (needs the running server)")
     gws.add_argument("--json", action="store_true")
     regs = commands.add_parser("registrations", help="list current registrations (needs the running server)")
@@ -146,6 +150,14 @@ def main(argv: list[str] | None = None) -> int:
                                                                  "call_id": args.call_id, "minutes": args.minutes})
             print(f"tracing {result['tracing']} until {time.strftime('%H:%M:%S', time.localtime(result['until']))}: "
                   "see the server's log (journalctl -u sipproxy)")
+            return 0
+        if args.command == "log-level":
+            if args.level is None:
+                result = api_get(config, "/api/log-level")
+            else:
+                result = api_request(config, "POST", "/api/log-level", {"level": args.level, "minutes": args.minutes})
+            until = result.get("until")
+            print(result["level"] + (f" until {time.strftime('%H:%M:%S', time.localtime(until))}" if until else ""))
             return 0
         if args.command == "reload":
             result = api_request(config, "POST", "/api/reload")

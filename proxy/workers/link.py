@@ -11,7 +11,7 @@
 - Workers send the primary their counters every `COUNTER_INTERVAL` seconds and
   their plugin events as they happen; the primary sums the counters (`counters`)
   and emits the events to its plugins.
-- A trace the admin API starts at the primary runs in every process.
+- A trace or a log level the admin API sets at the primary holds in every process.
 - The supervisor tells everyone who is alive; nothing is handed to a worker that
   is not (the reader serves it itself: a retransmission may then be answered
   twice, which SIP allows).
@@ -79,9 +79,12 @@ class WorkerLink:
         bus.on("counters?", lambda value, sender: self._push_counters())
         bus.on("event", self._event)
         bus.on("trace", lambda value, sender: core.server.tracer.follow(*value))
+        bus.on("log_level", lambda value, sender: core.verbosity.follow(*value))
         core.location.on_change = self._binding_changed
-        if core.server.tracer is not None and self.index == 0:
-            core.server.tracer.on_change = lambda trace_filter, until: bus.broadcast("trace", (trace_filter, until))
+        if self.index == 0:
+            core.verbosity.on_change = lambda debug, until: bus.broadcast("log_level", (debug, until))
+            if core.server.tracer is not None:
+                core.server.tracer.on_change = lambda trace_filter, until: bus.broadcast("trace", (trace_filter, until))
         core.authenticator.share_failure = lambda user, address: bus.broadcast("auth_failure", (user, address))
         core.authenticator.share_success = lambda user, address: bus.broadcast("auth_success", (user, address))
         self.server = core.server
@@ -118,10 +121,13 @@ class WorkerLink:
         self.server.data_received(data, Source("UDP", host, port))
 
     def welcome(self, index: int) -> None:
-        """A worker that has just started (the supervisor calls this): tell it of a trace that runs."""
+        """A worker that has just started (the supervisor calls this): tell it of a trace or log level that runs."""
         tracer = self.core.server.tracer
         if tracer is not None and tracer.active:
             self.bus.send(index, "trace", (tracer.filter, tracer.until))
+        verbosity = self.core.verbosity
+        if verbosity.until:
+            self.bus.send(index, "log_level", (verbosity.level == "debug", verbosity.until))
 
     def _set_alive(self, alive, sender) -> None:
         self.alive = set(alive)

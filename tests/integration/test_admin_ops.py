@@ -94,6 +94,40 @@ class ReloadTests(TrustTestCase):
         self.assertIn("timers.t1", refused.stderr)
 
 
+class LogLevelTests(TrustTestCase):
+    server_extra = "workers = 2\n"
+
+    def test_debug_at_runtime_in_every_process_then_info(self):
+        self.assertEqual(self.server.admin("log-level").stdout.strip(), "info")
+        result = self.server.admin("log-level", "debug", "--minutes", "1")
+        self.assertTrue(result.stdout.startswith("debug until "), result.stdout)
+        from proxy.workers.owner import call_id_owner
+
+        for worker in (0, 1):
+            call_id = next(f"reg-{n}" for n in range(100) if call_id_owner(f"reg-{n}".encode(), 2) == worker)
+            self.register(self.agent(), "1002", call_id=call_id)
+        # A worker's lines reach the primary's log through a pipe: wait for them.
+        lines = self.wait_for_lines(lambda line: "worker 1: " in line and "REGISTER sip:localhost from" in line)
+        self.assertTrue(lines)
+        self.assertIn("REGISTER sip:localhost from 127.0.0.1", self.server.log())
+        self.server.admin("log-level", "info")
+        time.sleep(0.5)
+        before = self.server.log().count("REGISTER sip:localhost from")
+        for worker in (0, 1):
+            call_id = next(f"quiet-{n}" for n in range(100) if call_id_owner(f"quiet-{n}".encode(), 2) == worker)
+            self.register(self.agent(), "1002", call_id=call_id)
+        time.sleep(0.5)
+        self.assertEqual(self.server.log().count("REGISTER sip:localhost from"), before)
+
+    def wait_for_lines(self, matches, timeout: float = 5.0) -> list[str]:
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [line for line in self.server.log().splitlines() if matches(line)]
+            if found or time.monotonic() > deadline:
+                return found
+            time.sleep(0.05)
+
+
 class TraceTests(TrustTestCase):
     def test_trace_a_user_at_runtime(self):
         result = self.server.admin("trace", "--user", "1002", "--minutes", "1")

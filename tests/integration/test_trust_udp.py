@@ -14,11 +14,12 @@ PASSWORDS = {"1001": "pw-1001", "1002": "pw-1002"}
 
 class TrustTestCase(SynchronousTestCase):
     extra_config = ""
+    server_extra = ""  # more keys of [server]
 
     def setUp(self):
         self.gw_port = free_port()
         config = f'[[routes]]\nname = "pstn"\npattern = "9[0-9]+"\nstrip = 1\ngateways = ["127.0.0.1:{self.gw_port}"]\n'
-        self.server = ServerProcess(self.extra_config + config)
+        self.server = ServerProcess(self.extra_config + config, server_extra=self.server_extra)
         for user, password in PASSWORDS.items():
             self.server.admin("user", "add", user, "--password", password)
         self.server.start()
@@ -47,14 +48,15 @@ class TrustTestCase(SynchronousTestCase):
             {extra}
         """, body)
 
-    def register(self, agent, user):
+    def register(self, agent, user, call_id=None):
         uri = f"sip:{REALM}"
-        self.message(agent, "REGISTER", uri, call_id=f"reg-{user}", frm=user, to=user, extra="Expires: 3600")
+        call_id = call_id or f"reg-{user}"
+        self.message(agent, "REGISTER", uri, call_id=call_id, frm=user, to=user, extra="Expires: 3600")
         challenge = agent.final("REGISTER")
         self.assertEqual(status(challenge), 401, challenge)
         answer = digest(user, PASSWORDS[user], REALM, header(challenge, "WWW-Authenticate"), "REGISTER", uri,
                         "Authorization")
-        self.message(agent, "REGISTER", uri, call_id=f"reg-{user}", cseq=2, frm=user, to=user,
+        self.message(agent, "REGISTER", uri, call_id=call_id, cseq=2, frm=user, to=user,
                      extra="Expires: 3600\n" + answer)
         self.assertEqual(status(agent.final("REGISTER")), 200)
 
