@@ -65,6 +65,13 @@ class IWebResources(Interface):
         """[(title, path)] entries for the phones' Services menu."""
 
 
+class IReloadablePlugin(Interface):
+    """Takes a new `[plugins.<name>]` table without a restart (sipproxy-admin reload, SIGHUP)."""
+
+    def reload(config: object) -> None:
+        """Use this config (what the factory's parse_config returned for the new table) from now on."""
+
+
 class IServicePlugin(Interface):
     def service() -> IService:
         """A service started and stopped with the server."""

@@ -66,11 +66,12 @@ def _build_plugins(config: ProxyConfig, reactor, top, core: Core, api: AdminApi,
         log.info("Plugin {name} enabled", name=item.name)
     for _, svc in host.collect(IServicePlugin, "service"):
         svc.setServiceParent(top)
-    entries, phone_resources = [], {}
+    phone_resources = {}
     for _, resources in host.collect(IWebResources, "phone_resources"):
         phone_resources.update(resources)
-    for _, items in host.collect(IWebResources, "services_menu"):
-        entries.extend(items)
+
+    def entries():
+        return [entry for _, items in host.collect(IWebResources, "services_menu") for entry in items]
     read_token = load_or_create_metrics_token(config.server.state_dir)
     for _, resources in host.collect(IWebResources, "admin_resources"):
         for path, child in resources.items():
@@ -268,24 +269,52 @@ class Reloader:
         self.config = config
         self.core = core
         self.also = also  # also(): the workers reload too (proxy/workers/supervisor.py signal_all)
+        self._tables = dict(config.plugins.tables)  # the [plugins.<name>] tables the plugins run with
 
     def reload(self) -> dict:
         from proxy.config import load_config
+        from proxy.plugin import resolve
 
         if self.config.path == "<defaults>":
             return {"error": "the server runs on its embedded defaults: there is no file to reload"}
         try:
             new = load_config(self.config.path)
+            plugins = resolve(new.plugins.enabled, new.plugins.tables, new.path)  # a bad table refuses it all
         except ConfigError as e:
             log.error("Reload refused: {error}", error=str(e))
             return {"error": str(e)}
         reloaded, restart = self.core.reload(self.config, new)
+        if new.plugins.enabled == self.config.plugins.enabled:
+            more, needs = self._reload_plugins(plugins, new.plugins.tables)
+            reloaded += more
+            restart += needs
         if self.also is not None:
             self.also()
         self.config = attrs.evolve(new, server=self.config.server) if restart else new
         log.info("Reloaded {path}: {reloaded}{restart}", path=new.path, reloaded=", ".join(reloaded) or "nothing changed",
                  restart=f"; a restart is needed for {', '.join(restart)}" if restart else "")
         return {"reloaded": reloaded, "restart_needed": restart}
+
+    def _reload_plugins(self, plugins, tables: dict) -> tuple[list[str], list[str]]:
+        """Give each plugin whose table changed its new config (IReloadablePlugin), or name it for a restart."""
+        from proxy.plugin import IReloadablePlugin
+
+        running = {getattr(p, "name", None): p for p in self.core.plugins.plugins}
+        reloaded, restart = [], []
+        for item in plugins:
+            table = tables.get(item.name, {})
+            if self._tables.get(item.name, {}) == table:
+                continue
+            plugin = running.get(item.name)
+            if plugin is None:
+                continue  # not in this process (a worker keeps only request policies)
+            if IReloadablePlugin.providedBy(plugin):
+                plugin.reload(item.config)
+                self._tables[item.name] = table
+                reloaded.append(f"plugins.{item.name}")
+            else:
+                restart.append(f"plugins.{item.name}")
+        return reloaded, restart
 
 
 def worker_count(config: ProxyConfig) -> int:

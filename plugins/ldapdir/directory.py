@@ -19,7 +19,7 @@ from zope.interface import implementer
 from plugins.ldapdir.backends import DirectoryUnavailable, LdapDirectory, LocalDirectory
 from proxy.phone import ciscoxml
 from proxy.phone.site import base_url
-from proxy.plugin import IProxyPlugin, IServicePlugin, IWebResources
+from proxy.plugin import IProxyPlugin, IReloadablePlugin, IServicePlugin, IWebResources
 
 log = Logger()
 
@@ -117,20 +117,25 @@ class _ThreadPoolService(service.Service):
         return super().stopService()
 
 
-@implementer(IProxyPlugin, IWebResources, IServicePlugin)
+@implementer(IProxyPlugin, IWebResources, IServicePlugin, IReloadablePlugin)
 class DirectoryPlugin:
     name = "ldapdir"
 
     def __init__(self, config, context):
-        self.config = config
         self.context = context
         self.threadpool = ThreadPool(minthreads=0, maxthreads=config.threads, name="ldapdir")
-        if config.urls:
-            self.backend = LdapDirectory(config, self.threadpool, context.reactor)
-        else:
-            self.backend = LocalDirectory(context.credentials)
         self.queries = 0
         self.errors = 0
+        self.reload(config)
+
+    def reload(self, config) -> None:
+        """Every key takes effect for the next search (sipproxy-admin reload): servers, filters, paging, rewrites."""
+        self.config = config
+        self.threadpool.adjustPoolsize(minthreads=0, maxthreads=config.threads)
+        if config.urls:
+            self.backend = LdapDirectory(config, self.threadpool, self.context.reactor)
+        else:
+            self.backend = LocalDirectory(self.context.credentials)
         self._rewrites = [(re.compile(p), r) for p, r in config.number_rewrites]
 
     def dialable(self, number: str) -> str:

@@ -19,8 +19,8 @@ Routes:
   POST|DELETE /api/trace           {"user"|"address"|"call_id": ..., "minutes": 5}: log matching messages
   GET|POST /api/log-level          {"level": "debug", "minutes": 10} or {"level": "info"}: a log line per
                                    request and routing decision for N minutes, in every process
-  POST /api/reload                 re-read the config file: routes, emergency, trusted networks -> what was
-                                   reloaded and what needs a restart (also on SIGHUP)
+  POST /api/reload                 re-read the config file: routes, emergency, trusted networks, reloadable
+                                   plugins' tables -> what was reloaded and what needs a restart (also on SIGHUP)
   POST /api/reboot                 {"lines": [...], "phones": [...], "all": true, "firmware"/"model"/"where",
                                     "rate": 1, "wait": false, "timeout": 600, "dry_run": false,
                                     "push_dialplan": false} -> the job (202), 409 if a phone is busy in one

@@ -21,19 +21,21 @@ def base_url(request) -> str:
 class ServicesMenu(resource.Resource):
     isLeaf = True
 
-    def __init__(self, entries: list[tuple[str, str]]):
+    def __init__(self, entries):
         super().__init__()
-        self.entries = entries
+        self.entries = entries  # () -> [(title, path)], asked per request: a reloaded plugin may rename its entry
 
     def render_GET(self, request):
         request.setHeader(b"Content-Type", ciscoxml.CONTENT_TYPE)
         base = base_url(request)
-        if not self.entries:
+        entries = self.entries()
+        if not entries:
             return ciscoxml.text("Services", "No services are configured.")
-        return ciscoxml.menu("Services", [(title, base + path) for title, path in self.entries])
+        return ciscoxml.menu("Services", [(title, base + path) for title, path in entries])
 
 
-def build_site_root(entries: list[tuple[str, str]], resources: dict) -> resource.Resource:
+def build_site_root(entries, resources: dict) -> resource.Resource:
+    """`entries`: () -> the Services menu's [(title, path)]."""
     root = resource.Resource()
     root.putChild(b"services", ServicesMenu(entries))
     root.putChild(b"", ServicesMenu(entries))

@@ -94,6 +94,33 @@ class ReloadTests(TrustTestCase):
         self.assertIn("timers.t1", refused.stderr)
 
 
+class PluginReloadTests(TrustTestCase):
+    extra_config = '[plugins]\nenabled = ["ldapdir", "metrics"]\n[plugins.ldapdir]\ntitle = "Directory"\n'
+
+    def edit(self, old: str, new: str) -> None:
+        with open(self.server.config_path) as f:
+            text = f.read()
+        with open(self.server.config_path, "w") as f:
+            f.write(text.replace(old, new))
+
+    def menu(self) -> bytes:
+        return self.server.phone_get("/services")[1]
+
+    def test_a_plugin_table_reloads_or_is_named_for_a_restart(self):
+        self.assertIn(b"<Name>Directory</Name>", self.menu())
+        self.edit('title = "Directory"\n', 'title = "Company phone book"\n[plugins.metrics]\nlisten = "tcp:19999"\n')
+        result = self.server.admin("reload")
+        self.assertIn("reloaded: plugins.ldapdir", result.stdout)
+        self.assertIn("a restart is needed for: plugins.metrics", result.stdout)
+        self.assertIn(b"<Name>Company phone book</Name>", self.menu())
+        # A bad table refuses the whole reload, naming the key; the running directory is untouched.
+        self.edit('title = "Company phone book"', "title = 5")
+        refused = self.server.admin("reload", check=False)
+        self.assertEqual(refused.returncode, 1)
+        self.assertIn("plugins.ldapdir.title", refused.stderr)
+        self.assertIn(b"<Name>Company phone book</Name>", self.menu())
+
+
 class LogLevelTests(TrustTestCase):
     server_extra = "workers = 2\n"
 
