@@ -51,7 +51,8 @@ class RegistrationCommandTests(TrustTestCase):
 
 
 class KeepaliveTests(TrustTestCase):
-    extra_config = "[registrar]\nkeepalive_interval = 10\n"
+    # T1 = 0.1 s: an OPTIONS nobody answers is given up after Timer F, 6.4 s.
+    extra_config = "[registrar]\nkeepalive_interval = 10\n[timers]\nt1 = 0.1\nt2 = 0.4\n"
 
     def test_a_phone_that_answers_options_is_listed_reachable_with_its_rtt(self):
         phone = self.agent()
@@ -67,12 +68,28 @@ class KeepaliveTests(TrustTestCase):
         self.assertIn("REACHABLE", listed)
         self.assertRegex(listed, r" yes +[0-9.]+ms ")
         self.assertRegex(self.server.admin("phones").stdout, r" yes +[0-9.]+ms ")  # per phone too
+        # The phone stops answering: after the next OPTIONS and its Timer F it is listed unreachable.
+        self.assertIsNotNone(phone.receive(15, lambda t: t.startswith("OPTIONS ")))
+        deadline = time.monotonic() + 15
+        while True:
+            listed = self.server.admin("registrations", "1002").stdout
+            if " NO " in listed or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        self.assertIn(" NO ", listed)
+        self.assertIn("does not answer OPTIONS", self.server.log())
 
 
 class ReloadTests(TrustTestCase):
     def test_reload_changes_a_route_while_the_server_runs(self):
         from tests.integration.harness import free_port
 
+        # A call rings at the old gateway while the route moves: it goes on there and completes.
+        ringing = self.agent()
+        self.authenticated_invite(ringing, f"sip:9011440000@{REALM}", call_id="before-reload", to="9011440000")
+        old_invite = self.gateway.receive(5, lambda t: t.startswith("INVITE"))
+        self.assertIsNotNone(old_invite, self.server.log()[-2000:])
+        self.gateway.send(_response(old_invite, 180), to=("127.0.0.1", self.server.port))
         new_port = free_port()
         new_gateway = self.agent(new_port)
         with open(self.server.config_path) as f:
@@ -81,6 +98,9 @@ class ReloadTests(TrustTestCase):
             f.write(text.replace(f"127.0.0.1:{self.gw_port}", f"127.0.0.1:{new_port}"))
         result = self.server.admin("reload")
         self.assertIn("reloaded: routes, emergency", result.stdout)
+        self.gateway.send(_response(old_invite, 200, f"<sip:gw@127.0.0.1:{self.gw_port}>"), body="v=0\r\n",
+                          to=("127.0.0.1", self.server.port))
+        self.assertEqual(status(ringing.final("INVITE")), 200)
         phone = self.agent()
         self.authenticated_invite(phone, f"sip:9011441234@{REALM}", call_id="after-reload", to="9011441234")
         invite = new_gateway.receive(5, lambda t: t.startswith("INVITE"))
