@@ -341,9 +341,6 @@ class _Mute:
     def send(self, index, kind, value):
         return False
 
-    def flush(self):
-        pass
-
     def stop(self):
         pass
 

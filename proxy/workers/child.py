@@ -12,6 +12,9 @@ import os
 import signal
 import sys
 
+from twisted.internet.interfaces import IReadDescriptor
+from zope.interface import implementer
+
 
 def _parse(argv):
     parser = argparse.ArgumentParser(prog="proxy.workers.child")
@@ -25,6 +28,7 @@ def _parse(argv):
     return parser.parse_args(argv)
 
 
+@implementer(IReadDescriptor)
 class _PrimaryWatch:
     """Stops the reactor when stdin, the primary's pipe, reaches end of file."""
 
@@ -68,8 +72,6 @@ def main(argv=None) -> int:
 
     globalLogBeginner.beginLoggingTo([jsonFileLogObserver(sys.stderr)], redirectStandardIO=False)
     from twisted.internet import reactor
-    from zope.interface import directlyProvides
-    from twisted.internet.interfaces import IReadDescriptor
 
     from proxy.config import load_config
     from proxy.plugin import resolve
@@ -89,9 +91,7 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, lambda signum, frame: reactor.callFromThread(_stop, reactor))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the primary stops us
     os.set_blocking(0, False)
-    watch = _PrimaryWatch(reactor)
-    directlyProvides(watch, IReadDescriptor)
-    reactor.addReader(watch)
+    reactor.addReader(_PrimaryWatch(reactor))
     top.startService()
     reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
     reactor.run(installSignalHandlers=False)

@@ -64,6 +64,7 @@ class WorkerLink:
         self.clock = clock
         self.bus = bus
         self.core = core
+        self.server = core.server
         self.index = bus.index
         self.count = bus.count
         self.alive = {0, self.index}  # until the supervisor says who else is ready
@@ -71,7 +72,7 @@ class WorkerLink:
         self._refreshing: list[tuple[set, defer.Deferred]] = []  # primary: scrapes waiting for the workers
         self._pusher = Every(clock, COUNTER_INTERVAL, self._push_counters) if self.index else None
         bus.on_datagram = self._from_bus
-        bus.on("bindings", self._bindings)
+        bus.on("binding", self._binding)
         bus.on("auth_failure", lambda value, sender: core.authenticator.peer_failure(*value))
         bus.on("auth_success", lambda value, sender: core.authenticator.peer_success(*value))
         bus.on("alive", self._set_alive)
@@ -87,7 +88,6 @@ class WorkerLink:
                 core.server.tracer.on_change = lambda trace_filter, until: bus.broadcast("trace", (trace_filter, until))
         core.authenticator.share_failure = lambda user, address: bus.broadcast("auth_failure", (user, address))
         core.authenticator.share_success = lambda user, address: bus.broadcast("auth_success", (user, address))
-        self.server = core.server
 
     def start(self) -> None:
         self.bus.start()
@@ -99,7 +99,6 @@ class WorkerLink:
     def stop(self) -> None:
         if self._pusher is not None:
             self._pusher.stop()
-        self.flush()
         self.bus.stop()
 
     # -- datagrams ------------------------------------------------------------
@@ -137,20 +136,15 @@ class WorkerLink:
     def _binding_changed(self, event: str, binding) -> None:
         # Sent at once, before the 200 that follows it leaves: every process knows the binding by the time
         # the phone does.
-        self.bus.broadcast("bindings", [(event, attrs.astuple(binding))])  # a tuple pickles faster than the attrs instance
+        self.bus.broadcast("binding", (event, attrs.astuple(binding)))  # a tuple pickles faster than the instance
 
-    def flush(self) -> None:
-        self.bus.flush()
-
-    def _bindings(self, changes, sender) -> None:
-        apply = self.core.location.apply_peer
-        for event, fields in changes:
-            apply(event, Binding(*fields))
+    def _binding(self, change, sender) -> None:
+        event, fields = change
+        self.core.location.apply_peer(event, Binding(*fields))
 
     # -- counters and events ------------------------------------------------------
 
     def _push_counters(self) -> None:
-        self.flush()  # the bindings first: what the counters count is then at the primary too
         self.bus.send(0, "counters", self.core.counters())
 
     def _store_counters(self, counters, sender) -> None:

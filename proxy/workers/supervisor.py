@@ -93,6 +93,7 @@ class WorkerSupervisor(service.Service):
         self.start_timeout = start_timeout
         self._paused = None  # the call that resumes reading if the workers are slow to start
         self.processes: dict[int, object] = {}
+        self.sockets: dict[int, list[socket.socket]] = {}  # per worker, its UDP sockets (bound at start)
         self.ready: set[int] = set()
         self._protocols: dict[int, _WorkerProcess] = {}
         self._started_at: dict[int, float] = {}
@@ -145,7 +146,6 @@ class WorkerSupervisor(service.Service):
 
     def _bind_worker_sockets(self) -> None:
         """Per worker, one socket beside each of the primary's UDP ports (same address and port)."""
-        self.sockets: dict[int, list[socket.socket]] = {}
         for index in range(1, self.count):
             socks = []
             for listener in self.udp_listeners:
