@@ -47,16 +47,19 @@ def load_trust_root(ca_file: str):
     return ssl.trustRootFromCertificates(certs)
 
 
+def _plugin_context(config: ProxyConfig, reactor, core: Core, *, counters, refresh) -> PluginContext:
+    return PluginContext(clock=reactor, reactor=reactor, config=config, credentials=core.credentials,
+                         location=core.location, emit=core.plugins.emit, counters=counters, refresh=refresh)
+
+
 def _build_plugins(config: ProxyConfig, reactor, top, core: Core, api: AdminApi, enabled, link=None) -> PluginHost:
     """Build the enabled plugins into the core's host; mount their services and web resources.
 
     `link` (proxy/workers/link.py): with workers, the plugins read every process's counters through it.
     """
     host = core.plugins
-    context = PluginContext(clock=reactor, reactor=reactor, config=config, credentials=core.credentials,
-                            location=core.location, emit=host.emit,
-                            counters=link.counters if link else core.counters,
-                            refresh=link.refresh if link else nothing_to_refresh)
+    context = _plugin_context(config, reactor, core, counters=link.counters if link else core.counters,
+                              refresh=link.refresh if link else nothing_to_refresh)
     for item in enabled:
         plugin = item.factory.build(item.config, context)
         if not IProxyPlugin.providedBy(plugin):
@@ -113,7 +116,7 @@ class UdpListener(service.Service):
         self.receive_buffer = receive_buffer
         self.listener = listener
         self.protocol = protocol
-        self.shedder = shedder
+        self.shedder = shedder if shedder is not None and shedder.enabled else None  # measures only when on
         self.fd = fd  # (file descriptor, address family)
         self.port = None
 
@@ -369,7 +372,7 @@ def build_service(config: ProxyConfig, reactor, enabled_plugins=None, *,
         jobs.append(link)
     udp_listeners = [UdpListener(reactor, listener, SipDatagramProtocol(link or server, sip.transports),
                                  receive_buffer=config.server.udp_receive_buffer, reuse_port=workers > 1,
-                                 shedder=core.shedder if core.shedder.enabled else None)
+                                 shedder=core.shedder)
                      for listener in config.server.listen if listener.transport == "UDP"]
     if link is not None:
         supervisor = WorkerSupervisor(reactor, link, pairs, udp_listeners,
@@ -403,23 +406,20 @@ def build_worker_service(config: ProxyConfig, reactor, enabled_plugins, *, index
     No admin API, web sites, keepalive or TCP listeners (the primary's); plugins only as request policies
     (their events go to the primary's plugins).
     """
-    import socket as socket_module
-
     from proxy.workers.bus import Bus
     from proxy.workers.link import WorkerLink
 
     top = SipProxyService()
     sip = _Sip(config, reactor, index)
     core = sip.core
-    adopt = socket_module.socket
+    adopt = socket.socket
     bus = Bus(reactor, index, adopt(fileno=inbox_fd), {k: adopt(fileno=fd) for k, fd in outbox_fds.items()})
     link = WorkerLink(reactor, bus, core)
     host = core.plugins
     if events:
         host.relay = link.relay_event
         host.listening = True
-    context = PluginContext(clock=reactor, reactor=reactor, config=config, credentials=core.credentials,
-                            location=core.location, counters=core.counters, emit=host.emit)
+    context = _plugin_context(config, reactor, core, counters=core.counters, refresh=nothing_to_refresh)
     for item in enabled_plugins:
         plugin = item.factory.build(item.config, context)
         context.plugins[item.name] = plugin
@@ -428,6 +428,5 @@ def build_worker_service(config: ProxyConfig, reactor, enabled_plugins, *, index
     top.reloader = Reloader(config, core)
     for fd, family in udp_fds:
         UdpListener(reactor, None, SipDatagramProtocol(link, sip.transports), fd=(fd, family),
-                    shedder=core.shedder if core.shedder.enabled else None,
-                    receive_buffer=config.server.udp_receive_buffer).setServiceParent(top)
+                    shedder=core.shedder, receive_buffer=config.server.udp_receive_buffer).setServiceParent(top)
     return top, core
