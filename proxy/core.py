@@ -253,7 +253,8 @@ def build_core(config: ProxyConfig, clock: IReactorTime, transports, *, resolver
                             on_stray_response=stateless.stray_response, retry_after=shedder.retry_after_value)
     server = SipServer(clock, transports, identity, config.timers, user=dispatcher, replies=replies,
                        max_message_size=config.server.max_message_size, debug=config.server.debug,
-                       max_transactions=config.server.max_transactions, tracer=tracer, shedder=shedder)
+                       max_transactions=config.server.max_transactions, tracer=tracer, shedder=shedder,
+                       screens=plugins)
     prober = GatewayProber(clock, gateways, server.transactions, targets.resolve, identity)
     keepalive = Keepalive(clock, server.transactions, location, identity, nat,
                           interval=config.registrar.keepalive_interval, on_event=plugins.emit)

@@ -13,6 +13,8 @@ them guarded: a plugin that raises is logged with its name and never takes
 the request path down; a request policy that raises fails closed (500).
 """
 
+import time
+
 import attrs
 from twisted.application.service import IService
 from twisted.logger import Logger
@@ -43,6 +45,29 @@ class IRequestPolicy(Interface):
 
     def check_request(request, source, user: str | None) -> "Verdict":
         """Continue(), Respond(status, reason) or Forward(uri). `user` is the authenticated user, if any."""
+
+
+class ISourceScreen(Interface):
+    """Sees every message before the rest of the core does: the place for bans, flood limits, scanner blocks.
+
+    `admit` runs for each message as read, before parsing (one dict lookup's worth of work: a flood pays it
+    per datagram); `screen` for each request once parsed and validated, before transactions and
+    authentication. A screen that raises is logged and admits: a broken screen must not silence a site.
+    """
+
+    def admit(host: str, data: bytes) -> bool:
+        """False: drop the message unread (counted as `screened`)."""
+
+    def screen(request, source) -> "Verdict | None":
+        """None or Continue(): go on; Respond(status, reason): a stateless answer; Drop(): silence."""
+
+
+class ISharedPlugin(Interface):
+    """Keeps state across the worker processes (docs/performance.md, Workers): what one process's copy of the
+    plugin sends with `context.share(value)` reaches this method in every other process's copy."""
+
+    def peer_message(value: object, sender: int) -> None:
+        """`value` as shared (plain data: it is pickled); `sender` is the sending worker's index (0: primary)."""
 
 
 class IEventObserver(Interface):
@@ -95,6 +120,11 @@ class Forward:
     uri: str
 
 
+@attrs.frozen
+class Drop:
+    """From a screen: send nothing (a banned scanner learns nothing, not even that something listens)."""
+
+
 Verdict = Continue | Respond | Forward
 
 
@@ -118,6 +148,11 @@ def _no_events(name: str, **fields) -> None:
     return None
 
 
+def _alone(name: str, value: object) -> None:
+    """`PluginContext.share` on a server of one process: nobody else to tell."""
+    return None
+
+
 @attrs.define
 class PluginContext:
     """What plugins may use of the core: narrow on purpose. Plugins find each other here, never by import.
@@ -126,6 +161,9 @@ class PluginContext:
       worker processes; `refresh()` returns a Deferred that fires when the workers' latest counters
       (and events) are in: wait on it before reading counters for a scrape;
     - `emit(name, **fields)`: send an event to every plugin (the directory's `directory_search`);
+    - `share(name, value)`: send plain data to the plugin called `name` in every other worker process
+      (`ISharedPlugin.peer_message`); `worker` is this process's index (0: the primary, which alone runs
+      services and web resources and hears every process's events) and `workers` their number;
     - `credentials`, `location`: users and bindings, read-only by convention;
     - `plugins`: the other enabled plugins, by name.
     """
@@ -138,6 +176,9 @@ class PluginContext:
     counters: object = _no_counters
     refresh: object = nothing_to_refresh
     emit: object = _no_events
+    share: object = _alone
+    worker: int = 0
+    workers: int = 1
     plugins: dict = attrs.field(factory=dict)
 
 
@@ -185,6 +226,9 @@ class PluginHost:
         self.failures: dict[str, int] = {}
         self.listening = False  # any IEventObserver: callers skip building event values when nobody listens
         self.policing = False  # any IRequestPolicy
+        self.screening = False  # any ISourceScreen: the server asks before parsing
+        self._screens: tuple = ()
+        self._quiet_logged: dict[str, float] = {}
         # In a worker (proxy/workers/): events go to the primary, where the observers are; `listening` then
         # says whether the primary has any.
         self.relay = None  # relay(name, fields)
@@ -193,13 +237,20 @@ class PluginHost:
         self.plugins.append(plugin)
         self.listening = self.listening or IEventObserver.providedBy(plugin)
         self.policing = self.policing or IRequestPolicy.providedBy(plugin)
+        self._added(plugin)
 
     def add_policy(self, plugin) -> None:
-        """In a worker (proxy/workers/): only the plugin's request policy, if it has one; its events are heard
-        at the primary."""
-        if IRequestPolicy.providedBy(plugin):
+        """In a worker (proxy/workers/): only a plugin that polices requests (a request policy or a source
+        screen); the events of this process reach it, and the primary's plugins too."""
+        if IRequestPolicy.providedBy(plugin) or ISourceScreen.providedBy(plugin):
             self.plugins.append(plugin)
-            self.policing = True
+            self.policing = self.policing or IRequestPolicy.providedBy(plugin)
+            self._added(plugin)
+
+    def _added(self, plugin) -> None:
+        if ISourceScreen.providedBy(plugin):
+            self.screening = True
+            self._screens = tuple(self.providers(ISourceScreen))
 
     def providers(self, interface) -> list:
         return [p for p in self.plugins if interface.providedBy(p)]
@@ -217,6 +268,47 @@ class PluginHost:
                 plugin.event(name, fields)
             except Exception:
                 self._failed(plugin, f"event {name}")
+
+    def admit(self, host: str, data: bytes) -> bool:
+        for plugin in self._screens:
+            try:
+                if not plugin.admit(host, data):
+                    return False
+            except Exception:
+                self._failed_quietly(plugin, "admit")
+        return True
+
+    def screen(self, request, source) -> Verdict | None:
+        """The first screen's verdict that is not Continue (Respond or Drop), else None."""
+        for plugin in self._screens:
+            try:
+                verdict = plugin.screen(request, source)
+            except Exception:
+                self._failed_quietly(plugin, "screen")
+                continue
+            if verdict is not None and not isinstance(verdict, Continue):
+                if isinstance(verdict, (Respond, Drop)):
+                    return verdict
+                log.error("Plugin {plugin} returned {verdict!r} from screen: ignored",
+                          plugin=getattr(plugin, "name", "?"), verdict=verdict)
+        return None
+
+    def peer_message(self, name: str, value, sender: int) -> None:
+        for plugin in self.providers(ISharedPlugin):
+            if getattr(plugin, "name", None) == name:
+                try:
+                    plugin.peer_message(value, sender)
+                except Exception:
+                    self._failed(plugin, "peer_message")
+
+    def _failed_quietly(self, plugin, what: str) -> None:
+        """A failure on the per-message path: counted every time, logged once a minute at most."""
+        name = getattr(plugin, "name", type(plugin).__name__)
+        self.failures[name] = self.failures.get(name, 0) + 1
+        now = time.monotonic()
+        if now - self._quiet_logged.get(name, -60.0) >= 60.0:
+            self._quiet_logged[name] = now
+            log.failure("Plugin {plugin} failed in {what} (admitting; logged once a minute)", plugin=name, what=what)
 
     def check_request(self, request, source, user) -> Verdict:
         """Policies in config order; the first that does not Continue decides. A failure rejects (fails closed)."""

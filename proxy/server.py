@@ -18,6 +18,7 @@ from twisted.logger import Logger
 
 from proxy.errors import SipError, SipParseError
 from proxy.identity import Identity
+from proxy.plugin import Respond
 from proxy.replies import Replies, new_tag
 from proxy.sip.grammar import for_log
 from proxy.sip.message import Request, Response
@@ -33,7 +34,9 @@ class SipServer:
 
     def __init__(self, clock: IReactorTime, transports, identity: Identity, timers: Timers, *, user, replies: Replies,
                  max_message_size: int = MAX_DATAGRAM, debug: bool = False, max_transactions: int = 100_000,
-                 tracer=None, shedder=None):
+                 tracer=None, shedder=None, screens=None):
+        # proxy/plugin.py PluginHost: its source screens (bans, flood limits) see every message first.
+        self.screens = screens
         self.tracer = tracer  # proxy/trace.py: matching messages logged while a trace runs
         self.shedder = shedder if shedder is not None and shedder.enabled else None  # proxy/overload.py
         self.clock = clock
@@ -55,7 +58,18 @@ class SipServer:
 
     # -- from the transports --------------------------------------------
 
-    def data_received(self, data: bytes, source: Source) -> None:
+    def admits(self, data: bytes, source: Source) -> bool:
+        """Do the source screens let this message in? (The worker link asks before it hands one over.)"""
+        screens = self.screens
+        if screens is None or not screens.screening or screens.admit(source.host, data):
+            return True
+        self.replies.dropped["screened"] += 1
+        return False
+
+    def data_received(self, data: bytes, source: Source, screened: bool = False) -> None:
+        """A message as read; `screened`: `admits` has been asked already (by the process that read it)."""
+        if not screened and not self.admits(data, source):
+            return
         if self.tracer is not None and self.tracer.active:
             self.tracer.saw("in", data, source.host, source.port)
         try:
@@ -100,12 +114,27 @@ class SipServer:
         except SipParseError as e:
             self._reject(request, source, e)
             return
+        screens = self.screens
+        if screens is not None and screens.screening and self._screened_out(request, source):
+            return
         self.requests[request.method] += 1
         if self.debug:
             log.debug("{method} {uri} from {host}:{port} (Call-ID {call_id})", method=request.method,
                       uri=for_log(request.uri_text), host=source.host, port=source.port,
                       call_id=for_log(request.call_id))
         self.transactions.request_received(request, source)
+
+    def _screened_out(self, request: Request, source: Source) -> bool:
+        verdict = self.screens.screen(request, source)
+        if verdict is None:
+            return False
+        self.replies.dropped["screened"] += 1
+        if isinstance(verdict, Respond) and request.method != "ACK":
+            try:
+                self.replies.answer(request, source, verdict.status, verdict.reason)
+            except SipParseError:
+                pass  # no Via to answer along: dropped, as counted
+        return True
 
     def _response_received(self, response: Response, source: Source) -> None:
         try:

@@ -47,9 +47,10 @@ def load_trust_root(ca_file: str):
     return ssl.trustRootFromCertificates(certs)
 
 
-def _plugin_context(config: ProxyConfig, reactor, core: Core, *, counters, refresh) -> PluginContext:
+def _plugin_context(config: ProxyConfig, reactor, core: Core, *, counters, refresh, link=None) -> PluginContext:
+    more = {} if link is None else {"share": link.share, "worker": link.index, "workers": link.count}
     return PluginContext(clock=reactor, reactor=reactor, config=config, credentials=core.credentials,
-                         location=core.location, emit=core.plugins.emit, counters=counters, refresh=refresh)
+                         location=core.location, emit=core.plugins.emit, counters=counters, refresh=refresh, **more)
 
 
 def _build_plugins(config: ProxyConfig, reactor, top, core: Core, api: AdminApi, enabled, link=None) -> PluginHost:
@@ -59,7 +60,7 @@ def _build_plugins(config: ProxyConfig, reactor, top, core: Core, api: AdminApi,
     """
     host = core.plugins
     context = _plugin_context(config, reactor, core, counters=link.counters if link else core.counters,
-                              refresh=link.refresh if link else nothing_to_refresh)
+                              refresh=link.refresh if link else nothing_to_refresh, link=link)
     for item in enabled:
         plugin = item.factory.build(item.config, context)
         if not IProxyPlugin.providedBy(plugin):
@@ -419,7 +420,7 @@ def build_worker_service(config: ProxyConfig, reactor, enabled_plugins, *, index
     if events:
         host.relay = link.relay_event
         host.listening = True
-    context = _plugin_context(config, reactor, core, counters=core.counters, refresh=nothing_to_refresh)
+    context = _plugin_context(config, reactor, core, counters=core.counters, refresh=nothing_to_refresh, link=link)
     for item in enabled_plugins:
         plugin = item.factory.build(item.config, context)
         context.plugins[item.name] = plugin

@@ -119,6 +119,9 @@ class Router:
         if request.method == "INVITE":
             # Only now: a challenge or refusal before this point is sent statelessly.
             self.replies.respond(tx, 100, "Trying")
+        if in_dialog and request.method == "BYE" and self.plugins.listening:
+            # The proxy keeps no dialogs (yet): this is how a plugin counting calls in progress sees one end.
+            self.plugins.emit("call_bye", call_id=request.call_id, at=self.clock.seconds())
         if served.basis in ("signed-dialog", "trusted-network") and (
                 in_dialog or request.headers.get("route") is not None):
             self._along_route_set(tx, request)
@@ -265,6 +268,8 @@ class Router:
         call = ProxyCall(self.context, tx, request, targets, record_route=record_route,
                          sequential=self.settings.forking == "sequential", redirects_left=self.settings.max_redirects)
         self.calls[id(tx)] = call
+        if self.plugins.listening and call.method == "INVITE":
+            self.plugins.emit("call_started", call=call.info())
         call.start(plan)
         return call
 

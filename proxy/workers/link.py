@@ -79,6 +79,7 @@ class WorkerLink:
         bus.on("counters", self._store_counters)
         bus.on("counters?", lambda value, sender: self._push_counters())
         bus.on("event", self._event)
+        bus.on("plugin", lambda value, sender: core.plugins.peer_message(value[0], value[1], sender))
         bus.on("trace", lambda value, sender: core.server.tracer.follow(*value))
         bus.on("log_level", lambda value, sender: core.verbosity.follow(*value))
         core.location.on_change = self._binding_changed
@@ -104,9 +105,11 @@ class WorkerLink:
     # -- datagrams ------------------------------------------------------------
 
     def data_received(self, data: bytes, source: Source) -> None:
+        if not self.server.admits(data, source):  # screened where it was read: a ban costs no hand-over
+            return
         owner = owner_of(data, self.count)
         if owner is None or owner == self.index or owner not in self.alive:
-            self.server.data_received(data, source)
+            self.server.data_received(data, source, screened=True)
         else:
             self.bus.hand_over(owner, data, source.host, source.port, self.clock.seconds())
 
@@ -117,7 +120,7 @@ class WorkerLink:
         shedder = self.server.shedder
         if shedder is not None:
             shedder.queue_delay(self.clock.seconds() - arrived)
-        self.server.data_received(data, Source("UDP", host, port))
+        self.server.data_received(data, Source("UDP", host, port), screened=True)
 
     def welcome(self, index: int) -> None:
         """A worker that has just started (the supervisor calls this): tell it of a trace or log level that runs."""
@@ -184,6 +187,13 @@ class WorkerLink:
     def counters(self) -> dict:
         """The primary's counters with the workers' added in (what the metrics plugin reads)."""
         return merge_counters(self.core.counters(), list(self._counters.values()))
+
+    def share(self, name: str, value) -> None:
+        """Plugin `name`'s state change, to its copies in every other process (`ISharedPlugin`)."""
+        try:
+            self.bus.broadcast("plugin", (name, value))
+        except Exception:
+            log.failure("Cannot share plugin {name}'s state with the other workers", name=name)
 
     def relay_event(self, name: str, fields: dict) -> None:
         """A worker's plugin event, to the primary's plugins."""
