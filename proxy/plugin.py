@@ -164,7 +164,7 @@ class PluginContext:
     - `share(name, value)`: send plain data to the plugin called `name` in every other worker process
       (`ISharedPlugin.peer_message`); `worker` is this process's index (0: the primary, which alone runs
       services and web resources and hears every process's events) and `workers` their number;
-    - `credentials`, `location`: users and bindings, read-only by convention;
+    - `credentials`, `location`: users and bindings, read-only by convention; `is_our_domain(uri)`;
     - `plugins`: the other enabled plugins, by name.
     """
 
@@ -177,6 +177,7 @@ class PluginContext:
     refresh: object = nothing_to_refresh
     emit: object = _no_events
     share: object = _alone
+    is_our_domain: object = None  # (SipUri) -> bool: a Request-URI for one of our domains (or this server)
     worker: int = 0
     workers: int = 1
     plugins: dict = attrs.field(factory=dict)

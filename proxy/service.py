@@ -50,7 +50,8 @@ def load_trust_root(ca_file: str):
 def _plugin_context(config: ProxyConfig, reactor, core: Core, *, counters, refresh, link=None) -> PluginContext:
     more = {} if link is None else {"share": link.share, "worker": link.index, "workers": link.count}
     return PluginContext(clock=reactor, reactor=reactor, config=config, credentials=core.credentials,
-                         location=core.location, emit=core.plugins.emit, counters=counters, refresh=refresh, **more)
+                         location=core.location, emit=core.plugins.emit, counters=counters, refresh=refresh,
+                         is_our_domain=core.identity.is_our_domain, **more)
 
 
 def _build_plugins(config: ProxyConfig, reactor, top, core: Core, api: AdminApi, enabled, link=None) -> PluginHost:

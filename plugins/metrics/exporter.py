@@ -41,7 +41,7 @@ def _method(method: str) -> str:
 # on a series that appears only with its first event misses that event.
 KNOWN_LABELS = {
     "sipproxy_messages_dropped": ("ack_for_stateless_answer", "bad_response", "framing", "internal_error", "malformed",
-                                  "malformed_ack", "stray_ack", "stray_response", "too_large",
+                                  "malformed_ack", "screened", "stray_ack", "stray_response", "too_large",
                                   "transaction_table_full", "unsigned_ack"),
     "sipproxy_registrations": ("challenged", "ok", "refused", "rejected"),
     "sipproxy_auth_failures": ("bad_nonce", "malformed", "replay", "unknown_user", "unprovisioned", "uri_mismatch",
@@ -54,6 +54,12 @@ KNOWN_LABELS = {
     "sipproxy_keepalive": ("answered", "came_back", "sent", "unanswered", "went_silent"),
     "sipproxy_shed": ("invite", "other", "register", "register_stale"),
 }
+
+
+# The policy plugin's rules and what each does (docs/policy.md), each series there from the first scrape.
+_POLICY_SERIES = tuple([(rule, action) for rule in ("classes", "hours", "limits") for action in ("blocked", "would_block")]
+                       + [(rule, action) for rule in ("flood", "user_agents", "auth") for action in ("banned", "would_ban")]
+                       + [("admin", "banned")])
 
 
 def _family(kind, name: str, documentation: str, label: str, items) -> object:
@@ -163,6 +169,14 @@ class SipProxyCollector:
                       "gateway", [(g["gateway"], 1 if g["up"] else 0) for g in counters["gateways"]])
         yield _family(CounterMetricFamily, "sipproxy_gateway_failures", "Calls a gateway failed (no answer, 503)",
                       "gateway", [(g["gateway"], g["failed_calls"]) for g in counters["gateways"]])
+        if "policy" in self.context.plugins:
+            # Rules and actions are fixed sets (plugins/policy/config.py RULES): the labels stay bounded.
+            actions = CounterMetricFamily("sipproxy_policy_actions", "What the policy plugin refused, banned, or "
+                                          "would have (mode = log), by rule and action", labels=["rule", "action"])
+            for (rule, action), count in sorted({**dict.fromkeys(_POLICY_SERIES, 0),
+                                                 **self.plugin.policy_actions}.items()):
+                actions.add_metric([rule, action], count)
+            yield actions
         if "ldapdir" in self.context.plugins:
             yield CounterMetricFamily("sipproxy_directory_errors", "Directory searches that failed (LDAP down or slow)",
                                       value=self.plugin.directory_errors)
@@ -211,6 +225,7 @@ class MetricsPlugin:
         PlatformCollector(registry=self.registry)
         GCCollector(registry=self.registry)
         self.directory_errors = 0
+        self.policy_actions: dict[tuple[str, str], int] = {}  # (rule, action) -> count, from `policy` events
         self.registry.register(SipProxyCollector(context, self))
         self.call_setup = Histogram("sipproxy_call_setup_seconds", "INVITE to first final response",
                                     buckets=(0.1, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 180), registry=self.registry)
@@ -220,6 +235,10 @@ class MetricsPlugin:
         self._timed: set[str] = set()  # keys of calls whose setup time is observed (answered, not yet ended)
 
     def event(self, name, fields):
+        if name == "policy":
+            key = (str(fields.get("rule")), str(fields.get("action")))
+            self.policy_actions[key] = self.policy_actions.get(key, 0) + 1
+            return
         if name == "directory_search":
             self.directory_search.observe(fields["seconds"])
             if not fields["ok"]:

@@ -18,6 +18,8 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
+import attrs
+
 from proxy import __version__
 from proxy.admin.api import TOKEN_FILE
 from proxy.config import ProxyConfig, load_config
@@ -55,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     lines = user_commands.add_parser("lines", help="set the other lines a user's credentials may register")
     lines.add_argument("name")
     lines.add_argument("line", nargs="*", help="line names; none clears the list")
+    uset = user_commands.add_parser("set", help="change a user's display name or dial classes")
+    uset.add_argument("name")
+    uset.add_argument("--display-name", help="shown in the phone directory")
+    uset.add_argument("--classes", help="the dial classes the user may call, comma-separated (the policy plugin's "
+                      "[plugins.policy.classes]); '' goes back to the [plugins.policy.allow] default")
     remove = user_commands.add_parser("remove", help="remove a user")
     remove.add_argument("name")
     listing = user_commands.add_parser("list", help="list users")
@@ -125,6 +132,17 @@ def build_parser() -> argparse.ArgumentParser:
     lookup = commands.add_parser("lookup", help="one user: account, registrations, forwarding")
     lookup.add_argument("user")
     lookup.add_argument("--json", action="store_true")
+    ban = commands.add_parser("ban", help="the policy plugin's banned sources: list, add, remove (needs the "
+                                          "running server with [plugins] enabled = [\"policy\", ...])")
+    ban_commands = ban.add_subparsers(dest="ban_command", metavar="ACTION", required=True)
+    ban_list = ban_commands.add_parser("list", help="the bans in force: address, until, rule, reason")
+    ban_list.add_argument("--json", action="store_true")
+    ban_add = ban_commands.add_parser("add", help="ban an address (an IPv6 address bans its /64)")
+    ban_add.add_argument("address")
+    ban_add.add_argument("--minutes", type=float, help="how long (default [plugins.policy.flood] ban_minutes)")
+    ban_add.add_argument("--reason", default="banned by the administrator")
+    ban_remove = ban_commands.add_parser("remove", help="lift a ban")
+    ban_remove.add_argument("address")
     return parser
 
 
@@ -184,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
             return _phones(config, args)
         if args.command in ("reboot", "push-dialplan"):
             return _reboot(config, args)
+        if args.command == "ban":
+            return _ban(config, args)
     except (ConfigError, AdminError, UserFileError, ForwardingError) as e:
         print(f"sipproxy-admin: {e}", file=sys.stderr)
         return 1
@@ -223,12 +243,13 @@ def _user(config: ProxyConfig, args) -> int:
     if action == "list":
         users = sorted(read_users(path).values(), key=lambda u: u.name)
         if args.json:
-            print(json.dumps([{"name": u.name, "realm": u.realm, "display_name": u.display_name, "lines": list(u.lines)}
-                              for u in users], indent=1))
+            print(json.dumps([{"name": u.name, "realm": u.realm, "display_name": u.display_name, "lines": list(u.lines),
+                               "classes": list(u.classes)} for u in users], indent=1))
         else:
             for u in users:
                 stale = "" if u.realm == realm else f"  (realm {u.realm!r} differs from {realm!r}: set the password again)"
                 also = f"\tlines: {','.join(u.lines)}" if u.lines else ""
+                also += f"\tclasses: {','.join(u.classes)}" if u.classes else ""
                 print(f"{u.name}\t{u.display_name}{also}{stale}")
         return 0
     if action == "import":
@@ -253,9 +274,7 @@ def _user(config: ProxyConfig, args) -> int:
         with locked_users(path) as users:
             if name not in users:
                 raise AdminError(f"no user {name}")
-            old = users[name]
-            users[name] = UserRecord(name=name, realm=realm, ha1=compute_ha1(name, realm, password),
-                                     display_name=old.display_name, lines=old.lines)
+            users[name] = attrs.evolve(users[name], realm=realm, ha1=compute_ha1(name, realm, password))
         print(f"password of {name} set")
         return 0
     if action == "lines":
@@ -263,11 +282,11 @@ def _user(config: ProxyConfig, args) -> int:
         with locked_users(path) as users:
             if name not in users:
                 raise AdminError(f"no user {name}")
-            old = users[name]
-            users[name] = UserRecord(name=name, realm=old.realm, ha1=old.ha1, display_name=old.display_name,
-                                     lines=extra_lines)
+            users[name] = attrs.evolve(users[name], lines=extra_lines)
         print(f"{name} may register: {', '.join((name,) + extra_lines)}")
         return 0
+    if action == "set":
+        return _set_user(config, path, name, args)
     if action == "remove":
         with locked_users(path) as users:
             record = users.pop(name, None)
@@ -279,6 +298,63 @@ def _user(config: ProxyConfig, args) -> int:
         _forget_user(config, name, forget)
         return 0
     raise AdminError(f"unknown action {action}")
+
+
+def _set_user(config: ProxyConfig, path: str, name: str, args) -> int:
+    changes = {}
+    if args.display_name is not None:
+        changes["display_name"] = args.display_name
+    if args.classes is not None:
+        classes = tuple(dict.fromkeys(c.strip() for c in args.classes.split(",") if c.strip()))
+        known = _policy_classes(config)
+        unknown = [c for c in classes if known is not None and c not in known]
+        if unknown:
+            raise AdminError(f"no dial class {', '.join(unknown)} in [plugins.policy.classes] of {config.path} "
+                             f"(known: {', '.join(sorted(known))})")
+        changes["classes"] = classes
+    if not changes:
+        raise AdminError("nothing to set: give --display-name or --classes")
+    with locked_users(path) as users:
+        if name not in users:
+            raise AdminError(f"no user {name}")
+        users[name] = record = attrs.evolve(users[name], **changes)
+    if "classes" in changes:
+        print(f"{name} may dial: {', '.join(record.classes) or 'the [plugins.policy.allow] default'}")
+    if "display_name" in changes:
+        print(f"{name} is shown as {record.display_name!r}")
+    return 0
+
+
+def _ban(config: ProxyConfig, args) -> int:
+    if "policy" not in config.plugins.enabled:
+        raise AdminError(f"the policy plugin is not enabled in {config.path} ([plugins] enabled)")
+    action = args.ban_command
+    if action == "list":
+        bans = api_get(config, "/policy/bans")["bans"]
+        return _show(bans, args.json, "no bans in force", ("ADDRESS", "UNTIL", "RULE", "REASON"),
+                     lambda b: (b["address"], time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(b["until"])),
+                                b["rule"], b["reason"]))
+    if action == "add":
+        body = {"address": args.address, "reason": args.reason}
+        if args.minutes is not None:
+            body["minutes"] = args.minutes
+        ban = api_request(config, "POST", "/policy/bans", body)["banned"]
+        print(f"banned {ban['address']} until {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(ban['until']))}")
+        return 0
+    lifted = api_request(config, "DELETE", "/policy/bans/" + urllib.parse.quote(args.address, safe=""))["lifted"]
+    print(f"lifted the ban of {lifted['address']}")
+    return 0
+
+
+def _policy_classes(config: ProxyConfig) -> set[str] | None:
+    """The class names the policy plugin knows (its built-in ones too), or None when it is not configured."""
+    table = config.plugins.tables.get("policy")
+    if table is None:
+        return None
+    from plugins.policy.config import BUILT_IN_CLASSES
+
+    classes = table.get("classes", {})
+    return set(BUILT_IN_CLASSES) | (set(classes) if isinstance(classes, dict) else set())
 
 
 def _import_users(path: str, realm: str, args) -> int:

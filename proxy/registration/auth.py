@@ -225,7 +225,7 @@ class DigestAuthenticator:
         """Check the request's (Proxy-)Authorization for our realm."""
         now = self.clock.seconds()
         self._expire_replay(now)
-        if self._locked(("address", _address_key(address)), now):
+        if self._locked(("address", address_unit(address)), now):
             return Refused("Too many failed attempts")
         header = "proxy-authorization" if proxy else "authorization"
         params = None
@@ -361,7 +361,7 @@ class DigestAuthenticator:
         c = self.config
         checks = (
             ("pair", (user, address), self._pair_failures, c.max_failures, c.failure_window),
-            ("address", _address_key(address), self._address_failures, c.address_max_failures, c.failure_window),
+            ("address", address_unit(address), self._address_failures, c.address_max_failures, c.failure_window),
             ("user", user, self._user_failures, c.slow_max_failures, c.slow_window),
         )
         locked = False
@@ -429,7 +429,7 @@ def _issued_at(nonce: str) -> float | None:
         return None
 
 
-def _address_key(address: str) -> str:
+def address_unit(address: str) -> str:
     """The unit of spraying: an IPv4 address, or an IPv6 /64 (one host can hold a whole /64)."""
     if ":" not in address:
         return address

@@ -54,6 +54,9 @@ class UserRecord:
     ha1: str
     display_name: str = ""
     lines: tuple[str, ...] = ()
+    # The dial classes this user may call (the policy plugin, plugins/policy/); empty: its [plugins.policy.allow]
+    # entry, its groups', or "*".
+    classes: tuple[str, ...] = ()
 
     def may_register(self, line: str) -> bool:
         return line == self.name or line in self.lines
@@ -88,7 +91,8 @@ def read_users(path: str) -> dict[str, UserRecord]:
         try:
             out[name] = UserRecord(name=name, realm=entry["realm"], ha1=entry["ha1"],
                                    display_name=entry.get("display_name", ""),
-                                   lines=tuple(entry.get("lines", ())))
+                                   lines=tuple(entry.get("lines", ())),
+                                   classes=tuple(entry.get("classes", ())))
         except (KeyError, TypeError):
             raise UserFileError(f"{path}: user {name!r} is incomplete") from None
     return out
@@ -136,6 +140,7 @@ def _write_users_file(path: str, users: dict[str, UserRecord]) -> None:
                 "ha1": u.ha1,
                 **({"display_name": u.display_name} if u.display_name else {}),
                 **({"lines": list(u.lines)} if u.lines else {}),
+                **({"classes": list(u.classes)} if u.classes else {}),
             }
             for u in sorted(users.values(), key=lambda u: u.name)
         },
