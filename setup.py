@@ -14,9 +14,11 @@ setup(
         "pyOpenSSL>=24.0",
         "ldap3>=2.9,<3",
         "prometheus-client>=0.20,<1",
+        "tzdata>=2024.1",  # the policy plugin's office hours: zone rules even where the host has none
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6.100"],
+        # sipvicious: the scanner attackers use, run against the server by tests/integration/test_policy_sipp.py
+        "test": ["pytest>=8", "hypothesis>=6.100", "sipvicious>=0.3.4"],
     },
     entry_points={"console_scripts": ["sipproxy-admin = proxy.admin.cli:main"]},
     data_files=[("share/sipproxy/etc", ["etc/sipproxy.toml", "etc/sipproxy.service", "etc/prometheus.yml"]),

@@ -181,7 +181,7 @@ class PolicyPlugin:
     def _ban(self, unit: str, rule: str, detail: str, minutes: float | None = None) -> None:
         if self.exemptions.covers_unit(unit):
             return
-        enforced = self.config.enforced(rule) or rule == "admin"
+        enforced = rule == "admin" or self.config.enforced(rule)
         self._tell(rule, "banned" if enforced else "would_ban", detail, True, {"address": unit})
         if not enforced:
             return

@@ -142,7 +142,7 @@ class ServerProcess:
 
 def run_sipp(scenario: str, port: int, *, transport: str = "u1", calls: int = 1, extra: list[str] = (),
              timeout: float = 15.0, injection: list[tuple[str, ...]] | None = None,
-             local_port: int | None = None) -> subprocess.CompletedProcess:
+             local_port: int | None = None, local_ip: str = "127.0.0.1") -> subprocess.CompletedProcess:
     """Run a SIPp scenario from tests/scenarios against 127.0.0.1:port; returns the finished process.
 
     `injection` rows become SIPp's -inf file ([field0], [field1]...), one row per call, in order.
@@ -154,7 +154,7 @@ def run_sipp(scenario: str, port: int, *, transport: str = "u1", calls: int = 1,
         with open(path, "w") as f:
             f.write("SEQUENTIAL\n" + "".join(";".join(row) + ";\n" for row in injection))
         extra = ["-inf", path, *extra]
-    args = [sipp, "-sf", os.path.join(SCENARIOS, scenario), "-i", "127.0.0.1", "-p", str(local_port or free_port()),
+    args = [sipp, "-sf", os.path.join(SCENARIOS, scenario), "-i", local_ip, "-p", str(local_port or free_port()),
             "-t", transport, "-m", str(calls), "-nostdin", "-timeout", f"{int(timeout)}s",
             "-timeout_error", "-trace_err", "-trace_stat", *extra, f"127.0.0.1:{port}"]
     result = subprocess.run(args, cwd=workdir, capture_output=True, timeout=timeout + 30)

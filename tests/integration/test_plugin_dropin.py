@@ -26,6 +26,7 @@ class DropinTests(CallTestCase):
 
     def test_policy_blocks_a_number(self):
         self.call("caller_403.xml", callee="9005551234")
+        self.assertIn("rejected by policy: 403 Number blocked", self.server.log())
 
 
 class FailingDropinTests(DropinTests):
