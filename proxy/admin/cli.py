@@ -347,14 +347,15 @@ def _ban(config: ProxyConfig, args) -> int:
 
 
 def _policy_classes(config: ProxyConfig) -> set[str] | None:
-    """The class names the policy plugin knows (its built-in ones too), or None when it is not configured."""
-    table = config.plugins.tables.get("policy")
-    if table is None:
+    """The class names the policy plugin knows (its built-in ones too), or None when it is not enabled."""
+    if "policy" not in config.plugins.enabled:
         return None
-    from plugins.policy.config import BUILT_IN_CLASSES
+    from proxy.plugin import resolve
 
-    classes = table.get("classes", {})
-    return set(BUILT_IN_CLASSES) | (set(classes) if isinstance(classes, dict) else set())
+    for item in resolve(config.plugins.enabled, config.plugins.tables, config.path):
+        if item.name == "policy":
+            return item.config.class_names()
+    return None
 
 
 def _import_users(path: str, realm: str, args) -> int:

@@ -365,3 +365,18 @@ class AlertTests(SynchronousTestCase):
         p.clock.advance(10)
         self.assertEqual(batches, [(1, 0), (2, 1)])  # the rest within the interval: one batch, one counted
         self.assertEqual(p.plugin.alerts.sent["webhook"], 2)
+
+
+class ReloadTests(SynchronousTestCase):
+    def test_reload_changes_the_rules_and_keeps_bans_and_calls(self):
+        p = PolicyNet(self, {"classes": CLASSES, "allow": {"*": ["internal", "local"]},
+                             "limits": {"calls_per_user": 5}})
+        p.options(SCANNER, user_agent="friendly-scanner")
+        self.assertEqual(len(forwarded_to_gateway(p.call("1003", "95551234", call_id="c1"))), 1)
+        self.assertEqual(statuses(p.call("1003", "90114420123456", call_id="c2"))[-1], 403)
+        p.plugin.reload(parse({"classes": CLASSES, "allow": {"*": ["internal", "local", "international"]},
+                               "limits": {"calls_per_user": 1}}, "site.toml"))
+        self.assertEqual(statuses(p.call("1003", "90114420123456", call_id="c3"))[-1], 486)  # c1 still counts
+        self.assertEqual(p.options(SCANNER), [])  # still banned
+        p.plugin.event("call_bye", {"call_id": "c1", "at": 0})
+        self.assertEqual(len(forwarded_to_gateway(p.call("1003", "90114420123456", call_id="c4"))), 1)
