@@ -43,3 +43,7 @@ class ConfigError(Exception):
         if self.key:
             return f"{self.path}: {self.key}: {self.reason}"
         return f"{self.path}: {self.reason}"
+
+
+class CommandError(Exception):
+    """A `sipproxy-admin` command that cannot be done: printed as `sipproxy-admin: <message>`, exit status 1."""

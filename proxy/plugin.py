@@ -36,6 +36,17 @@ class IProxyPluginFactory(Interface):
         """Build the plugin (import its implementation here, not at module level)."""
 
 
+class IAdminCommands(Interface):
+    """A plugin factory's own `sipproxy-admin` commands (the provisioning plugin's phone, tftp, upgrade)."""
+
+    def add_commands(subparsers) -> None:
+        """Add argparse subcommands; each sets `plugin_command=run` with run(config, args, admin) -> exit status.
+
+        `admin` (proxy/admin/cli.py AdminTools) calls the running server's admin API; raise
+        proxy.errors.CommandError to fail with a message. The command runs only when the plugin is enabled.
+        """
+
+
 class IProxyPlugin(Interface):
     name = Attribute("The plugin's name, for logs")
 
@@ -165,6 +176,8 @@ class PluginContext:
       (`ISharedPlugin.peer_message`); `worker` is this process's index (0: the primary, which alone runs
       services and web resources and hears every process's events) and `workers` their number;
     - `credentials`, `location`: users and bindings, read-only by convention; `is_our_domain(uri)`;
+    - `reboot(phones, wait_timeout)`: a check-sync reboot of these phones (proxy/admin/checksync.py), waiting
+      for each to register again; the job's `results` say how each did;
     - `plugins`: the other enabled plugins, by name.
     """
 
@@ -178,6 +191,7 @@ class PluginContext:
     emit: object = _no_events
     share: object = _alone
     is_our_domain: object = None  # (SipUri) -> bool: a Request-URI for one of our domains (or this server)
+    reboot: object = None  # (inventory phones, wait_timeout) -> check-sync RebootJob, waiting for them (primary)
     worker: int = 0
     workers: int = 1
     plugins: dict = attrs.field(factory=dict)

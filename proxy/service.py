@@ -51,7 +51,14 @@ def _plugin_context(config: ProxyConfig, reactor, core: Core, *, counters, refre
     more = {} if link is None else {"share": link.share, "worker": link.index, "workers": link.count}
     return PluginContext(clock=reactor, reactor=reactor, config=config, credentials=core.credentials,
                          location=core.location, emit=core.plugins.emit, counters=counters, refresh=refresh,
-                         is_our_domain=core.identity.is_our_domain, **more)
+                         is_our_domain=core.identity.is_our_domain, reboot=_reboot_for(core), **more)
+
+
+def _reboot_for(core: Core):
+    def reboot(phones, wait_timeout: float):
+        return core.checksync.start(list(phones), [], reboot=True, wait=True, wait_timeout=wait_timeout,
+                                    everyone=False)
+    return reboot
 
 
 def _build_plugins(config: ProxyConfig, reactor, top, core: Core, api: AdminApi, enabled, link=None) -> PluginHost:

@@ -24,7 +24,7 @@ from proxy import __version__
 from proxy.admin.api import TOKEN_FILE
 from proxy.config import ProxyConfig, load_config
 from proxy.registration.credentials import USERS_FILE, UserFileError, UserRecord, compute_ha1, locked_users, read_users, valid_user_name
-from proxy.errors import ConfigError
+from proxy.errors import CommandError, ConfigError
 from proxy.registration.location import LOCATION_FILE, SqliteLocationService
 from proxy.routing.forwarding import ForwardingError, ForwardSettings, ForwardingStore, check_target
 
@@ -143,7 +143,28 @@ def build_parser() -> argparse.ArgumentParser:
     ban_add.add_argument("--reason", default="banned by the administrator")
     ban_remove = ban_commands.add_parser("remove", help="lift a ban")
     ban_remove.add_argument("address")
+    from proxy.plugin import IAdminCommands, find_factories
+
+    for name, factory in sorted(find_factories().items()):
+        if IAdminCommands.providedBy(factory):
+            before = set(commands.choices)
+            factory.add_commands(commands)
+            for command in set(commands.choices) - before:
+                commands.choices[command].set_defaults(plugin=name)
     return parser
+
+
+class AdminTools:
+    """What a plugin's command may use (IAdminCommands): the running server's admin API."""
+
+    def __init__(self, config: ProxyConfig):
+        self.config = config
+
+    def get(self, path: str, timeout: float = 5.0) -> dict:
+        return api_get(self.config, path, timeout=timeout)
+
+    def request(self, method: str, path: str, body: dict | None = None, timeout: float = 10.0) -> dict:
+        return api_request(self.config, method, path, body, timeout=timeout)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,7 +225,12 @@ def main(argv: list[str] | None = None) -> int:
             return _reboot(config, args)
         if args.command == "ban":
             return _ban(config, args)
-    except (ConfigError, AdminError, UserFileError, ForwardingError) as e:
+        if getattr(args, "plugin_command", None) is not None:
+            if args.plugin not in config.plugins.enabled:
+                raise AdminError(f"{args.command} needs the {args.plugin} plugin: add it to [plugins] enabled in "
+                                 f"{config.path}")
+            return args.plugin_command(config, args, AdminTools(config))
+    except (ConfigError, AdminError, UserFileError, ForwardingError, CommandError) as e:
         print(f"sipproxy-admin: {e}", file=sys.stderr)
         return 1
     parser.error(f"unknown command {args.command}")
