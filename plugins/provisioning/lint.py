@@ -6,7 +6,8 @@ Each finding names the file, the line (0: the whole file) and what to do:
   not above timer_t1;
 - an image named in image_version, OS79XX.TXT or a loadInformation element whose files are not there
   (seed 002: "Protocol Application Invalid");
-- an image before P0S30203 that would have to fetch a file whose name is not 8.3 (seed 004 line 82);
+- an image named for the phones whose files are not 8.3 names while images older than P0S30203 are in the
+  root (phones on those fetch only 8.3 names, seed 004 line 83);
 - an empty SEP<MAC>.cnf.xml (seed 003: the trap that ends in "Protocol Application Invalid").
 """
 
@@ -75,6 +76,7 @@ def lint(root: str) -> list[Finding]:
             else:
                 images.setdefault(text.split()[0], (name, 1))
 
+    old_images = [n for n in names if re.fullmatch(r"P0S3\d{4}\.bin", n, re.I) and version(n[:8]) < version(EIGHT_THREE_LAST)]
     for image, (where, line) in images.items():
         try:
             needed = required_files(image) if not image.upper().startswith("P003") else [f"{image}.sbn"]
@@ -88,11 +90,12 @@ def lint(root: str) -> list[Finding]:
             findings.append(Finding(where, line, "error", f"{image} is named here but {', '.join(missing)} "
                                     f"{'is' if len(missing) == 1 else 'are'} not in the TFTP root: unzip the whole image package there (seed 002 "
                                     "Procedure D), or a phone ends in 'Protocol Application Invalid'"))
-        if era is not None and era < version(EIGHT_THREE_LAST):
-            for f in needed:
-                if not _is_8_3(f):
-                    findings.append(Finding(where, line, "error", f"{image} fetches only 8.3 file names (seed 004 "
-                                            f"line 83): it cannot get {f}; go to {EIGHT_THREE_LAST} first"))
+        if old_images and era is not None and any(not _is_8_3(f) for f in needed) and where in ("OS79XX.TXT",
+                                                                                                "SIPDefault.cnf"):
+            findings.append(Finding(where, line, "warning", f"{old_images[0]} is here, so phones may still run an "
+                                    f"image before {EIGHT_THREE_LAST}: they fetch only 8.3 file names and cannot get "
+                                    f"{', '.join(f for f in needed if not _is_8_3(f))} (seed 004 line 83); take them "
+                                    f"to {EIGHT_THREE_LAST} first (sipproxy-admin upgrade plan)"))
     return findings
 
 

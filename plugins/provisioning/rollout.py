@@ -65,7 +65,7 @@ class Rollout:
     @classmethod
     def plan_for(cls, provisioned, registered: dict, target: str) -> list[PhonePath]:
         out = []
-        for phone in provisioned:
+        for phone in sorted(provisioned, key=lambda p: p.device):
             reg = next((registered[line] for line in phone.lines if line in registered), None)
             path = PhonePath(device=phone.device, lines=list(phone.lines), steps=[])
             if reg is None or not reg.firmware:
