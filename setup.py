@@ -17,8 +17,9 @@ setup(
         "tzdata>=2024.1",  # the policy plugin's office hours: zone rules even where the host has none
     ],
     extras_require={
-        # sipvicious: the scanner attackers use, run against the server by tests/integration/test_policy_sipp.py
-        "test": ["pytest>=8", "hypothesis>=6.100", "sipvicious>=0.3.4"],
+        # sipvicious: the scanner attackers use (tests/integration/test_policy_sipp.py); tftpy: a TFTP client
+        # for the provisioning plugin's server (tests/integration/test_provisioning_tftp.py)
+        "test": ["pytest>=8", "hypothesis>=6.100", "sipvicious>=0.3.4", "tftpy>=0.8"],
     },
     entry_points={"console_scripts": ["sipproxy-admin = proxy.admin.cli:main"]},
     data_files=[("share/sipproxy/etc", ["etc/sipproxy.toml", "etc/sipproxy.service", "etc/prometheus.yml"]),

@@ -6,6 +6,7 @@ reboots of an `upgrade run` (which need it: check-sync NOTIFYs, registrations). 
 runs any of it (a plugin service).
 """
 
+import errno
 import json
 import os
 import urllib.parse
@@ -150,8 +151,14 @@ class _ProvisioningService(service.Service):
         try:
             self.port = reactor.listenUDP(port, plugin.tftp, interface=interface)
         except CannotListenError as e:
-            hint = (" (port 69 needs root or CAP_NET_BIND_SERVICE: docs/provisioning.md; or choose another port in "
-                    "[plugins.provisioning] tftp_listen)") if port < 1024 else ""
+            code = getattr(e.socketError, "errno", None)
+            if code == errno.EADDRINUSE:
+                hint = " (another TFTP server, such as tftpd-hpa, has the port: stop it, or choose another port)"
+            elif code == errno.EACCES and port < 1024:
+                hint = (" (port 69 needs root or CAP_NET_BIND_SERVICE: docs/provisioning.md; or choose another "
+                        "port in [plugins.provisioning] tftp_listen)")
+            else:
+                hint = ""
             log.error("TFTP server cannot listen on {listen}: {error}{hint}", listen=plugin.config.tftp_listen,
                       error=e.socketError, hint=hint)
             raise

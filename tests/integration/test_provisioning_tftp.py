@@ -117,7 +117,7 @@ class TftpClientTests(ProvisionedServer):
 
 class SimulatedPhone:
     """A 7960 as the seeds describe its boot: the loader's hunt order over TFTP (seed 002 line 100), its image
-    from SIP<MAC>.cnf over SIPDefault.cnf (seed 001 line 1017), the image files fetched when it changes,
+    from SIP<MAC>.cnf over SIPDefault.cnf (seed 001 line 1013), the image files fetched when it changes,
     then a REGISTER per line (SIPp) with a User-Agent naming the image it runs."""
 
     def __init__(self, test: ProvisionedServer, image: str, password: str):
