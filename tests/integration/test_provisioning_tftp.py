@@ -88,6 +88,23 @@ class TftpClientTests(ProvisionedServer):
         self.assertEqual(self.fetch("SIPDefault.cnf", blksize=8, tsize=0), self.on_disk("SIPDefault.cnf"))
         self.assertIn(b'image_version: "P0S3-08-12-00"', self.on_disk("SIPDefault.cnf"))
 
+    def test_phone_import_for_a_site(self):
+        csv_path = os.path.join(tempfile.mkdtemp(), "phones.csv")
+        with open(csv_path, "w") as f:
+            f.write("mac,model,lines,label\n00:30:94:00:00:01,7940,2001;2002,Lobby\n003094000002,7960,2003\n")
+        out = self.server.admin("phone", "import", csv_path).stdout
+        self.assertIn("provisioned SEP003094000001: 2001, 2002 (new passwords: 2001, 2002)", out)
+        listed = json.loads(self.server.admin("phone", "list", "--json").stdout)
+        self.assertEqual([(p["device"], p["lines"]) for p in listed],
+                         [("SEP003094000001", ["2001", "2002"]), ("SEP003094000002", ["2003"]), (f"SEP{MAC}", ["1001"])])
+        self.assertIn(b'line2_name: "2002"', self.fetch("SIP003094000001.cnf"))
+        bad = os.path.join(tempfile.mkdtemp(), "bad.csv")
+        with open(bad, "w") as f:
+            f.write("003094000003,7970,2004\n")
+        refused = self.server.admin("phone", "import", bad, check=False)
+        self.assertEqual(refused.returncode, 1)
+        self.assertIn("row 1: model '7970' (7940 or 7960)", refused.stderr)
+
     def test_traversal_is_refused(self):
         for name in ("../etc/passwd", "/etc/passwd", "%2e%2e/etc/passwd", "..\\etc\\passwd", "sub/../../etc/passwd"):
             result = subprocess.run([require("tftp"), "127.0.0.1", str(self.tftp_port), "-c", "get", name,

@@ -9,7 +9,7 @@ from twisted.internet.testing import FakeDatagramTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from plugins.provisioning.tftp import (ACCESS_VIOLATION, ACK, DATA, ERROR, NOT_FOUND, OACK, RRQ, WRQ, TftpError,
-                                       TftpServer, Transfer, netascii, parse_request, resolve)
+                                       TftpServer, Transfer, negotiate, netascii, parse_request, resolve)
 from plugins.provisioning.tftplog import RequestLog, diagnose
 
 LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"),)
@@ -119,6 +119,15 @@ class RequestTests(SynchronousTestCase):
         for name in ("../etc/passwd", "sub/../../x", "escape/x", "a\\b", "", "./"):
             e = self.assertRaises(TftpError, resolve, root, name)
             self.assertEqual(e.code, ACCESS_VIOLATION, name)
+
+    def test_option_negotiation_and_block_size_edges(self):
+        # RFC 2348: 8 to 65464 octets; a server may answer a smaller size than asked, never larger.
+        for asked, got in (("7", 8), ("8", 8), ("512", 512), ("65464", 65464), ("70000", 65464)):
+            accepted, blksize, _ = negotiate({"blksize": asked}, 100)
+            self.assertEqual((accepted, blksize), ({"blksize": str(got)}, got))
+        accepted, blksize, timeout = negotiate({"tsize": "0", "timeout": "3", "colour": "red", "blksize": "x"}, 2048)
+        self.assertEqual((accepted, blksize, timeout), ({"tsize": "2048", "timeout": "3"}, 512, 3.0))
+        self.assertEqual(negotiate({"timeout": "0"}, 1)[0], {})  # RFC 2349: 1 to 255 seconds
 
     def test_netascii(self):
         self.assertEqual(netascii(b"a\nb\r\nc\rd"), b"a\r\nb\r\nc\r\0d")
