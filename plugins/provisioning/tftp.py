@@ -223,7 +223,7 @@ class TftpServer(protocol.DatagramProtocol):
     noisy = False
 
     def __init__(self, clock, root: str, *, allowed: tuple, listen_transfer, requests=None, timeout: float = 1.0,
-                 retries: int = 5, max_transfers: int = 200):
+                 retries: int = 5, max_transfers: int = 200, per_address: int = 8):
         self.clock = clock
         self.root = root
         self.allowed = allowed  # ip_network objects
@@ -232,7 +232,11 @@ class TftpServer(protocol.DatagramProtocol):
         self.timeout = timeout
         self.retries = retries
         self.max_transfers = max_transfers
+        # A read request's source can be forged: each costs up to (retries + 1) DATA blocks sent to it. A cap per
+        # address bounds what a forger can make us send to a victim (a phone needs one or two at a time).
+        self.per_address = per_address
         self.active = 0
+        self.by_address: dict[str, int] = {}
         self.refused = 0
 
     def datagramReceived(self, data, addr):
@@ -244,7 +248,7 @@ class TftpServer(protocol.DatagramProtocol):
             opcode, name, mode, options = parse_request(data)
             if opcode == WRQ:
                 raise TftpError(ACCESS_VIOLATION, "This server is read-only")
-            if self.active >= self.max_transfers:
+            if self.active >= self.max_transfers or self.by_address.get(host, 0) >= self.per_address:
                 raise TftpError(0, "Too many transfers: try again")
             source, size = self._open(name, mode)
         except TftpError as e:
@@ -257,10 +261,16 @@ class TftpServer(protocol.DatagramProtocol):
         proto = TransferProtocol(peer)
         port_ = self.listen_transfer(proto)
         self.active += 1
+        self.by_address[host] = self.by_address.get(host, 0) + 1
         entry = self.requests.seen(host, name, "sending") if self.requests is not None else None
 
         def done(result, sent, port_=port_):
             self.active -= 1
+            left = self.by_address.get(host, 1) - 1
+            if left:
+                self.by_address[host] = left
+            else:
+                self.by_address.pop(host, None)
             port_.stopListening()
             if self.requests is not None:
                 self.requests.done(entry, result, sent)

@@ -184,6 +184,17 @@ class ServerTests(SynchronousTestCase):
                                  (ERROR, NOT_FOUND)])
         self.assertEqual(self.ports, [])
 
+    def test_transfers_per_address_are_capped(self):
+        for _ in range(9):
+            self.server.datagramReceived(rrq("SIPDefault.cnf"), CLIENT)
+        self.assertEqual(len(self.ports), 8)
+        self.assertEqual(struct.unpack("!HH", self.answers()[-1][:4]), (ERROR, 0))
+        self.ports[0].datagramReceived(ack(1), CLIENT)  # one done: room for the next
+        self.ports[0].datagramReceived(ack(2), CLIENT)
+        self.ports[0].datagramReceived(ack(3), CLIENT)
+        self.server.datagramReceived(rrq("SIPDefault.cnf"), CLIENT)
+        self.assertEqual(len(self.ports), 9)
+
     def test_sources_outside_allowed_get_nothing(self):
         self.server.datagramReceived(rrq("SIPDefault.cnf"), ("192.0.2.7", 40000))
         self.assertEqual((self.answers(), self.ports, self.server.refused), ([], [], 1))
