@@ -144,6 +144,7 @@ class ProxySettings:
     recurse_3xx: bool = True
     max_redirects: int = 5
     advertise: str = ""  # host[:port] put in Via and Record-Route; default: first address or interface
+    max_call_seconds: float = 4 * 3600.0  # a call whose BYE never passes is closed (and recorded) after this
 
 
 @attrs.frozen
@@ -413,6 +414,8 @@ def _parse_proxy(t: _Table) -> ProxySettings:
         recurse_3xx=t.get("recurse_3xx", d.recurse_3xx, bool),
         max_redirects=t.get("max_redirects", d.max_redirects, int, lambda v: 0 <= v <= 20, "must be 0 to 20"),
         advertise=t.get("advertise", d.advertise, str),
+        max_call_seconds=t.get("max_call_seconds", d.max_call_seconds, float, lambda v: v >= 60,
+                               "must be at least 60 (seconds)"),
     )
     t.finish()
     return config

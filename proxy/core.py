@@ -36,6 +36,7 @@ from proxy.routing.dns import NextHopResolver
 from proxy.routing.gateways import GatewayHealth, GatewayProber
 from proxy.routing.hops import Hops
 from proxy.routing.redirect import RedirectServer
+from proxy.dialogs import DialogTable
 from proxy.routing.router import Router
 from proxy.routing.routes import RouteTable
 from proxy.routing.stateless import StatelessForwarder
@@ -68,6 +69,7 @@ class Core:
     prober: GatewayProber
     plugins: PluginHost  # empty until service.py adds the enabled ones; the router asks it from the start
     shedder: LoadShedder  # overload control (started with the service)
+    dialogs: DialogTable  # calls in progress and their records (its sweeper started with the service)
     verbosity: RuntimeVerbosity  # sipproxy-admin log-level
 
     def reload(self, old: ProxyConfig, new: ProxyConfig) -> tuple[list[str], list[str]]:
@@ -238,11 +240,13 @@ def build_core(config: ProxyConfig, clock: IReactorTime, transports, *, resolver
     gateways = GatewayHealth(clock)
     targets = Targets(identity, location, credentials, routes, NextHopResolver(resolver), nat, gateways)
     hops = Hops(identity, trust.signer, config.realm)
+    dialogs = DialogTable(clock, max_seconds=config.proxy.max_call_seconds, worker=worker,
+                          on_record=lambda record: plugins.listening and plugins.emit("call_record", record=record))
     router = Router(clock=clock, replies=replies, identity=identity, trust=trust, hops=hops, targets=targets,
                     routes=routes, settings=config.proxy,
                     redirect=RedirectServer(identity, location, replies, config.forwarding),
                     forwarding=forwarding, forwarding_config=config.forwarding, plugins=plugins,
-                    debug=config.server.debug)
+                    dialogs=dialogs, debug=config.server.debug)
     stateless = StatelessForwarder(identity, trust, hops, targets, transports, replies)
     registrar = Registrar(clock=clock, replies=replies, location=location, authenticator=authenticator,
                           config=config.registrar, identity=identity)
@@ -265,5 +269,5 @@ def build_core(config: ProxyConfig, clock: IReactorTime, transports, *, resolver
     return Core(identity=identity, replies=replies, server=server, dispatcher=dispatcher, credentials=credentials,
                 authenticator=authenticator, trust=trust, location=location, forwarding_store=forwarding_store,
                 forwarding=forwarding, registrar=registrar, router=router, stateless=stateless, checksync=checksync,
-                keepalive=keepalive, gateways=gateways, prober=prober, plugins=plugins, shedder=shedder,
+                keepalive=keepalive, gateways=gateways, prober=prober, plugins=plugins, shedder=shedder, dialogs=dialogs,
                 verbosity=RuntimeVerbosity(clock, (server, router), configured=config.server.debug))

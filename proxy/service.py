@@ -373,7 +373,7 @@ def build_service(config: ProxyConfig, reactor, enabled_plugins=None, *,
     sip = _Sip(config, reactor, 0 if workers > 1 else None)
     core, tracer = sip.core, sip.tracer
     server, location, checksync = core.server, core.location, core.checksync
-    jobs = [location, core.keepalive, core.prober, core.shedder]
+    jobs = [location, core.keepalive, core.prober, core.shedder, core.dialogs]
     link = supervisor = None
     if workers > 1:
         pairs = make_pairs(workers)
@@ -392,7 +392,8 @@ def build_service(config: ProxyConfig, reactor, enabled_plugins=None, *,
     api = AdminApi(load_or_create_token(state_dir), reactor, location, core.forwarding_store, checksync,
                    core.identity.domain, reachability=core.keepalive.status if config.registrar.keepalive_interval else None,
                    gateways=core.gateways.gateways, reload=reloader.reload, tracer=tracer, verbosity=core.verbosity,
-                   checksync_rate=config.checksync.rate, checksync_wait=config.checksync.wait_timeout)
+                   checksync_rate=config.checksync.rate, checksync_wait=config.checksync.wait_timeout,
+                   calls=link.calls if link is not None else lambda: defer.succeed(core.dialogs.calls()))
     _BackgroundJobs(jobs, workers=supervisor).setServiceParent(top)
     _build_plugins(config, reactor, top, core, api, enabled_plugins or [], link)
     strports.service(config.admin.listen, bounded_site(api, max_body=1024 * 1024), reactor=reactor).setServiceParent(top)
@@ -433,7 +434,7 @@ def build_worker_service(config: ProxyConfig, reactor, enabled_plugins, *, index
         plugin = item.factory.build(item.config, context)
         context.plugins[item.name] = plugin
         host.add_policy(plugin)
-    _BackgroundJobs([core.location, core.prober, core.shedder, link]).setServiceParent(top)
+    _BackgroundJobs([core.location, core.prober, core.shedder, core.dialogs, link]).setServiceParent(top)
     top.reloader = Reloader(config, core)
     for fd, family in udp_fds:
         UdpListener(reactor, None, SipDatagramProtocol(link, sip.transports), fd=(fd, family),

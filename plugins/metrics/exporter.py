@@ -53,6 +53,7 @@ KNOWN_LABELS = {
     "sipproxy_checksync_notifies": ("accepted", "no_answer", "refused"),
     "sipproxy_keepalive": ("answered", "came_back", "sent", "unanswered", "went_silent"),
     "sipproxy_shed": ("invite", "other", "register", "register_stale"),
+    "sipproxy_calls": ("on_hold", "ringing", "setup", "transferring", "up"),
 }
 
 
@@ -147,9 +148,10 @@ class SipProxyCollector:
                                 value=overload["level"])
 
         calls = counters["calls"]
-        in_setup = GaugeMetricFamily("sipproxy_calls", "Calls (INVITE transactions) being set up", labels=["state"])
-        in_setup.add_metric(["setup"], calls["calls_in_setup"])
-        yield in_setup
+        # state="setup": INVITE transactions under way; the others: calls by dialog state (proxy/dialogs.py).
+        yield _family(GaugeMetricFamily, "sipproxy_calls", "Calls in progress: INVITE transactions being set up, "
+                      "and calls by state", "state",
+                      [("setup", calls["calls_in_setup"]), *calls.get("calls_by_state", {}).items()])
         results = CounterMetricFamily("sipproxy_calls_completed", "Call setups finished, by result", labels=["result"])
         results.add_metric(["answered"], calls["calls_answered"])
         results.add_metric(["failed"], calls["calls_failed"])
@@ -162,6 +164,11 @@ class SipProxyCollector:
                       counters["checksync"].items())
         yield _family(CounterMetricFamily, "sipproxy_keepalive", "Phone keepalive OPTIONS, by outcome", "result",
                       counters["keepalive"].items())
+        if "calls_by_state" in calls:
+            yield CounterMetricFamily("sipproxy_call_records", "Calls ended (one record each)",
+                                      value=calls["call_records"])
+            yield CounterMetricFamily("sipproxy_calls_timed_out", "Calls closed after max_call_seconds without a "
+                                      "BYE seen", value=calls["calls_timed_out"])
         yield CounterMetricFamily("sipproxy_bindings_expired", "Bindings that expired without a refresh",
                                   value=counters["bindings_expired"])
         # Gateways come from the config's routes, so the label stays bounded.

@@ -25,18 +25,23 @@ Routes:
                                     "rate": 1, "wait": false, "timeout": 600, "dry_run": false,
                                     "push_dialplan": false} -> the job (202), 409 if a phone is busy in one
   GET /api/jobs[/<id>]             progress and results of reboot / push jobs
+  GET /api/calls                   the calls in progress, in every worker: caller, callee, state, since when
 """
 
 import hmac
 import json
 import secrets
 
+from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
-from twisted.web import resource
+from twisted.logger import Logger
+from twisted.web import resource, server
 
 from proxy import __version__
 from proxy.registration.location import Binding, ILocationService
 from proxy.statedir import secret_file
+
+log = Logger()
 
 TOKEN_FILE = "admin-token"
 METRICS_TOKEN_FILE = "metrics-token"  # read-only: /metrics and nothing else
@@ -90,7 +95,21 @@ class _JsonResource(resource.Resource):
             request.setHeader(b"WWW-Authenticate", b'Bearer realm="sipproxy-admin"')
             return json.dumps({"error": "missing or wrong bearer token"}).encode()
         method = request.method.decode("ascii", "replace")
-        status, body = self.handler(method, request)
+        result = self.handler(method, request)
+        if not isinstance(result, defer.Deferred):
+            return self._body(request, *result)
+
+        def done(value):
+            if not request.finished and not getattr(request, "_disconnected", False):
+                request.write(self._body(request, *value))
+                request.finish()
+
+        result.addCallback(done)
+        result.addErrback(lambda f: (log.failure("Admin API handler failed", f), done((500, {"error": "internal error"}))))
+        return server.NOT_DONE_YET
+
+    @staticmethod
+    def _body(request, status: int, body) -> bytes:
         request.setResponseCode(status)
         return json.dumps(body, indent=1).encode() + b"\n"
 
@@ -145,7 +164,8 @@ class AdminApi(resource.Resource):
 
     def __init__(self, token: str, clock: IReactorTime, location: ILocationService, forwarding_store=None,
                  checksync=None, domain: str = "", *, checksync_rate: float = 1.0, checksync_wait: float = 600.0,
-                 reachability=None, gateways=None, reload=None, tracer=None, verbosity=None):
+                 reachability=None, gateways=None, reload=None, tracer=None, verbosity=None, calls=None):
+        self.calls = calls  # () -> Deferred of [call dicts] (every process's calls in progress)
         self.tracer = tracer
         self.verbosity = verbosity  # proxy/trace.py RuntimeVerbosity
         self.reload = reload  # () -> {"reloaded": [...], "restart_needed": [...]} or {"error": ...}
@@ -172,6 +192,8 @@ class AdminApi(resource.Resource):
         self.add_route("reload", self._reload)
         self.add_route("trace", self._trace)
         self.add_route("log-level", self._log_level)
+        if calls is not None:
+            self.add_route("calls", self._calls)
         if checksync is not None:
             self.add_route("reboot", self._reboot)
             self.add_route("jobs", self._jobs)
@@ -188,6 +210,13 @@ class AdminApi(resource.Resource):
         header = request.getHeader(b"authorization") or b""
         scheme, _, token = header.partition(b" ")
         return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self._token)
+
+    def _calls(self, method, request):
+        if method != "GET":
+            return 405, {"error": "use GET"}
+        d = self.calls()
+        d.addCallback(lambda calls: (200, {"calls": sorted(calls, key=lambda c: c["started_at"])}))
+        return d
 
     def _health(self, method, request):
         return 200, {"status": "ok", "version": __version__}

@@ -132,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     lookup = commands.add_parser("lookup", help="one user: account, registrations, forwarding")
     lookup.add_argument("user")
     lookup.add_argument("--json", action="store_true")
+    calls = commands.add_parser("calls", help="the calls in progress: caller, callee, state, since when (needs the "
+                                              "running server)")
+    calls.add_argument("--json", action="store_true")
     ban = commands.add_parser("ban", help="the policy plugin's banned sources: list, add, remove (needs the "
                                           "running server with [plugins] enabled = [\"policy\", ...])")
     ban_commands = ban.add_subparsers(dest="ban_command", metavar="ACTION", required=True)
@@ -225,6 +228,13 @@ def main(argv: list[str] | None = None) -> int:
             return _reboot(config, args)
         if args.command == "ban":
             return _ban(config, args)
+        if args.command == "calls":
+            rows = api_get(config, "/api/calls")["calls"]
+            return _show(rows, args.json, "no calls in progress", ("CALLER", "CALLEE", "STATE", "SINCE", "WORKER"),
+                         lambda c: (c["caller"], c["callee"], c["state"] + (f" ({c['transfer']} to {c['transfer_to']})"
+                                                                             if c["transfer"] else ""),
+                                    time.strftime("%H:%M:%S", time.localtime(c["answered_at"] or c["started_at"])),
+                                    str(c["worker"] if c["worker"] is not None else "-")))
         if getattr(args, "plugin_command", None) is not None:
             if args.plugin not in config.plugins.enabled:
                 raise AdminError(f"{args.command} needs the {args.plugin} plugin: add it to [plugins] enabled in "

@@ -535,18 +535,33 @@ class ProxyCall:
             branch.request = None
             branch.destinations = []
 
-    def best_response(self) -> Response | None:
+    def final_status(self) -> int:
+        """The status the caller gets (or got): what `_answer_upstream` sends, for call records."""
+        if self.answered:
+            return 200
+        if self.cancelled:
+            return 487
+        if self.forced_final is not None and not self.finals:
+            return self.forced_final[0]
+        chosen = self._chosen_final()
+        return 408 if chosen is None else chosen.status
+
+    def _chosen_final(self) -> Response | None:
         if not self.finals:
             return None
         six = [r for r in self.finals if r.status >= 600]
         if six:
-            chosen = six[0]
-        else:
-            lowest = min(_response_class(r.status) for r in self.finals)
-            candidates = [r for r in self.finals if _response_class(r.status) == lowest]
-            preferred = [r for r in candidates if r.status != 408] or candidates
-            auth = [r for r in preferred if r.status in (401, 407)]
-            chosen = auth[0] if auth else preferred[0]
+            return six[0]
+        lowest = min(_response_class(r.status) for r in self.finals)
+        candidates = [r for r in self.finals if _response_class(r.status) == lowest]
+        preferred = [r for r in candidates if r.status != 408] or candidates
+        auth = [r for r in preferred if r.status in (401, 407)]
+        return auth[0] if auth else preferred[0]
+
+    def best_response(self) -> Response | None:
+        chosen = self._chosen_final()
+        if chosen is None:
+            return None
         headers = chosen.headers.remove_first_value("via")
         if chosen.status in (401, 407):
             # 16.7 step 7: every branch's challenge goes up in the one response.

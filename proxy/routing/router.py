@@ -50,7 +50,7 @@ class Router:
     def __init__(self, *, clock: IReactorTime, replies: Replies, identity: Identity, trust: Trust, hops: Hops,
                  targets: Targets, routes: RouteTable, settings: ProxySettings, redirect: RedirectServer,
                  forwarding: Forwarding | None = None, forwarding_config: ForwardingConfig = ForwardingConfig(),
-                 plugins: PluginHost | None = None, debug: bool = False):
+                 plugins: PluginHost | None = None, dialogs=None, debug: bool = False):
         self.clock = clock
         # A line per call only when asked for ([server] debug): formatting and writing it cost
         # an eighth of the CPU of a call (issue 14's profile); counters and `trace` tell the rest.
@@ -66,6 +66,7 @@ class Router:
         self.forwarding = forwarding
         self.feature_codes = FeatureCodes.from_config(forwarding_config) if forwarding_config.feature_codes else None
         self.plugins = plugins if plugins is not None else PluginHost()  # request policies, events
+        self.dialogs = dialogs  # proxy/dialogs.py: the calls in progress, and their records
         self.calls: dict[int, ProxyCall] = {}
         self.stats = {"calls_answered": 0, "calls_failed": 0}
         self.context = CallContext(
@@ -119,9 +120,8 @@ class Router:
         if request.method == "INVITE":
             # Only now: a challenge or refusal before this point is sent statelessly.
             self.replies.respond(tx, 100, "Trying")
-        if in_dialog and request.method == "BYE" and self.plugins.listening:
-            # The proxy keeps no dialogs (yet): this is how a plugin counting calls in progress sees one end.
-            self.plugins.emit("call_bye", call_id=request.call_id, at=self.clock.seconds())
+        if in_dialog:
+            self._in_dialog(request)
         if served.basis in ("signed-dialog", "trusted-network") and (
                 in_dialog or request.headers.get("route") is not None):
             self._along_route_set(tx, request)
@@ -136,6 +136,19 @@ class Router:
             self._start(tx, request, [self.targets.for_dialog(request.uri)], record_route=False)
             return
         self._initial(tx, request, source, served)
+
+    def _in_dialog(self, request: Request) -> None:
+        """A served in-dialog request: the dialog table follows it (hold, transfer, BYE)."""
+        method = request.method
+        if method not in ("BYE", "INVITE", "REFER"):
+            return
+        if self.dialogs is not None:
+            headers = request.headers
+            self.dialogs.in_dialog(method, request.call_id, request.from_.tag, request.body,
+                                   headers.first_value("also") if method == "BYE" else None,
+                                   headers.first_value("refer-to") if method == "REFER" else None)
+        if method == "BYE" and self.plugins.listening:
+            self.plugins.emit("call_bye", call_id=request.call_id, at=self.clock.seconds())
 
     def _checks_16_3(self, tx: ServerTransaction, request: Request) -> bool:
         """True when answered here (OPTIONS with Max-Forwards 0)."""
@@ -268,8 +281,15 @@ class Router:
         call = ProxyCall(self.context, tx, request, targets, record_route=record_route,
                          sequential=self.settings.forking == "sequential", redirects_left=self.settings.max_redirects)
         self.calls[id(tx)] = call
-        if self.plugins.listening and call.method == "INVITE":
-            self.plugins.emit("call_started", call=call.info())
+        if call.method == "INVITE" and request.to.tag is None:
+            if self.dialogs is not None:
+                try:
+                    caller = str(request.from_.uri)
+                except Exception:
+                    caller = ""
+                self.dialogs.invite_routed(request.call_id, caller, request.uri_text, request.from_.tag or "")
+            if self.plugins.listening:
+                self.plugins.emit("call_started", call=call.info())
         call.start(plan)
         return call
 
@@ -278,6 +298,8 @@ class Router:
     def _answered(self, call: ProxyCall, branch, response: Response) -> None:
         if call.method == "INVITE":
             self.stats["calls_answered"] += 1
+            if self.dialogs is not None:
+                self.dialogs.answered(call.call_id, response.to.tag)
             if self.debug:
                 log.debug("Call {call_id} answered ({kind})", call_id=for_log(call.call_id), kind=branch.target.kind)
         if self.plugins.listening:
@@ -287,13 +309,16 @@ class Router:
         self.calls.pop(id(call.tx), None)
         if call.method == "INVITE" and not call.answered:
             self.stats["calls_failed"] += 1
+            if self.dialogs is not None:
+                self.dialogs.failed(call.call_id, call.final_status())
         if self.plugins.listening:
             self.plugins.emit("call_ended", call=call.info())
 
     def counters(self) -> dict:
         """What the metrics read: calls in progress and their outcomes, forwarding and redirects."""
         return {"calls_in_setup": len(self.calls), **self.stats, "forwards": dict(self.targets.forwards),
-                "redirects": dict(self.redirect.redirects)}
+                "redirects": dict(self.redirect.redirects),
+                **(self.dialogs.counters() if self.dialogs is not None else {})}
 
 
 __all__ = ["Router", "CallInfo", "DIALOG_CREATING"]

@@ -80,6 +80,10 @@ class WorkerLink:
         bus.on("counters?", lambda value, sender: self._push_counters())
         bus.on("event", self._event)
         bus.on("plugin", lambda value, sender: core.plugins.peer_message(value[0], value[1], sender))
+        bus.on("calls?", lambda value, sender: bus.send(sender, "calls", (value, core.dialogs.calls())))
+        bus.on("calls", self._calls_reply)
+        self._asking: dict[int, tuple[set, list, defer.Deferred]] = {}  # primary: call lists being gathered
+        self._asked = 0
         bus.on("trace", lambda value, sender: core.server.tracer.follow(*value))
         bus.on("log_level", lambda value, sender: core.verbosity.follow(*value))
         core.location.on_change = self._binding_changed
@@ -179,6 +183,38 @@ class WorkerLink:
         call = self.clock.callLater(timeout, give_up)
         done.addBoth(lambda result: (call.active() and call.cancel(), result)[1])
         return done
+
+    def calls(self, timeout: float = 1.0) -> defer.Deferred:
+        """Every process's calls in progress (the primary's at once, the workers' as they answer, or `timeout`)."""
+        mine = self.core.dialogs.calls()
+        waiting = {k for k in self.alive if k != self.index}
+        if self.index or not waiting:
+            return defer.succeed(mine)
+        self._asked += 1
+        ask, done = self._asked, defer.Deferred()
+        self._asking[ask] = (waiting, mine, done)
+        self.bus.broadcast("calls?", ask)
+
+        def give_up():
+            entry = self._asking.pop(ask, None)
+            if entry is not None:
+                done.callback(entry[1])
+
+        call = self.clock.callLater(timeout, give_up)
+        done.addBoth(lambda result: (call.active() and call.cancel(), result)[1])
+        return done
+
+    def _calls_reply(self, value, sender) -> None:
+        ask, calls = value
+        entry = self._asking.get(ask)
+        if entry is None:
+            return
+        waiting, gathered, done = entry
+        gathered.extend(calls)
+        waiting.discard(sender)
+        if not waiting:
+            del self._asking[ask]
+            done.callback(gathered)
 
     def forget_counters(self, index: int) -> None:
         """A worker that died: its counts start again from 0 with the new one (a counter reset, to Prometheus)."""
