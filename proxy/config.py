@@ -148,6 +148,16 @@ class ProxySettings:
 
 
 @attrs.frozen
+class TransferConfig:
+    """Bye/Also (seed 001 line 3480) toward a party that will not act on it: completed by the proxy (proxy/transfer.py)."""
+
+    complete_also: bool = True
+    # User-Agents (globs, any case) that act on Also themselves: their BYE is relayed untouched.
+    also_capable: tuple[str, ...] = ("Cisco-SIPIPPhone*", "Cisco-CP79*")
+    ring_timeout: float = 20.0  # C must answer within this (A retransmits its 200 for 32 s at most)
+
+
+@attrs.frozen
 class ForwardingConfig:
     redirect: bool = False  # answer INVITEs for local users with 302/300 (redirect server, seed 001 line 554)
     redirect_domains: tuple[str, ...] = ()  # or only for these of our domains
@@ -203,6 +213,7 @@ class ProxyConfig:
     routes: tuple[RouteConfig, ...] = ()
     emergency: EmergencyConfig = EmergencyConfig()
     forwarding: ForwardingConfig = ForwardingConfig()
+    transfer: TransferConfig = TransferConfig()
     checksync: CheckSyncConfig = CheckSyncConfig()
     plugins: PluginsConfig = PluginsConfig()
     phone_web: PhoneWebConfig = PhoneWebConfig()
@@ -305,13 +316,26 @@ def parse_config(data: dict, path: str = "<config>") -> ProxyConfig:
     routes = _parse_routes(root, path)
     emergency = _parse_emergency(root.table("emergency"))
     forwarding = _parse_forwarding(root.table("forwarding"))
+    transfer = _parse_transfer(root.table("transfer"))
     checksync = _parse_checksync(root.table("checksync"))
     plugins = _parse_plugins(root.table("plugins"))
     phone_web = _parse_phone_web(root.table("phone_web"))
     root.finish()
     return ProxyConfig(path=path, server=server, timers=timers, tls=tls, registrar=registrar, auth=auth, admin=admin,
                        proxy=proxy, routes=routes, emergency=emergency, forwarding=forwarding, checksync=checksync,
-                       plugins=plugins, phone_web=phone_web)
+                       plugins=plugins, phone_web=phone_web, transfer=transfer)
+
+
+def _parse_transfer(t: _Table) -> TransferConfig:
+    d = TransferConfig()
+    config = TransferConfig(
+        complete_also=t.get("complete_also", d.complete_also, bool),
+        also_capable=t.strings("also_capable", d.also_capable),
+        ring_timeout=t.get("ring_timeout", d.ring_timeout, float, lambda v: 1 <= v <= 30,
+                           "must be 1 to 30 seconds (A gives up on its 200 after 32 s)"),
+    )
+    t.finish()
+    return config
 
 
 def _parse_plugins(t: _Table) -> PluginsConfig:

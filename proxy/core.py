@@ -37,6 +37,7 @@ from proxy.routing.gateways import GatewayHealth, GatewayProber
 from proxy.routing.hops import Hops
 from proxy.routing.redirect import RedirectServer
 from proxy.dialogs import DialogTable
+from proxy.transfer import TransferService
 from proxy.routing.router import Router
 from proxy.routing.routes import RouteTable
 from proxy.routing.stateless import StatelessForwarder
@@ -70,6 +71,7 @@ class Core:
     plugins: PluginHost  # empty until service.py adds the enabled ones; the router asks it from the start
     shedder: LoadShedder  # overload control (started with the service)
     dialogs: DialogTable  # calls in progress and their records (its sweeper started with the service)
+    transfers: TransferService | None  # Bye/Also transfers the proxy completes ([transfer] complete_also)
     verbosity: RuntimeVerbosity  # sipproxy-admin log-level
 
     def reload(self, old: ProxyConfig, new: ProxyConfig) -> tuple[list[str], list[str]]:
@@ -199,7 +201,7 @@ def identity_from_config(config: ProxyConfig, find_address=default_route_address
 
 
 def build_core(config: ProxyConfig, clock: IReactorTime, transports, *, resolver=None, tracer=None,
-               worker: int | None = None) -> Core:
+               worker: int | None = None, workers: int = 1) -> Core:
     """The whole core for `config`; `resolver` is a twisted.names IResolver (None: names do not resolve).
 
     `worker`: this process's number when the server runs on several (proxy/workers/); 0 is the primary,
@@ -242,18 +244,26 @@ def build_core(config: ProxyConfig, clock: IReactorTime, transports, *, resolver
     hops = Hops(identity, trust.signer, config.realm)
     dialogs = DialogTable(clock, max_seconds=config.proxy.max_call_seconds, worker=worker,
                           on_record=lambda record: plugins.listening and plugins.emit("call_record", record=record))
+    transfers = None
+    if config.transfer.complete_also:
+        transfers = TransferService(clock, transactions=lambda: server.transactions, replies=replies,
+                                    identity=identity, targets=targets, dialogs=dialogs,
+                                    also_capable=config.transfer.also_capable, ring_timeout=config.transfer.ring_timeout,
+                                    worker=worker, workers=workers)
     router = Router(clock=clock, replies=replies, identity=identity, trust=trust, hops=hops, targets=targets,
                     routes=routes, settings=config.proxy,
                     redirect=RedirectServer(identity, location, replies, config.forwarding),
                     forwarding=forwarding, forwarding_config=config.forwarding, plugins=plugins,
-                    dialogs=dialogs, debug=config.server.debug)
+                    dialogs=dialogs, transfers=transfers, debug=config.server.debug)
     stateless = StatelessForwarder(identity, trust, hops, targets, transports, replies)
+    on_ack = stateless.ack if transfers is None else (
+        lambda request, source: transfers.ack_received(request) or stateless.ack(request, source))
     registrar = Registrar(clock=clock, replies=replies, location=location, authenticator=authenticator,
                           config=config.registrar, identity=identity)
 
     shedder = LoadShedder(clock, threshold=config.server.overload_lag, retry_after=config.server.overload_retry_after)
     dispatcher = Dispatcher(replies, identity, methods={"REGISTER": registrar.handle}, route=router.route,
-                            on_cancel=router.cancel, on_ack=stateless.ack,
+                            on_cancel=router.cancel, on_ack=on_ack,
                             on_stray_response=stateless.stray_response, retry_after=shedder.retry_after_value)
     server = SipServer(clock, transports, identity, config.timers, user=dispatcher, replies=replies,
                        max_message_size=config.server.max_message_size, debug=config.server.debug,
@@ -270,4 +280,5 @@ def build_core(config: ProxyConfig, clock: IReactorTime, transports, *, resolver
                 authenticator=authenticator, trust=trust, location=location, forwarding_store=forwarding_store,
                 forwarding=forwarding, registrar=registrar, router=router, stateless=stateless, checksync=checksync,
                 keepalive=keepalive, gateways=gateways, prober=prober, plugins=plugins, shedder=shedder, dialogs=dialogs,
+                transfers=transfers,
                 verbosity=RuntimeVerbosity(clock, (server, router), configured=config.server.debug))

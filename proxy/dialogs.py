@@ -39,8 +39,10 @@ class Dialog:
     state: str = "ringing"
     callee_tag: str = ""
     answered_at: float | None = None
-    transfer: str = ""  # "refer" or "bye-also" once one was seen
+    transfer: str = ""  # "refer" or "bye-also" once one was seen; "bye-also-completed" when the proxy did it
     transfer_to: str = ""
+    caller_agent: str = ""  # User-Agent of the INVITE
+    callee_agent: str = ""  # User-Agent (or Server) of the 2xx
 
     def as_json(self, now: float, worker: int | None) -> dict:
         return {"call_id": self.call_id, "caller": self.caller, "callee": self.callee, "state": self.state,
@@ -57,7 +59,7 @@ class CallRecord:
     started_at: float
     answered_at: float | None
     ended_at: float
-    ended_by: str  # caller, callee, timeout, or "" for a call never answered
+    ended_by: str  # caller, callee, timeout, transferee, transfer_target, failed; "" for a call never answered
     status: int  # the final status of the INVITE
     transfer: str = ""
 
@@ -89,17 +91,38 @@ class DialogTable:
 
     # -- from the router -------------------------------------------------------------
 
-    def invite_routed(self, call_id: str, caller: str, callee: str, caller_tag: str) -> None:
+    def invite_routed(self, call_id: str, caller: str, callee: str, caller_tag: str, agent: str = "") -> None:
         if call_id not in self.dialogs:
             self.dialogs[call_id] = Dialog(call_id=call_id, caller=caller, callee=callee, caller_tag=caller_tag,
-                                           started_at=self.clock.seconds())
+                                           started_at=self.clock.seconds(), caller_agent=agent)
 
-    def answered(self, call_id: str, callee_tag: str) -> None:
+    def answered(self, call_id: str, callee_tag: str, agent: str = "") -> None:
         dialog = self.dialogs.get(call_id)
         if dialog is not None and dialog.answered_at is None:
             dialog.answered_at = self.clock.seconds()
             dialog.callee_tag = callee_tag or ""
+            dialog.callee_agent = agent
             dialog.state = "up"
+
+    def agent_of_peer(self, call_id: str, from_tag: str | None) -> str:
+        """The User-Agent of the party a request in this dialog goes to (the sender's peer)."""
+        dialog = self.dialogs.get(call_id)
+        if dialog is None:
+            return ""
+        return dialog.callee_agent if from_tag == dialog.caller_tag else dialog.caller_agent
+
+    def take_over(self, call_id: str, target: str) -> Dialog | None:
+        """A Bye/Also the proxy completes (proxy/transfer.py): the call goes on, to `target`."""
+        dialog = self.dialogs.get(call_id)
+        if dialog is not None:
+            dialog.state, dialog.transfer, dialog.transfer_to = "transferring", "bye-also-completed", target
+        return dialog
+
+    def closed(self, dialog: Dialog, ended_by: str) -> None:
+        """A call the proxy carried on (a completed transfer) has ended."""
+        if self.dialogs.get(dialog.call_id) is dialog:
+            del self.dialogs[dialog.call_id]
+            self._record(dialog, ended_by=ended_by, status=200)
 
     def failed(self, call_id: str, status: int) -> None:
         """The INVITE ended without a 2xx: the call never was."""
@@ -143,7 +166,9 @@ class DialogTable:
         self.records += 1
         log.info("Call record: {caller} -> {callee}, {outcome}, {duration} s (Call-ID {call_id})",
                  caller=for_log(record.caller), callee=for_log(record.callee), duration=record.duration,
-                 outcome=(f"hung up by the {ended_by}" if ended_by in ("caller", "callee") else
+                 outcome=(f"hung up by the {ended_by.replace('_', ' ')}" if ended_by in (
+                     "caller", "callee", "transferee", "transfer_target") else
+                          "transfer failed" if ended_by == "failed" else
                           "closed after max_call_seconds" if ended_by == "timeout" else f"not answered ({status})")
                  + (f", transferred ({record.transfer})" if record.transfer else ""),
                  call_id=for_log(record.call_id), record=attrs.asdict(record))

@@ -342,11 +342,11 @@ def worker_count(config: ProxyConfig) -> int:
 class _Sip:
     """What the primary and a worker both build: tracer, transports, the core, the stream connector."""
 
-    def __init__(self, config: ProxyConfig, reactor, worker: int | None):
+    def __init__(self, config: ProxyConfig, reactor, worker: int | None, workers: int = 1):
         self.tracer = Tracer(reactor)
         self.transports = Transports(clock=reactor, tracer=self.tracer)
         self.core = build_core(config, reactor, self.transports, resolver=dns_client.createResolver(),
-                               tracer=self.tracer, worker=worker)
+                               tracer=self.tracer, worker=worker, workers=workers)
         self.config = config
         self._factories: dict[str, SipStreamFactory] = {}
         self.transports.connector = make_connector(reactor, self.factory_for, load_trust_root(config.tls.ca_file))
@@ -370,7 +370,7 @@ def build_service(config: ProxyConfig, reactor, enabled_plugins=None, *,
     from proxy.workers.supervisor import WorkerSupervisor
 
     top = SipProxyService()
-    sip = _Sip(config, reactor, 0 if workers > 1 else None)
+    sip = _Sip(config, reactor, 0 if workers > 1 else None, workers)
     core, tracer = sip.core, sip.tracer
     server, location, checksync = core.server, core.location, core.checksync
     jobs = [location, core.keepalive, core.prober, core.shedder, core.dialogs]
@@ -420,7 +420,7 @@ def build_worker_service(config: ProxyConfig, reactor, enabled_plugins, *, index
     from proxy.workers.link import WorkerLink
 
     top = SipProxyService()
-    sip = _Sip(config, reactor, index)
+    sip = _Sip(config, reactor, index, count)
     core = sip.core
     adopt = socket.socket
     bus = Bus(reactor, index, adopt(fileno=inbox_fd), {k: adopt(fileno=fd) for k, fd in outbox_fds.items()})

@@ -50,7 +50,7 @@ class Router:
     def __init__(self, *, clock: IReactorTime, replies: Replies, identity: Identity, trust: Trust, hops: Hops,
                  targets: Targets, routes: RouteTable, settings: ProxySettings, redirect: RedirectServer,
                  forwarding: Forwarding | None = None, forwarding_config: ForwardingConfig = ForwardingConfig(),
-                 plugins: PluginHost | None = None, dialogs=None, debug: bool = False):
+                 plugins: PluginHost | None = None, dialogs=None, transfers=None, debug: bool = False):
         self.clock = clock
         # A line per call only when asked for ([server] debug): formatting and writing it cost
         # an eighth of the CPU of a call (issue 14's profile); counters and `trace` tell the rest.
@@ -67,6 +67,7 @@ class Router:
         self.feature_codes = FeatureCodes.from_config(forwarding_config) if forwarding_config.feature_codes else None
         self.plugins = plugins if plugins is not None else PluginHost()  # request policies, events
         self.dialogs = dialogs  # proxy/dialogs.py: the calls in progress, and their records
+        self.transfers = transfers  # proxy/transfer.py: Bye/Also transfers the proxy completes
         self.calls: dict[int, ProxyCall] = {}
         self.stats = {"calls_answered": 0, "calls_failed": 0}
         self.context = CallContext(
@@ -104,6 +105,11 @@ class Router:
     # -- the steps -------------------------------------------------------------------
 
     def _route(self, tx: ServerTransaction, request: Request) -> None:
+        if self.transfers is not None and self.transfers.by_call_id and request.to.tag is not None:
+            owned = self.transfers.owns(request)
+            if owned is not None:  # a leg of a transfer we complete: we are that party's peer now
+                owned[0].request_received(tx, request, owned[1])
+                return
         if self._checks_16_3(tx, request):
             return
         received = request  # what the client signed its digest over
@@ -121,6 +127,8 @@ class Router:
             # Only now: a challenge or refusal before this point is sent statelessly.
             self.replies.respond(tx, 100, "Trying")
         if in_dialog:
+            if request.method == "BYE" and self._completes_transfer(tx, request, served):
+                return
             self._in_dialog(request)
         if served.basis in ("signed-dialog", "trusted-network") and (
                 in_dialog or request.headers.get("route") is not None):
@@ -136,6 +144,18 @@ class Router:
             self._start(tx, request, [self.targets.for_dialog(request.uri)], record_route=False)
             return
         self._initial(tx, request, source, served)
+
+    def _completes_transfer(self, tx, request: Request, served: Served) -> bool:
+        """A BYE with Also to a party that ignores Also: the proxy carries the transfer out (proxy/transfer.py)."""
+        if self.transfers is None or served.basis != "signed-dialog" or request.headers.first_value("also") is None:
+            return False
+        agent = self.dialogs.agent_of_peer(request.call_id, request.from_.tag) if self.dialogs is not None else ""
+        target = self.transfers.should_complete(request, agent)
+        if target is None:
+            return False
+        dialog = self.dialogs.take_over(request.call_id, str(target)) if self.dialogs is not None else None
+        self.transfers.start(tx, request, target, dialog)
+        return True
 
     def _in_dialog(self, request: Request) -> None:
         """A served in-dialog request: the dialog table follows it (hold, transfer, BYE)."""
@@ -287,7 +307,8 @@ class Router:
                     caller = str(request.from_.uri)
                 except Exception:
                     caller = ""
-                self.dialogs.invite_routed(request.call_id, caller, request.uri_text, request.from_.tag or "")
+                self.dialogs.invite_routed(request.call_id, caller, request.uri_text, request.from_.tag or "",
+                                           request.headers.get("user-agent") or "")
             if self.plugins.listening:
                 self.plugins.emit("call_started", call=call.info())
         call.start(plan)
@@ -299,7 +320,9 @@ class Router:
         if call.method == "INVITE":
             self.stats["calls_answered"] += 1
             if self.dialogs is not None:
-                self.dialogs.answered(call.call_id, response.to.tag)
+                headers = response.headers
+                self.dialogs.answered(call.call_id, response.to.tag,
+                                      headers.get("user-agent") or headers.get("server") or "")
             if self.debug:
                 log.debug("Call {call_id} answered ({kind})", call_id=for_log(call.call_id), kind=branch.target.kind)
         if self.plugins.listening:
