@@ -1,0 +1,115 @@
+"""Transfers through the real proxy with SIPp playing A (transferee), B (transferor) and C (target): the seed's
+REFER-then-Bye/Also flow (seed 001 Figure B-8) with a 7960 as A, and with an A that ignores Also, which the
+proxy completes itself (RFC 3725 flow I); `sipproxy-admin calls` during the call."""
+
+import json
+import time
+
+from tests.integration.harness import free_port, run_sipp, sipp_errors
+from tests.integration.test_proxy_sipp import PASSWORDS, CallTestCase
+
+
+class ByeAlsoTests(CallTestCase):
+    def setUp(self):
+        super().setUp()
+        self.b, self.c = free_port(), free_port()
+        self.register("1002", self.b)
+        self.register("1003", self.c)
+
+    def transfer(self, a_scenario, c_scenario, fields, then=None):
+        target = self.peer(c_scenario, port=self.c, timeout=30)
+        transferor = self.peer("xfer_b_bye_also.xml", port=self.b, extra=["-inf", self._fields("1003;localhost;")],
+                               timeout=30)
+        result = run_sipp(a_scenario, self.server.port, injection=[fields], extra=["-au", "1001", "-ap",
+                                                                                  PASSWORDS["1001"]], timeout=30)
+        self.assertEqual(result.returncode, 0, sipp_errors(result) + self.server.log()[-5000:])
+        self.assertPeerDone(transferor)
+        if then is not None:
+            try:
+                then()
+            except AssertionError:
+                target.stop()
+                raise AssertionError(target.errors())
+        self.assertPeerDone(target)
+
+    def a_invites_c(self):
+        """What a 7960 does with Also: C (seed 001 Figure B-8): a new call to C with Requested-By: B."""
+        import os
+        import tempfile
+
+        from tests.integration.harness import SCENARIOS
+
+        with open(os.path.join(SCENARIOS, "caller.xml")) as f:
+            text = f.read()
+        text = text.replace("User-Agent: Cisco-CP7960G/8.0", "User-Agent: Cisco-SIPIPPhone/7.5\n      "
+                            "Requested-By: <sip:1002@localhost>")
+        path = os.path.join(tempfile.mkdtemp(), "a_invites_c.xml")
+        with open(path, "w") as f:
+            f.write(text)
+        result = run_sipp(path, self.server.port, injection=[("1001", "1003", "localhost")],
+                          extra=["-au", "1001", "-ap", PASSWORDS["1001"]], timeout=20)
+        self.assertEqual(result.returncode, 0, sipp_errors(result) + self.server.log()[-4000:])
+
+    def _fields(self, row):
+        import os
+        import tempfile
+
+        path = os.path.join(tempfile.mkdtemp(), "fields.csv")
+        with open(path, "w") as f:
+            f.write(f"SEQUENTIAL\n{row}\n")
+        return path
+
+    def logged(self, text: str, timeout: float = 5.0) -> str:
+        """The server log once it holds `text` (a worker's lines reach it a moment later)."""
+        deadline = time.monotonic() + timeout
+        while text not in self.server.log() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        log = self.server.log()
+        self.assertIn(text, log)
+        return log
+
+    def test_a_7960_acts_on_also_itself(self):
+        self.transfer("xfer_a_acts_on_also.xml", "xfer_c_answers.xml", ("1001", "1002", "localhost"),
+                      then=self.a_invites_c)
+        log = self.logged("transferred (bye-also)")
+        self.assertNotIn("completing the transfer", log)
+
+    def test_an_a_that_ignores_also_is_connected_to_c_by_the_proxy(self):
+        self.transfer("xfer_a_ignores_also.xml", "xfer_c_hangs_up.xml", ("1001", "1002", "localhost"))
+        log = self.logged("hung up by the transfer target, ")
+        self.assertIn("completing the transfer", log)
+        self.assertIn("Transfer completed by the proxy", log)
+        self.assertIn("transferred (bye-also-completed)", log)
+        self.assertEqual(json.loads(self.server.admin("calls", "--json").stdout), [])
+
+
+class CallListTests(CallTestCase):
+    def test_calls_lists_a_call_in_progress(self):
+        import os
+        import tempfile
+
+        from tests.integration.harness import SCENARIOS, SippPeer
+
+        port = free_port()
+        self.register("1002", port)
+        callee = self.peer("callee.xml", port=port)
+        with open(os.path.join(SCENARIOS, "caller.xml")) as f:
+            text = f.read().replace('<pause milliseconds="200"/>', '<pause milliseconds="4000"/>')  # talk 4 s
+        scenario = os.path.join(tempfile.mkdtemp(), "caller_talks.xml")
+        with open(scenario, "w") as f:
+            f.write(text)
+        fields = os.path.join(tempfile.mkdtemp(), "fields.csv")
+        with open(fields, "w") as f:
+            f.write("SEQUENTIAL\n1001;1002;localhost;\n")
+        caller = SippPeer(scenario, self.server.port, extra=["-inf", fields, "-au", "1001", "-ap", PASSWORDS["1001"]])
+        self.addCleanup(caller.stop)
+        seen = []
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not [c for c in seen if c["state"] == "up"]:
+            seen = json.loads(self.server.admin("calls", "--json").stdout)
+            time.sleep(0.1)
+        self.assertEqual([(c["caller"], c["callee"], c["state"]) for c in seen],
+                         [("sip:1001@localhost", "sip:1002@localhost", "up")])
+        self.assertIn("1001@localhost", self.server.admin("calls").stdout)
+        self.assertEqual(caller.wait(), 0)
+        self.assertPeerDone(callee)
