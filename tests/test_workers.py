@@ -6,6 +6,7 @@ pumped by hand. The supervisor and the child program run for real in
 tests/integration/test_workers_sipp.py.
 """
 
+import io
 import os
 import sqlite3
 import zlib
@@ -352,3 +353,24 @@ def _call_id_owned_by(index: int, count: int = 2) -> str:
     raise AssertionError("no Call-ID found")
 
 
+
+
+class LogRelayTests(SynchronousTestCase):
+    def test_a_workers_line_is_relayed_as_soon_as_it_is_whole(self):
+        # Each record is "\x1e" + JSON + "\n"; one split over two reads waits for its end, not for the next record.
+        from twisted.logger import Logger, globalLogPublisher, jsonFileLogObserver
+
+        from proxy.workers.supervisor import _WorkerProcess
+
+        out = io.StringIO()
+        Logger(namespace="proxy.dialogs", observer=jsonFileLogObserver(out)).info("Call record: {n}", n=1)
+        data = out.getvalue().encode()
+        seen = []
+        globalLogPublisher.addObserver(seen.append)
+        self.addCleanup(globalLogPublisher.removeObserver, seen.append)
+        proc = _WorkerProcess(supervisor=None, index=1)
+        proc.errReceived(data[:10])
+        self.assertEqual([e for e in seen if e.get("n") == 1], [])
+        proc.errReceived(data[10:])
+        (event,) = [e for e in seen if e.get("n") == 1]
+        self.assertEqual(event["log_system"], "worker 1: proxy.dialogs#info")

@@ -47,6 +47,11 @@ class _WorkerProcess(protocol.ProcessProtocol):
     def errReceived(self, data: bytes):
         self._pending += data
         *records, self._pending = self._pending.split(_RECORD_SEPARATOR)
+        if self._pending.endswith(b"\n"):
+            # A record is its separator, JSON and a newline: one that has its newline is whole. Waiting for the
+            # next separator instead held a worker's latest line back until it logged again.
+            records.append(self._pending)
+            self._pending = b""
         for record in records:
             self._relay(record.strip())
 
