@@ -16,13 +16,17 @@ class ByeAlsoTests(CallTestCase):
         self.register("1002", self.b)
         self.register("1003", self.c)
 
-    def transfer(self, a_scenario, c_scenario, fields, then=None):
+    def transfer(self, a_scenario, c_scenario, fields, then=None, b_scenario="xfer_b_bye_also.xml"):
         target = self.peer(c_scenario, port=self.c, timeout=30)
-        transferor = self.peer("xfer_b_bye_also.xml", port=self.b, extra=["-inf", self._fields("1003;localhost;")],
+        transferor = self.peer(b_scenario, port=self.b, extra=["-inf", self._fields("1003;localhost;")],
                                timeout=30)
         result = run_sipp(a_scenario, self.server.port, injection=[fields], extra=["-au", "1001", "-ap",
                                                                                   PASSWORDS["1001"]], timeout=30)
-        self.assertEqual(result.returncode, 0, sipp_errors(result) + self.server.log()[-5000:])
+        if result.returncode != 0:
+            transferor.stop()
+            target.stop()
+        self.assertEqual(result.returncode, 0, sipp_errors(result) + "\nB: " + transferor.errors() + "\nC: " +
+                         target.errors() + self.server.log()[-5000:])
         self.assertPeerDone(transferor)
         if then is not None:
             try:
@@ -32,7 +36,7 @@ class ByeAlsoTests(CallTestCase):
                 raise AssertionError(target.errors())
         self.assertPeerDone(target)
 
-    def a_invites_c(self):
+    def a_invites_c(self, header="Requested-By"):
         """What a 7960 does with Also: C (seed 001 Figure B-8): a new call to C with Requested-By: B."""
         import os
         import tempfile
@@ -42,7 +46,7 @@ class ByeAlsoTests(CallTestCase):
         with open(os.path.join(SCENARIOS, "caller.xml")) as f:
             text = f.read()
         text = text.replace("User-Agent: Cisco-CP7960G/8.0", "User-Agent: Cisco-SIPIPPhone/7.5\n      "
-                            "Requested-By: <sip:1002@localhost>")
+                            f"{header}: <sip:1002@localhost>")
         path = os.path.join(tempfile.mkdtemp(), "a_invites_c.xml")
         with open(path, "w") as f:
             f.write(text)
@@ -67,6 +71,12 @@ class ByeAlsoTests(CallTestCase):
         log = self.server.log()
         self.assertIn(text, log)
         return log
+
+    def test_blind_transfer_with_refer(self):
+        # Seed 001 Figure B-7: hold, REFER (202), NOTIFY, BYE; then A INVITEs C with Referred-By.
+        self.transfer("xfer_a_refer.xml", "xfer_c_answers.xml", ("1001", "1002", "localhost"),
+                      then=lambda: self.a_invites_c("Referred-By"), b_scenario="xfer_b_refer.xml")
+        self.logged("transferred (refer)")
 
     def test_a_7960_acts_on_also_itself(self):
         self.transfer("xfer_a_acts_on_also.xml", "xfer_c_answers.xml", ("1001", "1002", "localhost"),
