@@ -149,7 +149,7 @@ class ProxySettings:
 
 @attrs.frozen
 class TransferConfig:
-    """Bye/Also (seed 001 line 3480) toward a party that will not act on it: completed by the proxy (proxy/transfer.py)."""
+    """Bye/Also (seed 001 lines 3456-3457) toward a party that will not act on it: completed by the proxy (proxy/transfer.py)."""
 
     complete_also: bool = True
     # User-Agents (globs, any case) that act on Also themselves: their BYE is relayed untouched.

@@ -118,6 +118,7 @@ class Core:
             "bindings_expired": self.location.expired,
             "plugin_failures": dict(self.plugins.failures),
             "overload": self.shedder.counters(),
+            "transfers": self.transfers.counters() if self.transfers is not None else {},
         }
 
 

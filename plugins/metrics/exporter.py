@@ -54,6 +54,7 @@ KNOWN_LABELS = {
     "sipproxy_keepalive": ("answered", "came_back", "sent", "unanswered", "went_silent"),
     "sipproxy_shed": ("invite", "other", "register", "register_stale"),
     "sipproxy_calls": ("on_hold", "ringing", "setup", "transferring", "up"),
+    "sipproxy_transfers_completed_by_proxy": ("bridged", "failed"),
 }
 
 
@@ -164,6 +165,11 @@ class SipProxyCollector:
                       counters["checksync"].items())
         yield _family(CounterMetricFamily, "sipproxy_keepalive", "Phone keepalive OPTIONS, by outcome", "result",
                       counters["keepalive"].items())
+        transfers = counters.get("transfers") or {}
+        if transfers:
+            yield _family(CounterMetricFamily, "sipproxy_transfers_completed_by_proxy", "Bye/Also transfers the proxy "
+                          "carried out for a party that ignores Also, by outcome", "result",
+                          [("bridged", transfers["completed"]), ("failed", transfers["failed"])])
         if "calls_by_state" in calls:
             yield CounterMetricFamily("sipproxy_call_records", "Calls ended (one record each)",
                                       value=calls["call_records"])
