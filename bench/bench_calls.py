@@ -4,8 +4,9 @@ Not a test. Run:  python bench/bench_calls.py [--calls 20000]
 Builds the core as the server does (`make_core`: SQLite in a temporary directory, a Clock), registers one
 callee, and sends N INVITEs from a trusted gateway (no digest round) that the callee answers with 180
 Ringing: N calls ringing at once, each a server transaction, a ProxyCall, a branch and its client
-transaction with Timer C running. Reports the resident memory they added, per call. (A call that is
-answered holds nothing here after its transactions linger out: the proxy keeps no dialog.)
+transaction with Timer C running. Reports the resident memory they added, per call. With --answered the
+callee answers 200 instead: once the transactions have lingered out, what stays per call is its entry in
+the dialog table (proxy/dialogs.py), until its BYE.
 """
 
 import argparse
@@ -14,6 +15,7 @@ import os
 import sys
 import tempfile
 import time
+import tracemalloc
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir))
 sys.path.insert(0, os.path.dirname(__file__))
@@ -29,7 +31,11 @@ from resident import rss_kib  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--calls", type=int, default=20_000)
-    n = parser.parse_args().calls
+    parser.add_argument("--answered", action="store_true", help="answer every call (200) instead of ringing")
+    parser.add_argument("--traced", action="store_true", help="also count with tracemalloc (slower)")
+    args = parser.parse_args()
+    n = args.calls
+    status = "200 OK" if args.answered else "180 Ringing"
     core, transports, clock = make_core(tempfile.mkdtemp(prefix="bench-calls-"),
                                         proxy=ProxySettings(trusted=("192.0.2.0/24",)))
     clock.advance(time.time())
@@ -40,6 +46,8 @@ def main() -> None:
     callee = udp_source("10.0.0.2", 5060)
     gc.collect()
     before = rss_kib()
+    if args.traced:
+        tracemalloc.start()
     started = time.perf_counter()
     for i in range(n):
         server.data_received(sip_bytes(f"""
@@ -58,7 +66,7 @@ def main() -> None:
             if isinstance(message, Response) or message.method != "INVITE":
                 continue
             ringing = message.serialize().decode().replace(f"INVITE {message.uri_text} SIP/2.0",
-                                                           "SIP/2.0 180 Ringing", 1)
+                                                           f"SIP/2.0 {status}", 1)
             ringing = ringing.replace("To: <sip:1002@example.com>", "To: <sip:1002@example.com>;tag=c1", 1)
             server.data_received(ringing.encode(), callee)
         transports.sent.clear()
@@ -69,8 +77,11 @@ def main() -> None:
     transports.sent.clear()
     gc.collect()
     added = rss_kib() - before
+    if args.traced:  # what Python holds now, not what the process got from the OS and kept (freed arenas)
+        print(f"traced: {tracemalloc.get_traced_memory()[0] / n:.0f} bytes per call still held")
+        tracemalloc.stop()
     live = core.router.counters()
-    print(f"{n} calls ringing: {added} KiB resident added, {added * 1024 / n:.0f} bytes per call "
+    print(f"{n} calls {'answered' if args.answered else 'ringing'}: {added} KiB resident added, {added * 1024 / n:.0f} bytes per call "
           f"({elapsed / n * 1e6:.0f} us to set one up); transactions {server.transactions.counts()}; calls {live}")
 
 
