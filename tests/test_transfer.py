@@ -107,6 +107,40 @@ class ByeAlsoTests(SynchronousTestCase):
         sent = self.net.take()
         self.assertEqual(sorted(m.method for m, _ in requests(sent)), ["ACK", "BYE", "CANCEL"])
 
+    def test_a_hangs_up_while_c_rings(self):
+        reinvite, invite_c = self.through_to_c()
+        self.reply(invite_c, 180, C, tag="c-tag")
+        self.net.send(sip_bytes(f"""
+            BYE sip:transfer@{self.net.core.identity.advertise_host}:5060 SIP/2.0
+            Via: SIP/2.0/UDP 192.0.2.10:5060;branch=z9hG4bKabye
+            Route: <{self.net.rr()}>
+            Max-Forwards: 70
+            From: "Caller" <sip:1001@{REALM}>;tag=caller-tag
+            To: <sip:1002@{REALM}>;tag=callee-tag
+            Call-ID: call-1
+            CSeq: 3 BYE
+        """), A)
+        sent = self.net.take()
+        self.assertEqual(statuses(sent), [200])
+        ((cancel, dest),) = requests(sent, "CANCEL")
+        self.assertEqual(((dest.host, dest.port), cancel.call_id), (C, invite_c.call_id))
+        self.assertEqual(self.records[0].ended_by, "transferee")
+
+    def test_glare_while_the_proxy_reinvites_a(self):
+        self.call()
+        ((reinvite, _),) = requests(self.bye_also(), "INVITE")
+        self.net.send(sip_bytes(f"""
+            INVITE sip:transfer@{self.net.core.identity.advertise_host}:5060 SIP/2.0
+            Via: SIP/2.0/UDP 192.0.2.10:5060;branch=z9hG4bKglare
+            Route: <{self.net.rr()}>
+            Max-Forwards: 70
+            From: "Caller" <sip:1001@{REALM}>;tag=caller-tag
+            To: <sip:1002@{REALM}>;tag=callee-tag
+            Call-ID: call-1
+            CSeq: 3 INVITE
+        """), A)
+        self.assertEqual(statuses(self.net.take()), [491])  # RFC 3261 14.1: the other side tries again later
+
     def test_a_refuses_the_reinvite(self):
         self.call()
         ((reinvite, _),) = requests(self.bye_also(), "INVITE")

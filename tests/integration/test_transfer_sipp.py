@@ -36,6 +36,60 @@ class ByeAlsoTests(CallTestCase):
                 raise AssertionError(target.errors())
         self.assertPeerDone(target)
 
+    def derived(self, name: str, *replacements) -> str:
+        """tests/scenarios/<name> with text replaced: a variant for one test (a header more, a longer talk)."""
+        import os
+        import tempfile
+
+        from tests.integration.harness import SCENARIOS
+
+        with open(os.path.join(SCENARIOS, name)) as f:
+            text = f.read()
+        for old, new in replacements:
+            assert old in text, old
+            text = text.replace(old, new)
+        path = os.path.join(tempfile.mkdtemp(), name)
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def test_attended_transfer_with_replaces(self):
+        # B consults C (its own call), then REFERs A with Refer-To: C?Replaces=<that call>; A INVITEs C with
+        # Replaces. The proxy passes every header through; the call list sees the transfer.
+        from tests.integration.harness import SippPeer
+
+        target = SippPeer("callee.xml", self.server.port, port=self.c, calls=2, extra=["-trace_msg"], timeout=30)
+        self.addCleanup(target.stop)
+        c_tag = f"{target.process.pid}SIPpTag011"  # callee.xml's To tag of its first call, the consultation
+        replaces = f"consult-1@127.0.0.1;to-tag={c_tag};from-tag=b-consult"
+        escaped = replaces.replace("@", "%40").replace(";", "%3B").replace("=", "%3D")
+        transferor = self.peer("xfer_b_attended.xml", port=self.b, timeout=30,
+                               extra=["-inf", self._fields(f"1003;localhost;{escaped};")])
+        consult = SippPeer(self.derived("caller.xml", ("tag=[pid]SIPpTag00[call_number]", "tag=b-consult"),
+                                        ('<pause milliseconds="200"/>', '<pause milliseconds="5000"/>')),
+                           self.server.port, extra=["-inf", self._fields("1002;1003;localhost;"), "-au", "1002",
+                                                     "-ap", PASSWORDS["1002"], "-cid_str", "consult-1@%s"])
+        self.addCleanup(consult.stop)
+        result = run_sipp("xfer_a_refer.xml", self.server.port, injection=[("1001", "1002", "localhost")],
+                          extra=["-au", "1001", "-ap", PASSWORDS["1001"]], timeout=30)
+        self.assertEqual(result.returncode, 0, sipp_errors(result) + self.server.log()[-4000:])
+        self.assertPeerDone(transferor)
+        calls = json.loads(self.server.admin("calls", "--json").stdout)
+        self.assertEqual([(c["caller"], c["callee"]) for c in calls], [("sip:1002@localhost", "sip:1003@localhost")])
+        replacing = run_sipp(self.derived("caller.xml", ("User-Agent: Cisco-CP7960G/8.0",
+                                                         f"User-Agent: Cisco-SIPIPPhone/7.5\n      Replaces: {replaces}")),
+                             self.server.port, injection=[("1001", "1003", "localhost")],
+                             extra=["-au", "1001", "-ap", PASSWORDS["1001"]], timeout=20)
+        self.assertEqual(replacing.returncode, 0, sipp_errors(replacing) + self.server.log()[-4000:])
+        self.assertEqual(consult.wait(), 0, consult.errors())
+        self.assertPeerDone(target)
+        import glob
+
+        (messages,) = glob.glob(f"{target.workdir}/*_messages.log")
+        with open(messages) as f:
+            self.assertIn(f"Replaces: {replaces}", f.read())
+        self.logged("transferred (refer)")
+
     def a_invites_c(self, header="Requested-By"):
         """What a 7960 does with Also: C (seed 001 Figure B-8): a new call to C with Requested-By: B."""
         import os
