@@ -81,3 +81,20 @@ class DialogTests(SynchronousTestCase):
         self.net.clock.advance(3600 + 60)
         (record,) = self.records
         self.assertEqual((record.ended_by, self.dialogs.counters()["calls_timed_out"]), ("timeout", 1))
+
+    def test_records_are_logged_once_a_second_a_line_each(self):
+        from twisted.logger import globalLogPublisher
+
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        for n in range(3):
+            (invite, _), = requests(self.net.invite(call_id=f"busy{n}"), "INVITE")
+            self.net.answer(invite, 486, B)
+        self.assertEqual([e for e in events if "call_records" in e], [])
+        self.net.clock.advance(1)
+        (event,) = [e for e in events if "call_records" in e]
+        lines = event["records"].split("\n")
+        self.assertEqual((event["call_records"], len(lines)), (3, 3))
+        self.assertTrue(all(line.startswith("Call record: sip:1001@example.com -> sip:1002@example.com, not answered "
+                                            "(486)") for line in lines), lines)
