@@ -53,7 +53,7 @@ class Leg:
 
 
 class Takeover:
-    def __init__(self, service: "TransferService", tx, bye: Request, target: SipUri, dialog):
+    def __init__(self, service: "TransferService", bye: Request, target: SipUri, dialog):
         self.service = service
         self.clock = service.clock
         self.bye = bye
@@ -291,7 +291,7 @@ class TransferService:
 
     def start(self, tx, bye: Request, target: SipUri, dialog) -> None:
         self.replies.respond(tx, 200, "OK")  # B is done with the call
-        takeover = Takeover(self, tx, bye, target, dialog)
+        takeover = Takeover(self, bye, target, dialog)
         self.by_call_id[takeover.a.call_id] = takeover
         self.by_call_id[takeover.c.call_id] = takeover
         log.info("BYE with Also: {c} from {b}: completing the transfer for {a}, which does not act on Also",
