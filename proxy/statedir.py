@@ -1,6 +1,8 @@
-"""Files in the state directory that hold secrets: created once, mode 0600, kept across restarts."""
+"""Files in the state directory: secrets created once (mode 0600, kept across restarts), and files replaced
+whole, atomically, so that no reader ever sees half of one."""
 
 import os
+import tempfile
 
 from twisted.logger import Logger
 
@@ -26,3 +28,21 @@ def secret_file(state_dir: str, name: str, make, min_length: int = 32) -> bytes:
     with os.fdopen(fd, "wb") as f:
         f.write(content + b"\n")
     return content
+
+
+def replace_file(path: str, data: bytes, mode: int = 0o600) -> None:
+    """Write `path` as a whole: a temporary file beside it, fsync, rename (readers see the old or the new)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}-", dir=directory)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

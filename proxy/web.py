@@ -9,8 +9,9 @@ closed.
 """
 
 import io
+import json
 
-from twisted.web import http, server
+from twisted.web import http, resource, server
 
 
 def _refuse(channel, status: int, phrase: str) -> None:
@@ -93,3 +94,22 @@ def bounded_site(resource, *, max_body: int = 64 * 1024, max_header_bytes: int =
     site = server.Site(resource, requestFactory=request_class, timeout=timeout)
     site.protocol = channel_class
     return site
+
+
+class JsonResource(resource.Resource):
+    """A leaf answering JSON, for the admin API's plugin resources: `handler(method, path, request)` returns
+    (status, body); `path` is what follows the mount point, as a list of strings."""
+
+    isLeaf = True
+
+    def __init__(self, handler):
+        super().__init__()
+        self.handler = handler
+
+    def render(self, request):
+        request.setHeader(b"Content-Type", b"application/json")
+        request.setHeader(b"Cache-Control", b"no-store")
+        path = [p.decode("utf-8", "replace") for p in request.postpath if p]
+        status, body = self.handler(request.method.decode("ascii", "replace"), path, request)
+        request.setResponseCode(status)
+        return json.dumps(body, indent=1).encode() + b"\n"

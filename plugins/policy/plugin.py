@@ -23,7 +23,6 @@ import re
 import attrs
 from twisted.application import service
 from twisted.logger import Logger
-from twisted.web import resource
 from zope.interface import implementer
 
 from plugins.policy.alerts import AlertSender, describe
@@ -32,6 +31,7 @@ from plugins.policy.config import PolicyConfig, state_file
 from plugins.policy.dialling import DialRules
 from plugins.policy.limits import CallsInProgress, CostlyCalls
 from proxy.periodic import Every
+from proxy.web import JsonResource
 from proxy.plugin import (Continue, Drop, IEventObserver, IProxyPlugin, IReloadablePlugin, IRequestPolicy,
                           IServicePlugin, ISharedPlugin, ISourceScreen, IWebResources, Respond)
 from proxy.sip.grammar import for_log
@@ -323,24 +323,13 @@ class _PolicyService(service.Service):
         return super().stopService()
 
 
-class PolicyResource(resource.Resource):
+class PolicyResource(JsonResource):
     """/policy: GET the status; /policy/bans: GET the list, POST {"address", "minutes", "reason"} to ban,
     DELETE /policy/bans/<address> to lift one. Behind the admin site's token guard."""
 
-    isLeaf = True
-
-    def __init__(self, plugin: PolicyPlugin):
-        super().__init__()
+    def __init__(self, plugin):
+        super().__init__(self._handle)
         self.plugin = plugin
-
-    def render(self, request):
-        request.setHeader(b"Content-Type", b"application/json")
-        request.setHeader(b"Cache-Control", b"no-store")
-        path = [p.decode("utf-8", "replace") for p in request.postpath if p]
-        method = request.method.decode("ascii", "replace")
-        status, body = self._handle(method, path, request)
-        request.setResponseCode(status)
-        return json.dumps(body, indent=1).encode() + b"\n"
 
     def _handle(self, method: str, path: list[str], request):
         plugin = self.plugin

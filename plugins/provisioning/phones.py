@@ -10,12 +10,12 @@ import fcntl
 import json
 import os
 import re
-import tempfile
 from contextlib import contextmanager
 
 import attrs
 
 from proxy.errors import CommandError
+from proxy.statedir import replace_file
 
 PHONES_FILE = "phones.json"
 MODELS = ("7940", "7960")
@@ -93,21 +93,7 @@ def write_phones(path: str, phones: dict[str, ProvisionedPhone]) -> None:
     data = {"version": 1, "phones": {
         p.device: {"model": p.model, "lines": list(p.lines), "label": p.label, "image": p.image,
                    "passwords": dict(p.passwords)} for p in sorted(phones.values(), key=lambda p: p.device)}}
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".phones-", dir=directory)
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    replace_file(path, (json.dumps(data, indent=1) + "\n").encode("utf-8"))
 
 
 @contextmanager

@@ -14,7 +14,6 @@ import urllib.parse
 from twisted.application import service
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
-from twisted.web import resource
 from zope.interface import implementer
 
 from plugins.provisioning.config import ProvisioningConfig, with_root
@@ -23,6 +22,7 @@ from plugins.provisioning.tftp import TftpServer
 from plugins.provisioning.tftplog import RequestLog, diagnose
 from plugins.provisioning.upgrade import PlanError, version
 from proxy.periodic import Every
+from proxy.web import JsonResource
 from proxy.plugin import IProxyPlugin, IServicePlugin, IWebResources
 
 log = Logger()
@@ -176,24 +176,13 @@ class _ProvisioningService(service.Service):
         return super().stopService()
 
 
-class ProvisioningResource(resource.Resource):
+class ProvisioningResource(JsonResource):
     """/provisioning/tftp-log[?phone=SEP...]; /provisioning/upgrade: GET the run, POST {"to", "phones", "parallel",
     "timeout"} to start one, DELETE to stop starting steps. Behind the admin site's token guard."""
 
-    isLeaf = True
-
-    def __init__(self, plugin: ProvisioningPlugin):
-        super().__init__()
+    def __init__(self, plugin):
+        super().__init__(self._handle)
         self.plugin = plugin
-
-    def render(self, request):
-        request.setHeader(b"Content-Type", b"application/json")
-        request.setHeader(b"Cache-Control", b"no-store")
-        path = [p.decode("utf-8", "replace") for p in request.postpath if p]
-        method = request.method.decode("ascii", "replace")
-        status, body = self._handle(method, path, request)
-        request.setResponseCode(status)
-        return json.dumps(body, indent=1).encode() + b"\n"
 
     def _handle(self, method: str, path: list[str], request):
         plugin = self.plugin

@@ -29,7 +29,6 @@ import itertools
 import os
 import re
 import secrets
-import tempfile
 import xml.etree.ElementTree as ET
 
 import attrs
@@ -42,6 +41,7 @@ from proxy.nat import NatPolicy
 from proxy.sip.headers import Headers
 from proxy.sip.message import Request, Response
 from proxy.sip.uri import SipUri
+from proxy.statedir import replace_file
 from proxy.transaction import MAGIC_COOKIE, TransactionLayer
 
 log = Logger()
@@ -115,22 +115,10 @@ def _xml_attr(value: str) -> str:
 
 
 def _atomic_write(path: str, data: bytes) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".syncinfo-", dir=directory)
+        replace_file(path, data, mode=0o644)  # the TFTP server must read it
     except OSError as e:
         raise SyncInfoError(f"{path}: cannot write: {e.strerror}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # the TFTP server must read it
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 @attrs.define

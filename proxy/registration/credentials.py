@@ -16,7 +16,6 @@ import fcntl
 import hashlib
 import json
 import os
-import tempfile
 from contextlib import contextmanager
 
 import attrs
@@ -25,6 +24,7 @@ from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
 from proxy.errors import ConfigError
+from proxy.statedir import replace_file
 
 log = Logger()
 
@@ -145,21 +145,7 @@ def _write_users_file(path: str, users: dict[str, UserRecord]) -> None:
             for u in sorted(users.values(), key=lambda u: u.name)
         },
     }
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".users-", dir=directory)
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    replace_file(path, (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
 @contextmanager
