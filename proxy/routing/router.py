@@ -303,11 +303,8 @@ class Router:
         self.calls[id(tx)] = call
         if call.method == "INVITE" and request.to.tag is None:
             if self.dialogs is not None:
-                try:
-                    caller = str(request.from_.uri)
-                except Exception:
-                    caller = ""
-                self.dialogs.invite_routed(request.call_id, caller, request.uri_text, request.from_.tag or "",
+                caller = request.from_  # its URI as written: parsing it for the call list would cost every call
+                self.dialogs.invite_routed(request.call_id, caller.uri_text, request.uri_text, caller.tag or "",
                                            request.headers.get("user-agent") or "")
             if self.plugins.listening:
                 self.plugins.emit("call_started", call=call.info())
