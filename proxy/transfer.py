@@ -13,6 +13,10 @@ caller is cut off. So when B's BYE with Also goes to a party whose User-Agent is
 5. relays between the two dialogs (a BYE from either ends both; a re-INVITE, hold or resume, is passed to
    the other side and its answer back), until either hangs up.
 
+The proxy calls C on B's word, so only for a B that is one of our users, and only where the request
+policies would let B dial C itself (proxy/routing/router.py `_transfer_refused`; emergency numbers always):
+a transfer is no way around dial classes. Otherwise the BYE goes on untouched.
+
 When C fails (busy, no answer within `ring_timeout`, unknown) or A refuses the re-INVITE, B is gone
 already: A gets a BYE. A 2xx that is retransmitted gets its ACK again. Every request of either leg
 carries that leg's Call-ID, so with workers it reaches the process that owns the transfer (the new

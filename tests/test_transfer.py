@@ -147,6 +147,44 @@ class ByeAlsoTests(SynchronousTestCase):
         sent = self.reply(reinvite, 488, A)
         self.assertEqual(sorted(m.method for m, _ in requests(sent)), ["ACK", "BYE"])
 
+    def test_the_transfer_is_held_to_what_b_may_dial(self):
+        # The proxy calls C on B's word: a policy that refuses B that number keeps the proxy out of it.
+        from zope.interface import implementer
+
+        from proxy.plugin import Continue, IProxyPlugin, IRequestPolicy, Respond
+
+        @implementer(IProxyPlugin, IRequestPolicy)
+        class NoCallsTo1003:
+            name = "no-1003"
+
+            def check_request(self, request, source, user):
+                self.asked = user
+                return Respond(403, "Not allowed") if request.uri.user == "1003" else Continue()
+
+        policy = NoCallsTo1003()
+        self.net.core.plugins.add(policy)
+        self.call()
+        sent = self.bye_also()
+        ((bye, _),) = requests(sent, "BYE")  # relayed as it came: A hangs up, no call to C is made for B
+        self.assertEqual(requests(sent, "INVITE"), [])
+        self.assertEqual((bye.headers.get("also"), policy.asked), (f"<sip:1003@{REALM}>", "1002"))  # asked for B
+
+    def test_a_transferor_that_is_not_our_user_gets_no_call_made(self):
+        self.call()
+        self.net.send(sip_bytes(f"""
+            BYE sip:1001@192.0.2.10:5060 SIP/2.0
+            Via: SIP/2.0/UDP 192.0.2.11:5060;branch=z9hG4bKbyealso2
+            Route: <{self.net.rr()}>
+            Max-Forwards: 70
+            From: <sip:stranger@elsewhere.example>;tag=callee-tag
+            To: "Caller" <sip:1001@{REALM}>;tag=caller-tag
+            Call-ID: call-1
+            CSeq: 7 BYE
+            Also: <sip:1003@{REALM}>
+        """), B)
+        sent = self.net.take()
+        self.assertEqual((len(requests(sent, "BYE")), requests(sent, "INVITE")), (1, []))
+
     def test_a_cisco_phone_gets_the_bye_with_also_untouched(self):
         self.call(agent="Cisco-SIPIPPhone/7.5")
         sent = self.bye_also()

@@ -35,6 +35,7 @@ from proxy.routing.redirect import RedirectServer
 from proxy.routing.routes import RouteTable, gateway_uri, hop_for_uri
 from proxy.routing.targets import Targets
 from proxy.sip.grammar import for_log
+from proxy.sip.headers import Headers
 from proxy.sip.message import Request, Response
 from proxy.sip.uri import NameAddr, SipUri
 from proxy.transaction import ServerTransaction
@@ -146,16 +147,44 @@ class Router:
         self._initial(tx, request, source, served)
 
     def _completes_transfer(self, tx, request: Request, served: Served) -> bool:
-        """A BYE with Also to a party that ignores Also: the proxy carries the transfer out (proxy/transfer.py)."""
+        """A BYE with Also to a party that ignores Also: the proxy carries the transfer out (proxy/transfer.py).
+
+        The call to C is made by the proxy on B's word, so it is held to what B may call: B must be one of our
+        users, C is checked by the request policies as if B dialled it (a transfer is no way around dial
+        classes), and an emergency number is always allowed. Otherwise the BYE goes on as it came.
+        """
         if self.transfers is None or served.basis != "signed-dialog" or request.headers.first_value("also") is None:
             return False
         agent = self.dialogs.agent_of_peer(request.call_id, request.from_.tag) if self.dialogs is not None else ""
         target = self.transfers.should_complete(request, agent)
         if target is None:
             return False
+        refused = self._transfer_refused(request, target, tx.source)
+        if refused:
+            log.warn("Not completing the transfer of Call-ID {call_id} to {target}: {why}; the BYE goes on as it came",
+                     call_id=for_log(request.call_id), target=for_log(str(target)), why=refused)
+            return False
         dialog = self.dialogs.take_over(request.call_id, str(target)) if self.dialogs is not None else None
         self.transfers.start(tx, request, target, dialog)
         return True
+
+    def _transfer_refused(self, bye: Request, target: SipUri, source: Source) -> str:
+        """Why the proxy must not call `target` for the BYE's sender; "" when it may."""
+        sender = bye.from_.uri
+        user = sender.decoded_user if isinstance(sender, SipUri) and self.identity.is_our_domain(sender) else None
+        if not user or self.targets.credentials.lookup(user) is None:
+            return "the transferor is not one of our users"
+        dialled = target.decoded_user
+        if self.identity.is_our_domain(target) and self.routes.is_emergency(dialled):
+            return ""
+        if not self.plugins.policing:
+            return ""
+        invite = Request("INVITE", str(target), Headers.of(
+            ("Via", bye.headers.first_value("via")), ("From", bye.headers.get("from")), ("To", f"<{target}>"),
+            ("Call-ID", bye.call_id), ("CSeq", "1 INVITE")))
+        verdict = self.plugins.check_request(invite, source, user)
+        return f"{verdict.status} {verdict.reason} for {user}" if isinstance(verdict, Respond) else (
+            "a policy would route it elsewhere" if isinstance(verdict, Forward) else "")
 
     def _in_dialog(self, request: Request) -> None:
         """A served in-dialog request: the dialog table follows it (hold, transfer, BYE)."""
