@@ -139,13 +139,31 @@ class ByeAlsoTests(CallTestCase):
         self.assertNotIn("completing the transfer", log)
 
     def test_an_a_that_ignores_also_is_connected_to_c_by_the_proxy(self):
-        self.transfer("xfer_a_ignores_also.xml", "xfer_c_hangs_up.xml", ("1001", "1002", "localhost"))
+        from tests.integration.harness import SippPeer
+
+        # C talks 3 s before it hangs up: long enough to see the one transferred call in the list.
+        target = self.peer(self.derived("xfer_c_hangs_up.xml", ('<pause milliseconds="300"/>',
+                                                                '<pause milliseconds="3000"/>')), port=self.c, timeout=30)
+        transferor = self.peer("xfer_b_bye_also.xml", port=self.b, extra=["-inf", self._fields("1003;localhost;")],
+                               timeout=30)
+        a = SippPeer("xfer_a_ignores_also.xml", self.server.port, timeout=30,
+                     extra=["-inf", self._fields("1001;1002;localhost;"), "-au", "1001", "-ap", PASSWORDS["1001"]])
+        self.addCleanup(a.stop)
+        calls, deadline = [], time.monotonic() + 15
+        while time.monotonic() < deadline and not any(c["transfer"] == "bye-also-completed" and c["state"] == "up"
+                                                      for c in calls):
+            calls = json.loads(self.server.admin("calls", "--json").stdout)
+            time.sleep(0.1)
+        self.assertEqual([(c["caller"], c["state"], c["transfer"], c["transfer_to"]) for c in calls],
+                         [("sip:1001@localhost", "up", "bye-also-completed", "sip:1003@localhost")])
+        self.assertEqual(a.wait(), 0, a.errors() + self.server.log()[-4000:])
+        self.assertPeerDone(transferor)
+        self.assertPeerDone(target)
         log = self.logged("hung up by the transfer target, ")
         self.assertIn("completing the transfer", log)
         self.assertIn("Transfer completed by the proxy", log)
         self.assertIn("transferred (bye-also-completed)", log)
         self.assertEqual(json.loads(self.server.admin("calls", "--json").stdout), [])
-
 
 class CallListTests(CallTestCase):
     def test_calls_lists_a_call_in_progress(self):
