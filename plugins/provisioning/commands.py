@@ -5,10 +5,8 @@
 unless `--from IMAGE` names one.
 """
 
-import csv
 import json
 import os
-import sys
 import time
 
 from plugins.provisioning.phones import MODELS, PhoneError, device_name
@@ -127,12 +125,9 @@ def _phone(config, args, admin) -> int:
 
 
 def _import(site, args) -> int:
-    handle = sys.stdin if args.file == "-" else open(args.file, newline="", encoding="utf-8")
-    try:
-        rows = [r for r in csv.reader(handle) if r and not r[0].lstrip().startswith("#")]
-    finally:
-        if handle is not sys.stdin:
-            handle.close()
+    from proxy.admin.cli import csv_rows
+
+    rows = csv_rows(args.file)
     prepared = []
     for number, row in enumerate(rows, 1):
         if number == 1 and row[0].strip().lower() in ("mac", "device"):

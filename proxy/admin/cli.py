@@ -394,16 +394,21 @@ def _policy_classes(config: ProxyConfig) -> set[str] | None:
     return None
 
 
-def _import_users(path: str, realm: str, args) -> int:
-    """Many users at once (a site's phone list): all rows are checked before anything is written."""
+def csv_rows(file: str) -> list[list[str]]:
+    """The rows of a site list (CSV, '-' for stdin), without blank rows and # comments: for the import commands."""
     import csv
 
-    handle = sys.stdin if args.file == "-" else open(args.file, newline="", encoding="utf-8")
+    handle = sys.stdin if file == "-" else open(file, newline="", encoding="utf-8")
     try:
-        rows = [row for row in csv.reader(handle) if row and not row[0].lstrip().startswith("#")]
+        return [row for row in csv.reader(handle) if row and not row[0].lstrip().startswith("#")]
     finally:
         if handle is not sys.stdin:
             handle.close()
+
+
+def _import_users(path: str, realm: str, args) -> int:
+    """Many users at once (a site's phone list): all rows are checked before anything is written."""
+    rows = csv_rows(args.file)
     prepared = []
     for number, row in enumerate(rows, 1):
         name = row[0].strip()
