@@ -73,6 +73,34 @@ class ServerConfig:
     overload_retry_after: int = 10  # a shed request's Retry-After: spread over [this, 2 * this] seconds
     udp_receive_buffer: int = 1024 * 1024  # bytes asked for (capped at net.core.rmem_max): ~150 ms of work queued
     workers: int = 0  # processes serving SIP (proxy/workers/); 0 ("auto"): one per core
+    node: str = ""  # this node's name among several (docs/scaling.md); empty: the host name
+    # Where the files every node must agree on live: users.json, nonce-secret, route-secret. Empty: state_dir.
+    shared_dir: str = ""
+
+    @property
+    def shared(self) -> str:
+        return self.shared_dir or self.state_dir
+
+    @property
+    def node_name(self) -> str:
+        import socket
+
+        return self.node or socket.gethostname()
+
+
+@attrs.frozen
+class LocationConfig:
+    """Where bindings and forwarding settings are kept: the embedded SQLite file, or Redis shared by all nodes."""
+
+    backend: str = "sqlite"  # or "redis"
+    urls: tuple[str, ...] = ()  # redis://[:password@]host:port/db, rediss:// for TLS ([tls] ca_file checks it)
+    sentinels: tuple[str, ...] = ()  # "host:port" of Redis Sentinels; then `service` names the primary
+    service: str = "sipproxy"
+    password: str = ""
+    prefix: str = "sipproxy:"  # every key and the channel start with it (several sites on one Redis)
+    timeout: float = 0.5  # a command unanswered this long: the connection is dropped, the REGISTER gets 503
+    wait_replicas: int = 0  # a 200 waits until this many replicas have the binding (Redis WAIT)
+    max_pending: int = 10_000  # commands waiting at once, per process; past it new ones fail at once
 
 
 @attrs.frozen
@@ -207,6 +235,7 @@ class ProxyConfig:
     timers: Timers = Timers()
     tls: TlsConfig = TlsConfig()
     registrar: RegistrarConfig = RegistrarConfig()
+    location: LocationConfig = LocationConfig()
     auth: AuthSettings = AuthSettings()
     admin: AdminConfig = AdminConfig()
     proxy: ProxySettings = ProxySettings()
@@ -287,7 +316,7 @@ def load_config(path: str | None) -> ProxyConfig:
     return parse_config(data, path)
 
 
-_PATH_KEYS = (("server", "state_dir"), ("checksync", "tftp_root"), ("tls", "ca_file"))
+_PATH_KEYS = (("server", "state_dir"), ("server", "shared_dir"), ("checksync", "tftp_root"), ("tls", "ca_file"))
 
 
 def _paths_relative_to(data: dict, base: str) -> None:
@@ -310,6 +339,7 @@ def parse_config(data: dict, path: str = "<config>") -> ProxyConfig:
     timers = _parse_timers(root.table("timers"))
     tls = _parse_tls(root.table("tls"))
     registrar = _parse_registrar(root.table("registrar"))
+    location = _parse_location(root.table("location"))
     auth = _parse_auth(root.table("auth"))
     admin = _parse_admin(root.table("admin"))
     proxy = _parse_proxy(root.table("proxy"))
@@ -321,7 +351,8 @@ def parse_config(data: dict, path: str = "<config>") -> ProxyConfig:
     plugins = _parse_plugins(root.table("plugins"))
     phone_web = _parse_phone_web(root.table("phone_web"))
     root.finish()
-    return ProxyConfig(path=path, server=server, timers=timers, tls=tls, registrar=registrar, auth=auth, admin=admin,
+    return ProxyConfig(path=path, server=server, timers=timers, tls=tls, registrar=registrar, location=location,
+                       auth=auth, admin=admin,
                        proxy=proxy, routes=routes, emergency=emergency, forwarding=forwarding, checksync=checksync,
                        plugins=plugins, phone_web=phone_web, transfer=transfer)
 
@@ -618,9 +649,45 @@ def _parse_server(t: _Table) -> ServerConfig:
         overload_retry_after=t.get("overload_retry_after", d.overload_retry_after, int, lambda v: 1 <= v <= 3600,
                                    "must be between 1 and 3600 seconds"),
         workers=_parse_workers(t, d.workers),
+        node=t.get("node", d.node, str, lambda v: v == "" or re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", v),
+                   "must be letters, digits, '.', '_' or '-' (at most 63)"),
+        shared_dir=t.get("shared_dir", d.shared_dir, str),
     )
     t.finish()
     return server
+
+
+def _parse_location(t: _Table) -> LocationConfig:
+    from proxy.redis.client import RedisAddress
+
+    d = LocationConfig()
+    backend = t.get("backend", d.backend, str, lambda v: v in ("sqlite", "redis"), 'must be "sqlite" or "redis"')
+    urls = t.strings("urls", d.urls)
+    password = t.get("password", d.password, str)
+    for url in urls:
+        try:
+            RedisAddress.parse(url, password)
+        except ValueError as e:
+            raise t.error("urls", str(e)) from None
+    sentinels = t.strings("sentinels", d.sentinels)
+    for sentinel in sentinels:
+        host, _, port = sentinel.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise t.error("sentinels", f"{sentinel!r}: must be host:port")
+    if backend == "redis" and not urls and not sentinels:
+        raise t.error("backend", 'redis needs urls = ["redis://host:6379/0"] or sentinels = ["host:26379", ...]')
+    config = LocationConfig(
+        backend=backend, urls=urls, sentinels=sentinels, password=password,
+        service=t.get("service", d.service, str, bool, "must not be empty"),
+        prefix=t.get("prefix", d.prefix, str, lambda v: 0 < len(v) <= 64 and " " not in v,
+                     "must be 1 to 64 characters, no spaces"),
+        timeout=t.get("timeout", d.timeout, float, lambda v: 0.05 <= v <= 10, "must be 0.05 to 10 seconds"),
+        wait_replicas=t.get("wait_replicas", d.wait_replicas, int, lambda v: 0 <= v <= 16, "must be 0 to 16"),
+        max_pending=t.get("max_pending", d.max_pending, int, lambda v: 100 <= v <= 1_000_000,
+                          "must be 100 to 1000000"),
+    )
+    t.finish()
+    return config
 
 
 def _parse_workers(t: _Table, default: int) -> int:

@@ -26,7 +26,7 @@ from proxy.errors import ConfigError
 from proxy.routing.forwarding import Forwarding, ForwardingStore
 from proxy.identity import Identity
 from proxy.registration.keepalive import Keepalive
-from proxy.registration.location import LOCATION_FILE, SqliteLocationService
+from proxy.registration.location import LOCATION_FILE, ILocationService, SqliteLocationService
 from proxy.nat import NatPolicy
 from proxy.overload import LoadShedder
 from proxy.plugin import PluginHost
@@ -58,8 +58,8 @@ class Core:
     credentials: FileCredentials
     authenticator: DigestAuthenticator
     trust: Trust
-    location: SqliteLocationService
-    forwarding_store: ForwardingStore
+    location: ILocationService  # SqliteLocationService, or RedisLocationService shared by the nodes
+    forwarding_store: ForwardingStore  # or RedisForwardingStore, the same methods
     forwarding: Forwarding
     registrar: Registrar
     router: Router
@@ -116,6 +116,7 @@ class Core:
             "keepalive": dict(self.keepalive.counts),
             "gateways": self.gateways.gateways(),
             "bindings_expired": self.location.expired,
+            "location_store": self.location.store.counters() if hasattr(self.location, "store") else {},
             "plugin_failures": dict(self.plugins.failures),
             "overload": self.shedder.counters(),
             "transfers": self.transfers.counters() if self.transfers is not None else {},
@@ -202,11 +203,12 @@ def identity_from_config(config: ProxyConfig, find_address=default_route_address
 
 
 def build_core(config: ProxyConfig, clock: IReactorTime, transports, *, resolver=None, tracer=None,
-               worker: int | None = None, workers: int = 1) -> Core:
+               worker: int | None = None, workers: int = 1, reactor=None) -> Core:
     """The whole core for `config`; `resolver` is a twisted.names IResolver (None: names do not resolve).
 
     `worker`: this process's number when the server runs on several (proxy/workers/); 0 is the primary,
     the one that writes the state files and says things once. None: the only process.
+    `reactor`: what connects to a shared store (`[location] backend = "redis"`); default `clock`.
     """
     state_dir = config.server.state_dir
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
@@ -216,18 +218,33 @@ def build_core(config: ProxyConfig, clock: IReactorTime, transports, *, resolver
     replies = Replies(clock, transports, nat=nat, server_header=config.server.server_header)
 
     plugins = PluginHost()  # service.py adds the enabled plugins; everything here talks to the host from the start
-    credentials = FileCredentials(os.path.join(state_dir, USERS_FILE), clock)
-    authenticator = DigestAuthenticator(clock, credentials, config.realm, load_secret(state_dir), config.auth,
-                                        names_this_server=identity.is_me, observer=plugins.emit, worker=worker)
-    trust = Trust(config.proxy.trusted, load_route_signer(state_dir), authenticator, credentials,
+    shared = config.server.shared  # what every node must agree on: users, nonce and route secrets
+    os.makedirs(shared, mode=0o700, exist_ok=True)
+    node = config.server.node_name
+    several_nodes = config.location.backend == "redis"
+    credentials = FileCredentials(os.path.join(shared, USERS_FILE), clock)
+    authenticator = DigestAuthenticator(clock, credentials, config.realm, load_secret(shared), config.auth,
+                                        names_this_server=identity.is_me, observer=plugins.emit, worker=worker,
+                                        node=node if several_nodes else "")
+    trust = Trust(config.proxy.trusted, load_route_signer(shared), authenticator, credentials,
                   is_our_domain=identity.is_our_domain)
 
-    location = SqliteLocationService(os.path.join(state_dir, LOCATION_FILE), clock, group_commit=True,
-                                     persist=primary)
+    if several_nodes:
+        from proxy.registration.redis_location import RedisLocationService
+        from proxy.redis.store import RedisStore
+        from proxy.routing.redis_forwarding import RedisForwardingStore
+        from proxy.service import load_trust_root
+
+        store = RedisStore(reactor or clock, config.location, node, trust_root=load_trust_root(config.tls.ca_file))
+        location = RedisLocationService(store, clock, node, primary=primary)
+        forwarding_store = RedisForwardingStore(store)
+    else:
+        location = SqliteLocationService(os.path.join(state_dir, LOCATION_FILE), clock, group_commit=True,
+                                         persist=primary, node=node)
+        forwarding_store = ForwardingStore(os.path.join(state_dir, LOCATION_FILE), db=location.database)
     if primary:  # (a worker's changes reach the primary's location, whose observers tell the plugins)
         location.add_observer(lambda event, binding: plugins.listening and plugins.emit(f"registration_{event}",
                                                                                         binding=binding))
-    forwarding_store = ForwardingStore(os.path.join(state_dir, LOCATION_FILE), db=location.database)
     forwarding = Forwarding(forwarding_store, identity, max_depth=config.forwarding.max_depth,
                             has_bindings=lambda user: bool(location.lookup(identity.aor(user))))
 

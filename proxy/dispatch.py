@@ -59,7 +59,7 @@ class Dispatcher:
                  on_stray_response: Callable[[Response, Source], None] | None = None,
                  retry_after: Callable[[], str] | None = None):
         self.replies = replies
-        self.retry_after = retry_after or _spread_retry_after  # a shed request's Retry-After
+        self.retry_after = retry_after or spread_retry_after  # a shed request's Retry-After
         self.identity = identity
         self.methods = dict(methods)
         self.route = route or self._no_route
@@ -111,7 +111,7 @@ class Dispatcher:
             self.replies.dropped[reason] += 1
             if self.replies.log_limit.should_log("overload"):
                 log.warn("Transaction table full: answering new requests with 503")
-            retry = _spread_retry_after()
+            retry = spread_retry_after()
         else:
             retry = self.retry_after()
         self.replies.answer(request, source, 503, "Service Unavailable", extra=(("Retry-After", retry),))
@@ -157,6 +157,6 @@ class Dispatcher:
             self.replies.respond(tx, 403, "Relaying Not Allowed")
 
 
-def _spread_retry_after() -> str:
+def spread_retry_after() -> str:
     """5-14 s: the phones refused together do not come back together (RFC 3261 21.5.4)."""
     return str(5 + os.urandom(1)[0] % 10)

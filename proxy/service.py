@@ -257,12 +257,16 @@ def check_state(config: ProxyConfig) -> list[str]:
     except OSError as e:
         raise ConfigError(config.path, "server.state_dir", f"{state_dir}: {e.strerror} (the server keeps "
                           "users, bindings and keys there: it must be a writable directory)") from None
-    _, warning = load_users_at_startup(os.path.join(state_dir, USERS_FILE))
+    shared = config.server.shared
+    if shared != state_dir and not os.path.isdir(shared):
+        raise ConfigError(config.path, "server.shared_dir", f"{shared}: not a directory (it holds users.json and "
+                          "the secrets every node must agree on)")
+    _, warning = load_users_at_startup(os.path.join(shared, USERS_FILE))
     database = os.path.join(state_dir, LOCATION_FILE)
-    if os.path.exists(database):
+    if os.path.exists(database) and config.location.backend == "sqlite":
         open_state_database(database).close()
-    if os.path.exists(os.path.join(state_dir, KEYS_FILE)):
-        load_route_signer(state_dir)
+    if os.path.exists(os.path.join(shared, KEYS_FILE)):
+        load_route_signer(shared)
     check_tls(config)
     check_listeners(config)
     return [warning] if warning else []

@@ -34,7 +34,7 @@ class Site:
         self.root = self.config.tftp_root
         state_dir = server_config.server.state_dir
         self.phones_path = os.path.join(state_dir, PHONES_FILE)
-        self.users_path = os.path.join(state_dir, USERS_FILE)
+        self.users_path = os.path.join(server_config.server.shared, USERS_FILE)
         if server_config.checksync.tftp_root and os.path.realpath(server_config.checksync.tftp_root) != \
                 os.path.realpath(self.root):
             raise PhoneError(f"[plugins.provisioning] tftp_root ({self.root}) and [checksync] tftp_root "

@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _users_path(config: ProxyConfig) -> str:
-    return os.path.join(config.server.state_dir, USERS_FILE)
+    return os.path.join(config.server.shared, USERS_FILE)
 
 
 def _password(given: str | None, name: str) -> str:

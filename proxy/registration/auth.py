@@ -152,12 +152,16 @@ def digest_response(ha1: str, params: dict[str, str], method: str) -> str:
 class DigestAuthenticator:
     def __init__(self, clock: IReactorTime, credentials: ICredentials, realm: str, secret: bytes,
                  config: AuthSettings = AuthSettings(), names_this_server: Callable[[Uri], bool] | None = None,
-                 observer: Callable[..., None] | None = None, worker: int | None = None):
+                 observer: Callable[..., None] | None = None, worker: int | None = None, node: str = ""):
         self.clock = clock
         # With workers (proxy/workers/) each keeps its own replay table, so a nonce is good only at the worker
         # that issued it (its number is in the salt, under the HMAC); another worker answers it stale=true, and
         # the phone asks again there. Failures are shared (`share_failure`, `peer_failure`): lockouts hold for all.
-        self._nonce_tag = "" if worker is None else f"w{worker}-"
+        # With several nodes (`node`, docs/scaling.md) the node is in it too: a phone that fails over to another
+        # node with its nonce gets a fresh challenge there, and a nonce can never be replayed at a second node.
+        tag = (f"n{hashlib.sha256(node.encode()).hexdigest()[:6]}" if node else "") + (
+            "" if worker is None else f"w{worker}")
+        self._nonce_tag = f"{tag}-" if tag else ""
         self.share_failure: Callable[[str, str], None] | None = None
         self.share_success: Callable[[str, str], None] | None = None
         self.names_this_server = names_this_server  # a URI naming this server itself (no user)
@@ -256,7 +260,7 @@ class DigestAuthenticator:
         if age is None:
             return self._refuse(address, "bad_nonce", "Nonce not issued to this address")
         if self._nonce_tag and nonce.split(".")[1][:len(self._nonce_tag)] != self._nonce_tag:
-            return Challenge(self.challenge_value(address, stale=True), "nonce of another worker")
+            return Challenge(self.challenge_value(address, stale=True), "nonce of another worker or node")
         qop = params.get("qop")
         if qop:
             if qop.lower() != "auth" or not params.get("cnonce") or not params.get("nc"):

@@ -56,6 +56,7 @@ class Binding:
     user_agent: str = ""
     instance: str = ""
     registered_at: float = 0.0
+    node: str = ""  # the node ([server] node) whose registrar took the REGISTER
 
     def expires_in(self, now: float) -> int:
         return max(0, int(self.expires_at - now + 0.5))
@@ -87,7 +88,14 @@ class ILocationService(Interface):
         """Remove every binding of an AoR."""
 
     def add_observer(observer) -> None:
-        """observer(event, binding) with event 'added', 'refreshed', 'removed' or 'expired'."""
+        """observer(event, binding) with event 'added', 'refreshed', 'removed' or 'expired' (this node's)."""
+
+    writable: bool
+    """False while the store cannot take a change (a shared store that is down): the registrar answers 503."""
+
+    def stored():
+        """None when the changes made so far are stored; else a Deferred that fires when they are
+        (or fails: they may be lost). The registrar answers 200 only then."""
 
 
 _SCHEMA = """
@@ -104,6 +112,7 @@ CREATE TABLE IF NOT EXISTS bindings (
     user_agent TEXT NOT NULL,
     instance TEXT NOT NULL,
     registered_at REAL NOT NULL,
+    node TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (aor, contact)
 )
 """
@@ -144,34 +153,172 @@ def open_state_database(path: str, checked: bool = True) -> sqlite3.Connection:
     return db
 
 
-@implementer(ILocationService)
-class SqliteLocationService:
-    """Bindings in memory, written through to SQLite (WAL)."""
+class BindingIndex:
+    """Every current binding in memory: what lookups read (no I/O on a call's path), whatever stores them.
 
-    def __init__(self, path: str, clock: IReactorTime, sweep_interval: float = 10.0, group_commit: bool = False,
-                 persist: bool = True):
-        self.path = path
+    A subclass stores the changes (`_store_save`, `_store_remove`, `_store_expire`).
+    Changes this node made are told to the observers; a peer's are applied silently
+    unless they come from this node too (another worker of it), so each change is
+    announced once, by the node that took it.
+    """
+
+    def __init__(self, clock: IReactorTime, sweep_interval: float = 10.0, node: str = ""):
         self.clock = clock
-        self.group_commit = group_commit
-        self.persist = persist  # False in a worker: the primary writes what the workers send it
+        self.node = node
         self.on_change = None  # on_change(event, binding) for this process's own changes (proxy/workers/link.py)
-        self._commit_call = None  # the pending end-of-turn commit (group_commit)
         self.sweep_interval = sweep_interval
         self._observers: list = []
         self.expired = 0  # bindings that expired without a refresh (a phone that stopped registering)
         self._index: dict[str, dict[str, Binding]] = {}
         self._by_contact: dict[str, Binding] = {}
+        self._sweeper = Every(clock, sweep_interval, self.sweep)
+
+    writable = True
+
+    def stored(self):
+        return None
+
+    def start(self) -> None:
+        self._sweeper.start()
+
+    def stop(self) -> None:
+        self._sweeper.stop()
+
+    def add_observer(self, observer) -> None:
+        self._observers.append(observer)
+
+    def _notify(self, event: str, binding: Binding, local: bool = True) -> None:
+        if local and self.on_change is not None:
+            self.on_change(event, binding)
+        if binding.node and binding.node != self.node:
+            return  # another node's: announced there
+        for observer in self._observers:
+            try:
+                observer(event, binding)
+            except Exception:
+                log.failure("Location observer failed on {event}", event=event)
+
+    def lookup(self, aor: str) -> list[Binding]:
+        now = self.clock.seconds()
+        found = [b for b in self._index.get(aor, {}).values() if b.expires_at > now]
+        found.sort(key=lambda b: (-b.q, -b.registered_at))
+        return found
+
+    def all_bindings(self) -> list[Binding]:
+        now = self.clock.seconds()
+        return sorted((b for contacts in self._index.values() for b in contacts.values() if b.expires_at > now),
+                      key=lambda b: (b.aor, -b.q, b.contact))
+
+    def count(self) -> int:
+        """Bindings held (expired ones not yet swept included): a gauge, without sorting them all."""
+        return len(self._by_contact)
+
+    def find_contact(self, contact: str) -> Binding | None:
+        binding = self._by_contact.get(contact)
+        if binding is None or binding.expires_at <= self.clock.seconds():
+            return None
+        return binding
+
+    def _forget_contact(self, binding: Binding) -> None:
+        if self._by_contact.get(binding.contact) is binding:
+            del self._by_contact[binding.contact]
+
+    def _store_save(self, binding: Binding) -> None:
+        pass
+
+    def _store_remove(self, aor: str, contact: str) -> None:
+        pass
+
+    def _store_expire(self, now: float, expired: list[Binding]) -> None:
+        pass
+
+    def _announces_expiry(self, binding: Binding) -> bool:
+        return True
+
+    def save(self, binding: Binding, local: bool = True) -> None:
+        if local:
+            self._store_save(binding)
+        self._index_save(binding, local)
+
+    def _index_save(self, binding: Binding, local: bool) -> None:
+        contacts = self._index.setdefault(binding.aor, {})
+        event = "refreshed" if binding.contact in contacts else "added"
+        contacts[binding.contact] = binding
+        self._by_contact[binding.contact] = binding
+        self._notify(event, binding, local)
+
+    def _unindex(self, aor: str, contact: str) -> Binding | None:
+        contacts = self._index.get(aor, {})
+        binding = contacts.pop(contact, None)
+        if not contacts:
+            self._index.pop(aor, None)
+        if binding is not None:
+            self._forget_contact(binding)
+        return binding
+
+    def remove(self, aor: str, contact: str, local: bool = True) -> None:
+        if local:
+            self._store_remove(aor, contact)
+        binding = self._unindex(aor, contact)
+        if binding is not None:
+            self._notify("removed", binding, local)
+
+    def apply_peer(self, event: str, binding: Binding) -> None:
+        """A change another process made ('added', 'refreshed', 'removed'); not sent back to `on_change`."""
+        if event == "removed":
+            self.remove(binding.aor, binding.contact, local=False)
+            return
+        current = self._index.get(binding.aor, {}).get(binding.contact)
+        if current is not None and (current.registered_at, current.cseq) > (binding.registered_at, binding.cseq):
+            return  # a newer registration of the same contact got here first
+        self.save(binding, local=False)
+
+    def remove_all(self, aor: str) -> None:
+        for binding in list(self._index.get(aor, {}).values()):
+            self.remove(aor, binding.contact)
+
+    def sweep(self) -> int:
+        """Drop expired bindings (counted in `expired`); returns how many.
+
+        Each expiry is logged, counted and told to the plugins once, by one process:
+        the primary of the node that took the registration.
+        """
+        now = self.clock.seconds()
+        expired = [b for contacts in self._index.values() for b in contacts.values() if b.expires_at <= now]
+        if not expired:
+            return 0
+        self._store_expire(now, expired)
+        for binding in expired:
+            self._unindex(binding.aor, binding.contact)
+            if self._announces_expiry(binding):
+                self.expired += 1
+                log.info("Binding expired: {aor} -> {contact}", aor=binding.aor, contact=binding.contact)
+                self._notify("expired", binding, local=False)
+        return len(expired)
+
+
+@implementer(ILocationService)
+class SqliteLocationService(BindingIndex):
+    """Bindings in memory, written through to SQLite (WAL)."""
+
+    def __init__(self, path: str, clock: IReactorTime, sweep_interval: float = 10.0, group_commit: bool = False,
+                 persist: bool = True, node: str = ""):
+        super().__init__(clock, sweep_interval, node)
+        self.path = path
+        self.group_commit = group_commit
+        self.persist = persist  # False in a worker: the primary writes what the workers send it
+        self._commit_call = None  # the pending end-of-turn commit (group_commit)
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, mode=0o700, exist_ok=True)
         self._db = open_state_database(path, checked=persist)
         try:
             if persist:
                 self._db.execute(_SCHEMA)
+                _add_node_column(self._db)
                 os.chmod(path, 0o600)
             self._load()
         except sqlite3.DatabaseError as e:
             raise ConfigError(path, "", f"cannot read the bindings: {e}; restore the file") from None
-        self._sweeper = Every(clock, sweep_interval, self.sweep)
 
     def _load(self) -> None:
         now = self.clock.seconds()
@@ -187,11 +334,8 @@ class SqliteLocationService:
             self._db.execute("DELETE FROM bindings WHERE expires_at <= ?", (now,))
         log.info("Location service {path}: {kept} bindings restored", path=self.path, kept=kept)
 
-    def start(self) -> None:
-        self._sweeper.start()
-
     def stop(self) -> None:
-        self._sweeper.stop()
+        super().stop()
         self.flush()
         self._db.close()
 
@@ -217,55 +361,12 @@ class SqliteLocationService:
             call.cancel()
         self._db.execute("COMMIT")
 
-    def add_observer(self, observer) -> None:
-        self._observers.append(observer)
-
-    def _notify(self, event: str, binding: Binding, local: bool = True) -> None:
-        if local and self.on_change is not None:
-            self.on_change(event, binding)
-        for observer in self._observers:
-            try:
-                observer(event, binding)
-            except Exception:
-                log.failure("Location observer failed on {event}", event=event)
-
-    def lookup(self, aor: str) -> list[Binding]:
-        now = self.clock.seconds()
-        found = [b for b in self._index.get(aor, {}).values() if b.expires_at > now]
-        found.sort(key=lambda b: (-b.q, -b.registered_at))
-        return found
-
-    def all_bindings(self) -> list[Binding]:
-        now = self.clock.seconds()
-        return sorted((b for contacts in self._index.values() for b in contacts.values() if b.expires_at > now),
-                      key=lambda b: (b.aor, -b.q, b.contact))
-
-    def find_contact(self, contact: str) -> Binding | None:
-        binding = self._by_contact.get(contact)
-        if binding is None or binding.expires_at <= self.clock.seconds():
-            return None
-        return binding
-
-    def _forget_contact(self, binding: Binding) -> None:
-        if self._by_contact.get(binding.contact) is binding:
-            del self._by_contact[binding.contact]
+    # Through the worker link, a worker's change reaches the primary as a peer's (`apply_peer`): the primary
+    # writes it, so `local` does not decide here whether to store, `persist` does.
 
     def save(self, binding: Binding, local: bool = True) -> None:
         self._write(_UPSERT, attrs.astuple(binding))
-        contacts = self._index.setdefault(binding.aor, {})
-        event = "refreshed" if binding.contact in contacts else "added"
-        contacts[binding.contact] = binding
-        self._by_contact[binding.contact] = binding
-        self._notify(event, binding, local)
-
-    def _unindex(self, aor: str, contact: str) -> Binding | None:
-        contacts = self._index.get(aor, {})
-        binding = contacts.pop(contact, None)
-        if not contacts:
-            self._index.pop(aor, None)
-        if binding is not None:
-            self._forget_contact(binding)
-        return binding
+        self._index_save(binding, local)
 
     def remove(self, aor: str, contact: str, local: bool = True) -> None:
         self._write("DELETE FROM bindings WHERE aor = ? AND contact = ?", (aor, contact))
@@ -273,36 +374,15 @@ class SqliteLocationService:
         if binding is not None:
             self._notify("removed", binding, local)
 
-    def apply_peer(self, event: str, binding: Binding) -> None:
-        """A change another process made ('added', 'refreshed', 'removed'); not sent back to `on_change`."""
-        if event == "removed":
-            self.remove(binding.aor, binding.contact, local=False)
-            return
-        current = self._index.get(binding.aor, {}).get(binding.contact)
-        if current is not None and (current.registered_at, current.cseq) > (binding.registered_at, binding.cseq):
-            return  # a newer registration of the same contact got here first
-        self.save(binding, local=False)
-
-    def remove_all(self, aor: str) -> None:
-        for binding in list(self._index.get(aor, {}).values()):
-            self.remove(aor, binding.contact)
-
-    def sweep(self) -> int:
-        """Drop expired bindings (counted in `expired`); returns how many.
-
-        In a worker (not `persist`) only the index is swept, silently: the
-        primary logs, counts and tells the plugins, once for all processes.
-        """
-        now = self.clock.seconds()
-        expired = [b for contacts in self._index.values() for b in contacts.values() if b.expires_at <= now]
-        if not expired:
-            return 0
+    def _store_expire(self, now: float, expired: list[Binding]) -> None:
         self._write("DELETE FROM bindings WHERE expires_at <= ?", (now,))
-        for binding in expired:
-            self._unindex(binding.aor, binding.contact)
-            if self.persist:
-                log.info("Binding expired: {aor} -> {contact}", aor=binding.aor, contact=binding.contact)
-                self._notify("expired", binding, local=False)
-        if self.persist:
-            self.expired += len(expired)
-        return len(expired)
+
+    def _announces_expiry(self, binding: Binding) -> bool:
+        return self.persist  # in a worker only the index is swept, silently: the primary announces
+
+
+def _add_node_column(db: sqlite3.Connection) -> None:
+    """A file from before bindings named their node gets the column (empty: this node's)."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(bindings)")}
+    if "node" not in columns:
+        db.execute("ALTER TABLE bindings ADD COLUMN node TEXT NOT NULL DEFAULT ''")

@@ -24,7 +24,7 @@ from proxy.registration.auth import Authenticated, Challenge, DigestAuthenticato
 from proxy.config import RegistrarConfig
 from proxy.errors import SipError, SipParseError
 from proxy.registration.location import Binding, ILocationService
-from proxy.dispatch import unsupported_extensions
+from proxy.dispatch import spread_retry_after, unsupported_extensions
 from proxy.identity import Identity
 from proxy.replies import Replies
 from proxy.sip.grammar import for_log
@@ -120,6 +120,9 @@ class Registrar:
         if not self._may_register(result.user, aor):
             log.info("{user} may not register {aor}", user=result.user, aor=aor)
             raise SipError(403, "Not allowed to register this address")
+        if not self.location.writable:
+            # A shared store that is down: never a 200 for a binding that is not stored (the phone retries).
+            raise SipError(503, "Location store unavailable", (("Retry-After", spread_retry_after()),))
         wildcard, changes = self._contacts(request)
         now = self.clock.seconds()
         call_id = request.call_id
@@ -135,8 +138,22 @@ class Registrar:
             log.info("Unregistered every contact of {aor}", aor=aor)
         else:
             self._apply(aor, changes, existing, request, source, now)
+        pending = self.location.stored()
+        if pending is None:
+            self._count("ok")
+            self._answer(tx, aor, now)
+            return
+        # A shared store (proxy/registration/redis_location.py): the 200 waits until it has the change.
+        pending.addCallbacks(lambda _: self._stored(tx, aor), lambda failure: self._not_stored(tx, aor, failure))
+
+    def _stored(self, tx: ServerTransaction, aor: str) -> None:
         self._count("ok")
-        self._answer(tx, aor, now)
+        self._answer(tx, aor, self.clock.seconds())
+
+    def _not_stored(self, tx: ServerTransaction, aor: str, failure) -> None:
+        self._count("not_stored")
+        log.debug("REGISTER of {aor} not stored: {error}", aor=aor, error=str(failure.value))
+        self.replies.respond(tx, 503, "Location store unavailable", extra=(("Retry-After", spread_retry_after()),))
 
     def _contacts(self, request: Request) -> tuple[bool, list[_ContactChange]]:
         values = request.headers.values("contact")
@@ -228,6 +245,7 @@ class Registrar:
                 transport=source.transport,
                 user_agent=user_agent,
                 instance=change.instance,
+                node=self.location.node,
                 registered_at=previous.registered_at if previous and previous.call_id == request.call_id else now,
             )
             self.location.save(binding)

@@ -14,7 +14,9 @@ ends the call with 482 "Forwarding loop" instead of a storm.
 
 Settings live in the state store (SQLite, in the location database file),
 so they survive restarts and `sipproxy-admin forward ...` can change them
-while the server runs: every lookup reads the table (an indexed row).
+while the server runs: every lookup reads the table (an indexed row). With
+`[location] backend = "redis"` they live in Redis for every node
+(proxy/routing/redis_forwarding.py).
 """
 
 import os
@@ -63,6 +65,16 @@ def check_target(target: str) -> str:
     return target
 
 
+def check_settings(settings: ForwardSettings) -> None:
+    """ForwardingError if any target or the no-answer time cannot be stored."""
+    for kind in KINDS:
+        value = getattr(settings, kind)
+        if value:
+            check_target(value)
+    if not 1 <= settings.no_answer_after <= 600:
+        raise ForwardingError("the no-answer time must be 1 to 600 seconds")
+
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS forwarding (
     user TEXT PRIMARY KEY,
@@ -104,12 +116,7 @@ class ForwardingStore:
         return [ForwardSettings(*row) for row in rows]
 
     def put(self, settings: ForwardSettings) -> None:
-        for kind in KINDS:
-            value = getattr(settings, kind)
-            if value:
-                check_target(value)
-        if not 1 <= settings.no_answer_after <= 600:
-            raise ForwardingError("the no-answer time must be 1 to 600 seconds")
+        check_settings(settings)
         if settings.is_empty():
             self._db.execute("DELETE FROM forwarding WHERE user = ?", (settings.user,))
             return
