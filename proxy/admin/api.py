@@ -70,6 +70,7 @@ def binding_json(binding: Binding, now: float) -> dict:
         "mac": mac_from_instance(binding.instance) if binding.instance else None,
         "call_id": binding.call_id,
         "registered_at": binding.registered_at,
+        "node": binding.node,
     }
 
 

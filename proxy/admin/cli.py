@@ -447,18 +447,23 @@ def _check_config(config: ProxyConfig) -> int:
 
 def _forget_user(config: ProxyConfig, name: str, users: list[str]) -> None:
     """A removed user must stop receiving calls now, not when its bindings expire: bindings and forwarding go too."""
-    store = ForwardingStore(os.path.join(config.server.state_dir, LOCATION_FILE))
+    store = _forwarding_store(config)
     try:
         store.put(ForwardSettings(user=name))  # empty settings: the row is deleted
+        print(f"  forwarding of {name} cleared")
+    except AdminError as e:  # Redis: through a node, which is not running
+        print(f"  forwarding of {name} NOT cleared ({e}): run `sipproxy-admin forward clear {name}` on a running node")
     finally:
         store.close()
-    print(f"  forwarding of {name} cleared")
     for user in users:
         aor = f"sip:{user}@{config.server.domains[0]}"
         quoted = urllib.parse.quote(aor, safe="")
         try:
             removed = api_request(config, "DELETE", f"/api/registrations/{quoted}")["removed"]
         except AdminError as e:
+            if config.location.backend == "redis":
+                print(f"  bindings of {aor} NOT removed ({e}); they expire by themselves")
+                continue
             # The server is not running: its bindings are only in the file, and go from there.
             location = SqliteLocationService(os.path.join(config.server.state_dir, LOCATION_FILE), _WallClock())
             try:
@@ -468,6 +473,36 @@ def _forget_user(config: ProxyConfig, name: str, users: list[str]) -> None:
                 location.stop()
             print(f"  ({e}; removed from the file instead)")
         print(f"  {removed} binding(s) of {aor} removed")
+
+
+def _forwarding_store(config: ProxyConfig):
+    """The settings as the server reads them: the SQLite file, or (Redis, several nodes) through the admin API."""
+    if config.location.backend == "redis":
+        return _ApiForwardingStore(config)
+    return ForwardingStore(os.path.join(config.server.state_dir, LOCATION_FILE))
+
+
+class _ApiForwardingStore:
+    """`ForwardingStore`'s methods over the running node's API: the node writes Redis, every node sees it."""
+
+    def __init__(self, config: ProxyConfig):
+        self.config = config
+
+    def get(self, user: str) -> ForwardSettings:
+        return ForwardSettings(**api_get(self.config, f"/api/forwarding/{urllib.parse.quote(user, safe='')}"))
+
+    def all(self) -> list[ForwardSettings]:
+        return [ForwardSettings(**row) for row in api_get(self.config, "/api/forwarding")["forwarding"]]
+
+    def update(self, user: str, **changes) -> ForwardSettings:
+        path = f"/api/forwarding/{urllib.parse.quote(user, safe='')}"
+        return ForwardSettings(**api_request(self.config, "PUT", path, changes))
+
+    def put(self, settings: ForwardSettings) -> None:
+        self.update(settings.user, **{k: v for k, v in attrs.asdict(settings).items() if k != "user"})
+
+    def close(self) -> None:
+        pass
 
 
 class _WallClock:
@@ -483,7 +518,7 @@ class _WallClock:
 
 def _forward(config: ProxyConfig, args) -> int:
     """Forwarding settings are edited in the state store directly: the running server reads them per call."""
-    store = ForwardingStore(os.path.join(config.server.state_dir, "location.sqlite"))
+    store = _forwarding_store(config)
     try:
         action = args.forward_command
         if action == "set":
@@ -698,7 +733,7 @@ def _lookup(config: ProxyConfig, args) -> int:
     record = read_users(_users_path(config)).get(name)
     aor = _aor(config, name)
     bindings = [b for b in api_get(config, "/api/registrations")["registrations"] if b["aor"] == aor]
-    store = ForwardingStore(os.path.join(config.server.state_dir, LOCATION_FILE))
+    store = _forwarding_store(config)
     try:
         forwarding = store.get(name)
     finally:
@@ -740,6 +775,11 @@ def _registrations(config: ProxyConfig, args) -> int:
                                 {True: "yes", False: "NO", None: "?"}[r["reachable"]],
                                 "-" if r["rtt_ms"] is None else f"{r['rtt_ms']:g}ms",
                                 r["user_agent"] or "-", r["mac"] or r["instance"] or "-"))
+    if config.location.backend == "redis":  # several nodes: which one took each registration
+        return _show(rows, args.json, "no registrations",
+                     ("AOR", "CONTACT", "EXPIRES", "SOURCE", "NODE", "USER-AGENT", "INSTANCE"),
+                     lambda r: (r["aor"], r["contact"], f"{r['expires_in']}s", f"{r['source']}/{r['transport'].lower()}",
+                                r.get("node") or "-", r["user_agent"] or "-", r["mac"] or r["instance"] or "-"))
     return _show(rows, args.json, "no registrations", ("AOR", "CONTACT", "EXPIRES", "SOURCE", "USER-AGENT", "INSTANCE"),
                  lambda r: (r["aor"], r["contact"], f"{r['expires_in']}s", f"{r['source']}/{r['transport'].lower()}",
                             r["user_agent"] or "-", r["mac"] or r["instance"] or "-"))

@@ -122,7 +122,10 @@ class RedisClient:
 
     def __init__(self, reactor, *, urls=(), sentinels=(), service: str = "", password: str = "",
                  timeout: float = 0.5, max_pending: int = 10_000, trust_root=None, name: str = "Redis",
-                 subscribe: tuple[str, ...] = (), on_message=None, rng: random.Random | None = None):
+                 subscribe: tuple[str, ...] = (), on_message=None, rng: random.Random | None = None,
+                 quiet: bool = False):
+        """`quiet`: outages and reconnections logged at debug level (the subscriber: its command
+        connection says the same once)."""
         if not urls and not sentinels:
             raise ValueError("need urls or sentinels")
         self.reactor = reactor
@@ -135,6 +138,7 @@ class RedisClient:
         self.trust_root = trust_root
         self.name = name
         self.channels = tuple(subscribe)
+        self.quiet = quiet
         self.on_message = on_message
         self.on_ready: list = []  # callbacks, each time a connection becomes usable
         self.on_lost: list = []  # callbacks, each time a usable connection goes
@@ -206,6 +210,7 @@ class RedisClient:
 
     def _dial(self, host: str, port: int, tls: bool = False) -> defer.Deferred:
         factory = protocol.Factory.forProtocol(lambda: _RespProtocol(self.reactor))
+        factory.noisy = False
         d = self._endpoint(host, port, tls).connect(factory)
         return _with_timeout(self.reactor, d, self.timeout * 4, f"connecting to {host}:{port}")
 
@@ -280,7 +285,8 @@ class RedisClient:
         if self._down_since is not None:
             took = self.reactor.seconds() - self._down_since
             self._down_since = None
-            log.info("{name}: connected to {where} ({took:.1f} s without)", name=self.name, where=self.where, took=took)
+            (log.debug if self.quiet else log.info)("{name}: connected to {where} ({took:.1f} s without)",
+                                                    name=self.name, where=self.where, took=took)
         for callback in list(self.on_ready):
             try:
                 callback()
@@ -315,7 +321,8 @@ class RedisClient:
         if not self._logged_outage:
             self._logged_outage = True
             self.outages += 1
-            log.warn("{name} unavailable: {reason}; retrying (logged once per outage)", name=self.name, reason=reason)
+            (log.debug if self.quiet else log.warn)("{name} unavailable: {reason}; retrying (logged once per outage)",
+                                                    name=self.name, reason=reason)
 
     def _retry(self, first: bool = False) -> None:
         if self._stopped:

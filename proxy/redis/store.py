@@ -9,7 +9,11 @@ Writes are grouped per turn of the event loop (`Batch`): whoever must know
 that a change is stored (the registrar, before its 200) asks `stored()` and
 gets a Deferred that fires when Redis has acknowledged every write of the turn
 (and, with `wait_replicas`, when that many replicas have them: one `WAIT` per
-turn, not per REGISTER).
+turn, not per REGISTER). The primary is asked every second how many replicas
+it has: with fewer connected than `wait_replicas`, the turn waits for those
+there are (none: the primary's acknowledgement alone), logged once and counted
+as `degraded`, so a lost replica does not stop registrations; a binding taken
+in that state is lost if the primary dies before a replica has copied it.
 
 When the subscriber (re)connects, whatever was published meanwhile is lost to
 it: the `on_resync` handlers then read the whole state back from Redis.
@@ -17,10 +21,12 @@ it: the `on_resync` handlers then read the whole state back from Redis.
 
 import json
 import os
+import re
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from proxy.periodic import Every
 from proxy.redis.client import RedisClient, RedisUnavailable
 
 log = Logger()
@@ -53,8 +59,12 @@ class RedisStore:
                       timeout=config.timeout, max_pending=config.max_pending, trust_root=trust_root)
         self.commands = RedisClient(reactor, name="Redis", **common)
         self.subscriber = RedisClient(reactor, name="Redis subscriber", subscribe=(self.channel,),
-                                      on_message=self._message, **common)
-        self.subscriber.on_ready.append(self._resync)
+                                      on_message=self._message, quiet=True, **common)
+        # A resync reads through the command connection, after the subscriber is in place (so nothing
+        # published after the read is missed): whichever of the two comes up last starts it.
+        self._resync_due = False
+        self.subscriber.on_ready.append(self._subscribed)
+        self.commands.on_ready.append(self._commands_ready)
         self.handlers: dict[str, object] = {}  # kind -> handler(payload)
         self.resync_handlers: list = []  # each returns a Deferred; run in order after a (re)connect
         self._batch: Batch | None = None
@@ -63,6 +73,12 @@ class RedisStore:
         self.resyncs = 0
         self.write_failures = 0
         self.not_replicated = 0
+        self.degraded = 0  # turns stored with fewer replicas than wait_replicas, because fewer were connected
+        self.replicas = 0  # connected to the primary, as it last said
+        self._degraded_logged = False
+        self._replica_check = Every(reactor, 1.0, self._ask_replicas) if self.wait_replicas else None
+        if self._replica_check is not None:
+            self.commands.on_ready.append(self._ask_replicas)
 
     @property
     def writable(self) -> bool:
@@ -71,15 +87,40 @@ class RedisStore:
     def start(self) -> None:
         self.commands.start()
         self.subscriber.start()
+        if self._replica_check is not None:
+            self._replica_check.start()
 
     def stop(self) -> None:
+        if self._replica_check is not None:
+            self._replica_check.stop()
         self.commands.stop()
         self.subscriber.stop()
+
+    def _ask_replicas(self) -> None:
+        if not self.commands.connected:
+            return
+        d = self.commands.execute("INFO", "replication")
+        d.addCallbacks(self._replicas_said, lambda _: None)
+
+    def _replicas_said(self, info: bytes) -> None:
+        found = re.search(rb"connected_slaves:(\d+)", info or b"")
+        self.replicas = int(found.group(1)) if found else 0
+        if self.replicas >= self.wait_replicas:
+            if self._degraded_logged:
+                log.info("Redis has {n} replica(s) again: every 200 waits for {want}", n=self.replicas,
+                         want=self.wait_replicas)
+            self._degraded_logged = False
+        elif not self._degraded_logged:
+            self._degraded_logged = True
+            log.warn("Redis primary {where} has {n} replica(s) connected, wait_replicas is {want}: a binding is "
+                     "answered once {n} have it (lost if the primary dies before a replica copies it)",
+                     where=self.commands.where, n=self.replicas, want=self.wait_replicas)
 
     def counters(self) -> dict:
         return {"connected": int(self.commands.connected and self.subscriber.connected),
                 "outages": self.commands.outages, "failed_commands": self.commands.failed_commands,
                 "write_failures": self.write_failures, "not_replicated": self.not_replicated,
+                "degraded": self.degraded, "replicas": self.replicas,
                 "resyncs": self.resyncs}
 
     # -- writing ----------------------------------------------------------
@@ -105,16 +146,19 @@ class RedisStore:
         if self._batch is batch:
             self._batch = None
         writes = list(batch.writes)
-        if self.wait_replicas:
-            writes.append(self.commands.execute("WAIT", self.wait_replicas, self.wait_ms))
+        wanted = min(self.wait_replicas, self.replicas)
+        if wanted < self.wait_replicas:
+            self.degraded += 1
+        if wanted:
+            writes.append(self.commands.execute("WAIT", wanted, self.wait_ms))
         done = defer.DeferredList(writes, consumeErrors=True)
-        done.addCallback(self._flushed, batch)
+        done.addCallback(self._flushed, batch, wanted)
 
-    def _flushed(self, results, batch: Batch) -> None:
+    def _flushed(self, results, batch: Batch, wanted: int) -> None:
         error = next((result.value for ok, result in results if not ok), None)
-        if error is None and self.wait_replicas and results[-1][1] < self.wait_replicas:
+        if error is None and wanted and results[-1][1] < wanted:
             self.not_replicated += 1
-            error = RedisUnavailable(f"only {results[-1][1]} of {self.wait_replicas} replicas acknowledged")
+            error = RedisUnavailable(f"only {results[-1][1]} of {wanted} replicas acknowledged in time")
         if error is not None:
             self.write_failures += 1
             if not batch.waiters:
@@ -149,19 +193,29 @@ class RedisStore:
         except Exception:
             log.failure("Cannot apply a shared {kind} change", kind=kind)
 
+    def _subscribed(self) -> None:
+        self._resync_due = True
+        if self.commands.connected:
+            self._resync()
+
+    def _commands_ready(self) -> None:
+        if self._resync_due and self.subscriber.connected:
+            self._resync()
+
     @defer.inlineCallbacks
     def _resync(self):
         """Read everything back (messages that arrive meanwhile wait, then apply on top)."""
+        if self._syncing:
+            return
         self._syncing = True
         try:
             for handler in self.resync_handlers:
                 yield handler()
             self.resyncs += 1
+            self._resync_due = False
         except Exception as e:
-            log.warn("Resynchronising from Redis failed ({error}); retrying on the next connection",
-                     error=str(e))
-            self.subscriber.stop()
-            self.subscriber.start()  # a fresh connection resyncs again
+            # Due still: the next (re)connection of the command connection tries again.
+            log.warn("Resynchronising from Redis failed ({error}); trying again when it is back", error=str(e))
         finally:
             self._syncing = False
             held, self._held = self._held, []

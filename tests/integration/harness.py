@@ -43,19 +43,19 @@ def free_port() -> int:
     raise RuntimeError("no free port")
 
 
-def options_probe(port: int, timeout: float = 0.3) -> bytes | None:
+def options_probe(port: int, timeout: float = 0.3, host: str = "127.0.0.1") -> bytes | None:
     """Send one OPTIONS over UDP; the response bytes, or None."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         local = s.getsockname()[1]
         s.settimeout(timeout)
         msg = (
-            f"OPTIONS sip:127.0.0.1:{port} SIP/2.0\r\n"
-            f"Via: SIP/2.0/UDP 127.0.0.1:{local};branch=z9hG4bKprobe{time.monotonic_ns()}\r\n"
-            "Max-Forwards: 70\r\nFrom: <sip:probe@127.0.0.1>;tag=p\r\nTo: <sip:127.0.0.1>\r\n"
+            f"OPTIONS sip:{host}:{port} SIP/2.0\r\n"
+            f"Via: SIP/2.0/UDP {host}:{local};branch=z9hG4bKprobe{time.monotonic_ns()}\r\n"
+            f"Max-Forwards: 70\r\nFrom: <sip:probe@{host}>;tag=p\r\nTo: <sip:{host}>\r\n"
             f"Call-ID: probe-{time.monotonic_ns()}\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n"
         )
-        s.sendto(msg.encode(), ("127.0.0.1", port))
+        s.sendto(msg.encode(), (host, port))
         try:
             return s.recv(65535)
         except OSError:
@@ -66,8 +66,11 @@ class ServerProcess:
     """`twistd -n sipproxy` in a subprocess with a config written for the test."""
 
     def __init__(self, config_text: str = "", port: int | None = None, state_dir: str | None = None,
-                 admin_port: int | None = None, pythonpath: tuple[str, ...] = (), server_extra: str = ""):
+                 admin_port: int | None = None, pythonpath: tuple[str, ...] = (), server_extra: str = "",
+                 host: str = "127.0.0.1"):
+        """`host`: the loopback address it listens on (several nodes: 127.0.0.2, 127.0.0.3)."""
         self.pythonpath = pythonpath
+        self.host = host
         self.port = port or free_port()
         self.admin_port = admin_port or free_port()
         self.web_port = free_port()
@@ -78,7 +81,7 @@ class ServerProcess:
         with open(self.config_path, "w") as f:
             f.write(
                 "[server]\n"
-                f'listen = ["udp:{self.port}:interface=127.0.0.1", "tcp:{self.port}:interface=127.0.0.1"]\n'
+                f'listen = ["udp:{self.port}:interface={host}", "tcp:{self.port}:interface={host}"]\n'
                 f'state_dir = "{self.state_dir}"\n'
                 'domains = ["localhost", "127.0.0.1"]\n'
                 + server_extra +
@@ -100,10 +103,16 @@ class ServerProcess:
             if self.process.poll() is not None:
                 out = self.process.stdout.read().decode(errors="replace")
                 raise AssertionError(f"server exited with {self.process.returncode}: {out}\n{self.log()}")
-            if options_probe(self.port):
+            if options_probe(self.port, host=self.host):
                 return self
         self.stop()
         raise AssertionError(f"server did not answer within {timeout} s\n{self.log()}")
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown code runs (what a crash or a pulled plug does)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(5)
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -142,7 +151,8 @@ class ServerProcess:
 
 def run_sipp(scenario: str, port: int, *, transport: str = "u1", calls: int = 1, extra: list[str] = (),
              timeout: float = 15.0, injection: list[tuple[str, ...]] | None = None,
-             local_port: int | None = None, local_ip: str = "127.0.0.1") -> subprocess.CompletedProcess:
+             local_port: int | None = None, local_ip: str = "127.0.0.1",
+             server_host: str = "127.0.0.1") -> subprocess.CompletedProcess:
     """Run a SIPp scenario from tests/scenarios against 127.0.0.1:port; returns the finished process.
 
     `injection` rows become SIPp's -inf file ([field0], [field1]...), one row per call, in order.
@@ -156,7 +166,7 @@ def run_sipp(scenario: str, port: int, *, transport: str = "u1", calls: int = 1,
         extra = ["-inf", path, *extra]
     args = [sipp, "-sf", os.path.join(SCENARIOS, scenario), "-i", local_ip, "-p", str(local_port or free_port()),
             "-t", transport, "-m", str(calls), "-nostdin", "-timeout", f"{int(timeout)}s",
-            "-timeout_error", "-trace_err", "-trace_stat", *extra, f"127.0.0.1:{port}"]
+            "-timeout_error", "-trace_err", "-trace_stat", *extra, f"{server_host}:{port}"]
     result = subprocess.run(args, cwd=workdir, capture_output=True, timeout=timeout + 30)
     result.workdir = workdir
     return result
