@@ -177,6 +177,16 @@ class SipProxyCollector:
                                       "BYE seen", value=calls["calls_timed_out"])
         yield CounterMetricFamily("sipproxy_bindings_expired", "Bindings that expired without a refresh",
                                   value=counters["bindings_expired"])
+        store = counters.get("location_store")
+        if store:  # [location] backend = "redis" (docs/scaling.md)
+            yield GaugeMetricFamily("sipproxy_location_store_up", "1 while every process of this node is connected "
+                                    "to Redis (REGISTERs get 503 otherwise)", value=0 if store["disconnected"] else 1)
+            yield GaugeMetricFamily("sipproxy_location_store_replicas", "Replicas the Redis primary has connected",
+                                    value=store["replicas"])
+            yield _family(CounterMetricFamily, "sipproxy_location_store_events", "Redis outages, failed writes, "
+                          "resynchronisations, turns stored with fewer replicas than wait_replicas", "event",
+                          [(name, store[name]) for name in ("outages", "write_failures", "resyncs", "degraded",
+                                                            "not_replicated")])
         # Gateways come from the config's routes, so the label stays bounded.
         yield _family(GaugeMetricFamily, "sipproxy_gateway_up", "1 while a gateway answers, 0 once it is down",
                       "gateway", [(g["gateway"], 1 if g["up"] else 0) for g in counters["gateways"]])

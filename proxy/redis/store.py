@@ -117,7 +117,7 @@ class RedisStore:
                      where=self.commands.where, n=self.replicas, want=self.wait_replicas)
 
     def counters(self) -> dict:
-        return {"connected": int(self.commands.connected and self.subscriber.connected),
+        return {"disconnected": int(not (self.commands.connected and self.subscriber.connected)),
                 "outages": self.commands.outages, "failed_commands": self.commands.failed_commands,
                 "write_failures": self.write_failures, "not_replicated": self.not_replicated,
                 "degraded": self.degraded, "replicas": self.replicas,

@@ -75,7 +75,10 @@ class Keepalive:
     def round(self) -> None:
         """One OPTIONS per phone, spread over the interval."""
         phones: dict[Destination, Binding] = {}
+        node = getattr(self.location, "node", "")
         for binding in self.location.all_bindings():
+            if binding.node and node and binding.node != node:
+                continue  # several nodes: each pings the phones that registered through it (their NAT pinhole)
             phones.setdefault(self.destination(binding), binding)
         for gone in set(self.state) - set(phones):
             del self.state[gone]

@@ -32,7 +32,7 @@ log = Logger()
 
 COUNTER_INTERVAL = 2.0
 # Counters that are levels of the whole process group, not sums: the greatest wins.
-_GREATEST = frozenset({"lag_seconds", "max_lag_seconds", "level", "busy", "low", "high", "kernel_drops"})
+_GREATEST = frozenset({"lag_seconds", "max_lag_seconds", "level", "busy", "low", "high", "kernel_drops", "replicas"})
 
 
 def merge_counters(mine: dict, others: list[dict]) -> dict:
