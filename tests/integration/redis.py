@@ -49,8 +49,8 @@ def _read(path: str) -> str:
 
 class RedisServer:
     def __init__(self, replica_of: "RedisServer | None" = None, port: int | None = None, persist: bool = False):
-        require("redis-cli")  # the tests read what is stored with it
         """`persist`: an append-only file, so a restart keeps the data (what a site runs)."""
+        require("redis-cli")  # the tests read what is stored with it
         self.persist = persist
         self.program = require("redis-server")
         self.dir = tempfile.mkdtemp(prefix="redis-")
