@@ -235,7 +235,8 @@ def build_core(config: ProxyConfig, clock: IReactorTime, transports, *, resolver
         from proxy.routing.redis_forwarding import RedisForwardingStore
         from proxy.service import load_trust_root
 
-        store = RedisStore(reactor or clock, config.location, node, trust_root=load_trust_root(config.tls.ca_file))
+        store = RedisStore(reactor or clock, config.location, node, trust_root=load_trust_root(config.tls.ca_file),
+                           quiet=not primary)
         location = RedisLocationService(store, clock, node, primary=primary)
         forwarding_store = RedisForwardingStore(store)
     else:

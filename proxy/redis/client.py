@@ -124,8 +124,8 @@ class RedisClient:
                  timeout: float = 0.5, max_pending: int = 10_000, trust_root=None, name: str = "Redis",
                  subscribe: tuple[str, ...] = (), on_message=None, rng: random.Random | None = None,
                  quiet: bool = False):
-        """`quiet`: outages and reconnections logged at debug level (the subscriber: its command
-        connection says the same once)."""
+        """`quiet`: outages and reconnections are not logged (the subscriber, a worker's connections:
+        the primary's command connection says the same, once), only counted."""
         if not urls and not sentinels:
             raise ValueError("need urls or sentinels")
         self.reactor = reactor
@@ -285,8 +285,9 @@ class RedisClient:
         if self._down_since is not None:
             took = self.reactor.seconds() - self._down_since
             self._down_since = None
-            (log.debug if self.quiet else log.info)("{name}: connected to {where} ({took:.1f} s without)",
-                                                    name=self.name, where=self.where, took=took)
+            if not self.quiet:
+                log.info("{name}: connected to {where} ({took} s without)", name=self.name, where=self.where,
+                         took=f"{took:.1f}")
         for callback in list(self.on_ready):
             try:
                 callback()
@@ -321,8 +322,9 @@ class RedisClient:
         if not self._logged_outage:
             self._logged_outage = True
             self.outages += 1
-            (log.debug if self.quiet else log.warn)("{name} unavailable: {reason}; retrying (logged once per outage)",
-                                                    name=self.name, reason=reason)
+            if not self.quiet:
+                log.warn("{name} unavailable: {reason}; retrying (logged once per outage)", name=self.name,
+                         reason=reason)
 
     def _retry(self, first: bool = False) -> None:
         if self._stopped:

@@ -46,8 +46,9 @@ class Batch:
 
 
 class RedisStore:
-    def __init__(self, reactor, config, node: str, trust_root=None, wait_replicas: int | None = None):
-        """`config`: proxy/config.py `LocationConfig`."""
+    def __init__(self, reactor, config, node: str, trust_root=None, wait_replicas: int | None = None,
+                 quiet: bool = False):
+        """`config`: proxy/config.py `LocationConfig`; `quiet`: a worker (its primary logs each outage once)."""
         self.reactor = reactor
         self.prefix = config.prefix
         self.channel = config.prefix + "changes"
@@ -57,7 +58,7 @@ class RedisStore:
         self.wait_ms = max(1, int(config.timeout * 1000 / 2))
         common = dict(urls=config.urls, sentinels=config.sentinels, service=config.service, password=config.password,
                       timeout=config.timeout, max_pending=config.max_pending, trust_root=trust_root)
-        self.commands = RedisClient(reactor, name="Redis", **common)
+        self.commands = RedisClient(reactor, name="Redis", quiet=quiet, **common)
         self.subscriber = RedisClient(reactor, name="Redis subscriber", subscribe=(self.channel,),
                                       on_message=self._message, quiet=True, **common)
         # A resync reads through the command connection, after the subscriber is in place (so nothing

@@ -35,6 +35,8 @@ KIND = "binding"
 
 @implementer(ILocationService)
 class RedisLocationService(BindingIndex):
+    shared = True  # every process, worker or not, reads and writes Redis itself (no worker-link copies)
+
     def __init__(self, store, clock, node: str, sweep_interval: float = 10.0, primary: bool = True):
         """`store`: proxy/redis/store.py `RedisStore`, shared with the forwarding settings."""
         super().__init__(clock, sweep_interval, node)

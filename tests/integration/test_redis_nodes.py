@@ -52,9 +52,11 @@ class NodesTestCase(SynchronousTestCase):
         self.addCleanup(shutil.rmtree, self.shared, True)
         self.nodes = {}
         for name, host in NODES:
+            # Node b runs two worker processes: each has its own connections to Redis.
+            workers = 2 if name == "b" else 1
             node = ServerProcess(f"[location]\n{location}wait_replicas = {self.wait_replicas}\n"
                                  f'[proxy]\nadvertise = "{host}"\n', host=host,
-                                 server_extra=f'node = "{name}"\nshared_dir = "{self.shared}"\nworkers = 1\n')
+                                 server_extra=f'node = "{name}"\nshared_dir = "{self.shared}"\nworkers = {workers}\n')
             self.nodes[name] = node
             self.addCleanup(node.stop)
         a = self.nodes["a"]
