@@ -86,7 +86,10 @@ class ConnectionTests(SynchronousTestCase):
         self.assertEqual(RedisAddress.parse("rediss://:s%40cret@10.0.0.5:6380/3"),
                          RedisAddress(host="10.0.0.5", port=6380, tls=True, password="s@cret", db=3))
         self.assertEqual(RedisAddress.parse("redis://h", password="p").password, "p")
-        for bad in ("http://h", "redis://", "redis://h/x", "redis://h:99999"):
+        self.assertEqual(RedisAddress.parse("unix:///run/redis/redis.sock?db=2"),
+                         RedisAddress(host="", port=0, path="/run/redis/redis.sock", db=2))
+        for bad in ("http://h", "redis://", "redis://h/x", "redis://h:99999", "unix://relative.sock",
+                    "unix:///r.sock?db=x"):
             self.assertRaises(ValueError, RedisAddress.parse, bad)
 
 
@@ -197,6 +200,15 @@ class SharedStoreTests(TestCase):
         a.remove("sip:1001@example.com", "sip:1001@192.0.2.10:5060")
         yield a.stored()
         yield self.until(lambda: not b.lookup("sip:1001@example.com"), "node b forgetting it")
+
+    @defer.inlineCallbacks
+    def test_a_redis_on_this_host_through_its_unix_socket(self):
+        store, a, _ = self.node("a", urls=(f"unix://{self.redis.socket}?db=0",))
+        yield self.until(lambda: a.loaded, "connected through the socket")
+        a.save(self.binding())
+        yield a.stored()
+        self.assertEqual(store.commands.where, self.redis.socket)
+        self.assertEqual(self.redis.command("DBSIZE").strip(), b"1")
 
     @defer.inlineCallbacks
     def test_a_node_that_was_away_catches_up_and_drops_what_redis_never_had(self):

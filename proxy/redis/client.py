@@ -50,13 +50,24 @@ class RedisAddress:
     tls: bool = False
     password: str = ""
     db: int = 0
+    path: str = ""  # a Unix socket (unix:///run/redis/redis.sock?db=0): a Redis on this host
 
     @classmethod
     def parse(cls, url: str, password: str = "") -> "RedisAddress":
-        """`redis://[:password@]host[:port][/db]` or `rediss://...` (TLS); ValueError says what is wrong."""
+        """`redis://[:password@]host[:port][/db]`, `rediss://...` (TLS) or `unix:///path.sock[?db=N]`;
+        ValueError says what is wrong."""
         parts = urllib.parse.urlsplit(url)
+        if parts.scheme == "unix":
+            if not parts.path.startswith("/"):
+                raise ValueError(f"{url!r}: a Unix socket needs an absolute path (unix:///run/redis/redis.sock)")
+            query = urllib.parse.parse_qs(parts.query)
+            db = query.get("db", ["0"])[0]
+            if not db.isdigit():
+                raise ValueError(f"{url!r}: db must be a number")
+            return cls(host="", port=0, path=parts.path, db=int(db),
+                       password=query.get("password", [""])[0] or password)
         if parts.scheme not in ("redis", "rediss"):
-            raise ValueError(f"{url!r}: must start with redis:// or rediss://")
+            raise ValueError(f"{url!r}: must start with redis://, rediss:// or unix://")
         if not parts.hostname:
             raise ValueError(f"{url!r}: no host")
         try:
@@ -208,11 +219,15 @@ class RedisClient:
             endpoint = endpoints.wrapClientTLS(ssl.optionsForClientTLS(server_name or host, trustRoot=trust), endpoint)
         return endpoint
 
-    def _dial(self, host: str, port: int, tls: bool = False) -> defer.Deferred:
+    def _dial(self, host: str, port: int, tls: bool = False, path: str = "") -> defer.Deferred:
         factory = protocol.Factory.forProtocol(lambda: _RespProtocol(self.reactor))
         factory.noisy = False
-        d = self._endpoint(host, port, tls).connect(factory)
-        return _with_timeout(self.reactor, d, self.timeout * 4, f"connecting to {host}:{port}")
+        if path:
+            endpoint = endpoints.UNIXClientEndpoint(self.reactor, path, timeout=max(1, int(self.timeout * 4)))
+        else:
+            endpoint = self._endpoint(host, port, tls)
+        d = endpoint.connect(factory)
+        return _with_timeout(self.reactor, d, self.timeout * 4, f"connecting to {path or f'{host}:{port}'}")
 
     @defer.inlineCallbacks
     def _find_primary(self):
@@ -244,7 +259,7 @@ class RedisClient:
 
     @defer.inlineCallbacks
     def _open(self, address: RedisAddress):
-        proto = yield self._dial(address.host, address.port, address.tls)
+        proto = yield self._dial(address.host, address.port, address.tls, address.path)
         return address, proto
 
     @defer.inlineCallbacks
@@ -257,8 +272,8 @@ class RedisClient:
                 yield self._ask(proto, "SELECT", address.db)
             role = yield self._ask(proto, "ROLE")
             if not role or role[0] != b"master":
-                raise RedisUnavailable(f"{address.host}:{address.port} is a {role[0].decode() if role else '?'}, "
-                                       "not the primary")
+                where = address.path or f"{address.host}:{address.port}"
+                raise RedisUnavailable(f"{where} is a {role[0].decode() if role else '?'}, not the primary")
             if self.channels:
                 proto.on_push = self._push
                 for channel in self.channels:
@@ -280,7 +295,7 @@ class RedisClient:
         self._protocol = proto
         self._backoff = _BACKOFF_FIRST
         self._logged_outage = False
-        self.where = f"{address.host}:{address.port}"
+        self.where = address.path or f"{address.host}:{address.port}"
         proto.lost.addCallback(lambda _: self._lost(proto))
         if self._down_since is not None:
             took = self.reactor.seconds() - self._down_since

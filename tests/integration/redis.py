@@ -56,12 +56,14 @@ class RedisServer:
         self.dir = tempfile.mkdtemp(prefix="redis-")
         self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.socket = os.path.join(self.dir, "redis.sock")
         self.replica_of = replica_of
         self.log_path = os.path.join(self.dir, "redis.log")
         self.process = None
 
     def start(self) -> "RedisServer":
         args = [self.program, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
+                "--unixsocket", self.socket, "--unixsocketperm", "700",
                 "--save", "", "--appendonly", "yes" if self.persist else "no", "--logfile", self.log_path, "--daemonize", "no"]
         if self.replica_of is not None:
             args += ["--replicaof", "127.0.0.1", str(self.replica_of.port)]
