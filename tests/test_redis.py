@@ -256,6 +256,23 @@ class SharedStoreTests(TestCase):
         self.assertEqual([s.user for s in fc.all()], ["1002"])
 
     @defer.inlineCallbacks
+    def test_sipproxy_admin_sets_forwarding_in_redis_and_the_running_nodes_hear_it(self):
+        from proxy.routing.redis_forwarding import BlockingForwardingStore
+
+        store_a, _, fa = self.node("a")
+        yield self.until(lambda: store_a.resyncs, "connected")
+        admin = BlockingForwardingStore(self.config)
+        self.addCleanup(admin.close)
+        admin.update("1005", no_answer="1003", no_answer_after=6)
+        yield self.until(lambda: fa.get("1005").no_answer == "1003", "node a hearing of it")
+        self.assertEqual(admin.all(), [fa.get("1005")])
+        self.assertRaises(ForwardingError, admin.update, "1005", always="not a target!")
+        down = BlockingForwardingStore(attrs.evolve(self.config, urls=("redis://127.0.0.1:1/0",)))
+        with self.assertRaises(RedisUnavailable) as caught:
+            down.get("1005")
+        self.assertIn("127.0.0.1:1", str(caught.exception))
+
+    @defer.inlineCallbacks
     def test_without_the_replicas_asked_for_a_200_waits_for_the_primary_alone_and_says_so(self):
         store, a, _ = self.node("a", wait_replicas=1)
         yield self.until(lambda: a.loaded and store.counters()["replicas"] == 0, "connected")

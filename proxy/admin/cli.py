@@ -26,6 +26,7 @@ from proxy.config import ProxyConfig, load_config
 from proxy.registration.credentials import USERS_FILE, UserFileError, UserRecord, compute_ha1, locked_users, read_users, valid_user_name
 from proxy.errors import CommandError, ConfigError
 from proxy.registration.location import LOCATION_FILE, SqliteLocationService
+from proxy.redis.client import RedisUnavailable
 from proxy.routing.forwarding import ForwardingError, ForwardSettings, ForwardingStore, check_target
 
 
@@ -240,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise AdminError(f"{args.command} needs the {args.plugin} plugin: add it to [plugins] enabled in "
                                  f"{config.path}")
             return args.plugin_command(config, args, AdminTools(config))
-    except (ConfigError, AdminError, UserFileError, ForwardingError, CommandError) as e:
+    except (ConfigError, AdminError, UserFileError, ForwardingError, CommandError, RedisUnavailable) as e:
         print(f"sipproxy-admin: {e}", file=sys.stderr)
         return 1
     parser.error(f"unknown command {args.command}")
@@ -451,8 +452,8 @@ def _forget_user(config: ProxyConfig, name: str, users: list[str]) -> None:
     try:
         store.put(ForwardSettings(user=name))  # empty settings: the row is deleted
         print(f"  forwarding of {name} cleared")
-    except AdminError as e:  # Redis: through a node, which is not running
-        print(f"  forwarding of {name} NOT cleared ({e}): run `sipproxy-admin forward clear {name}` on a running node")
+    except RedisUnavailable as e:
+        print(f"  forwarding of {name} NOT cleared ({e}): run `sipproxy-admin forward clear {name}` when it is back")
     finally:
         store.close()
     for user in users:
@@ -476,33 +477,12 @@ def _forget_user(config: ProxyConfig, name: str, users: list[str]) -> None:
 
 
 def _forwarding_store(config: ProxyConfig):
-    """The settings as the server reads them: the SQLite file, or (Redis, several nodes) through the admin API."""
+    """The settings where the server reads them: the SQLite file, or Redis (several nodes; the nodes are told)."""
     if config.location.backend == "redis":
-        return _ApiForwardingStore(config)
+        from proxy.routing.redis_forwarding import BlockingForwardingStore
+
+        return BlockingForwardingStore(config.location)
     return ForwardingStore(os.path.join(config.server.state_dir, LOCATION_FILE))
-
-
-class _ApiForwardingStore:
-    """`ForwardingStore`'s methods over the running node's API: the node writes Redis, every node sees it."""
-
-    def __init__(self, config: ProxyConfig):
-        self.config = config
-
-    def get(self, user: str) -> ForwardSettings:
-        return ForwardSettings(**api_get(self.config, f"/api/forwarding/{urllib.parse.quote(user, safe='')}"))
-
-    def all(self) -> list[ForwardSettings]:
-        return [ForwardSettings(**row) for row in api_get(self.config, "/api/forwarding")["forwarding"]]
-
-    def update(self, user: str, **changes) -> ForwardSettings:
-        path = f"/api/forwarding/{urllib.parse.quote(user, safe='')}"
-        return ForwardSettings(**api_request(self.config, "PUT", path, changes))
-
-    def put(self, settings: ForwardSettings) -> None:
-        self.update(settings.user, **{k: v for k, v in attrs.asdict(settings).items() if k != "user"})
-
-    def close(self) -> None:
-        pass
 
 
 class _WallClock:

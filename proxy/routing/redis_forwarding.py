@@ -9,6 +9,7 @@ only here.
 """
 
 import json
+import os
 
 import attrs
 from twisted.internet import defer
@@ -18,12 +19,16 @@ from proxy.routing.forwarding import ForwardingError, ForwardSettings, check_set
 KIND = "forwarding"
 
 
+def forwarding_key(prefix: str) -> str:
+    return prefix + "forwarding"
+
+
 class RedisForwardingStore:
     """The same methods as `ForwardingStore` (get, all, put, update, close)."""
 
     def __init__(self, store):
         self.store = store
-        self.key = store.prefix + "forwarding"
+        self.key = forwarding_key(store.prefix)
         self._settings: dict[str, ForwardSettings] = {}
         store.handlers[KIND] = self._peer_change
         store.resync_handlers.append(self.resync)
@@ -71,3 +76,41 @@ class RedisForwardingStore:
             except (ValueError, TypeError):
                 continue
         self._settings = settings
+
+
+class BlockingForwardingStore:
+    """The same methods for `sipproxy-admin` (proxy/redis/blocking.py): writes Redis and tells the running nodes."""
+
+    def __init__(self, config):
+        from proxy.redis.blocking import BlockingRedis
+
+        self.redis = BlockingRedis(config)
+        self.key = forwarding_key(config.prefix)
+        self.channel = config.prefix + "changes"
+
+    def close(self) -> None:
+        self.redis.close()
+
+    def get(self, user: str) -> ForwardSettings:
+        value = self.redis.execute("HGET", self.key, user)
+        return ForwardSettings(**json.loads(value)) if value else ForwardSettings(user=user)
+
+    def all(self) -> list[ForwardSettings]:
+        values = self.redis.execute("HGETALL", self.key)
+        found = [ForwardSettings(**json.loads(v)) for v in values[1::2]]
+        return sorted(found, key=lambda s: s.user)
+
+    def put(self, settings: ForwardSettings) -> None:
+        check_settings(settings)
+        if settings.is_empty():
+            self.redis.execute("HDEL", self.key, settings.user)
+            payload = {"user": settings.user}
+        else:
+            payload = settings.as_json()
+            self.redis.execute("HSET", self.key, settings.user, json.dumps(payload))
+        self.redis.execute("PUBLISH", self.channel, json.dumps([f"admin/{os.getpid()}", KIND, payload]))
+
+    def update(self, user: str, **changes) -> ForwardSettings:
+        settings = attrs.evolve(self.get(user), **changes)
+        self.put(settings)
+        return settings
