@@ -74,13 +74,26 @@ class ConnectionTests(SynchronousTestCase):
         clock = task.Clock()
         client, proto = self.connected(clock)
         waiting = [client.execute("GET", "a"), client.execute("GET", "b")]
-        clock.advance(0.3)
-        self.assertFalse(proto.transport.disconnecting)
         clock.advance(0.5)
+        self.assertFalse(proto.transport.disconnecting)
+        clock.advance(0.25)  # overdue: looked at once more, after whatever the reactor reads meanwhile
+        self.assertFalse(proto.transport.disconnecting)
+        clock.advance(0.25)
         self.assertTrue(proto.transport.disconnecting)  # aborted by the watchdog
         proto.connectionLost(None)
         for d in waiting:
             self.failureResultOf(d, RedisUnavailable)
+
+    def test_replies_read_after_a_stall_of_this_process_keep_the_connection(self):
+        clock = task.Clock()
+        client, proto = self.connected(clock)
+        first, second = client.execute("GET", "a"), client.execute("GET", "b")
+        clock.advance(2.0)  # this process was busy: the watchdog's first look finds both overdue
+        proto.dataReceived(b"$1\r\nx\r\n")  # what the reactor then reads
+        clock.advance(0.25)
+        self.assertFalse(proto.transport.disconnecting)
+        self.assertEqual(self.successResultOf(first), b"x")
+        self.assertNoResult(second)
 
     def test_urls_are_read_with_their_password_database_and_tls(self):
         self.assertEqual(RedisAddress.parse("rediss://:s%40cret@10.0.0.5:6380/3"),

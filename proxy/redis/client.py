@@ -90,6 +90,7 @@ class _RespProtocol(protocol.Protocol):
         self.pending = collections.deque()  # (deferred, sent_at)
         self.on_push = None  # pub/sub: on_push(reply) for every message
         self.lost = defer.Deferred()
+        self.replies = 0  # replies read so far (the watchdog's sign of life)
 
     def send(self, *args) -> defer.Deferred:
         d = defer.Deferred()
@@ -104,6 +105,7 @@ class _RespProtocol(protocol.Protocol):
             log.warn("Redis sent something that is not RESP ({error}); reconnecting", error=str(e))
             self.transport.abortConnection()
             return
+        self.replies += len(replies)
         for reply in replies:
             if self.on_push is not None and isinstance(reply, list) and reply and reply[0] in (b"message", b"pmessage"):
                 self.on_push(reply)
@@ -165,6 +167,7 @@ class RedisClient:
         self.failed_commands = 0
         self.where = ""  # host:port of the current primary, for the admin and the logs
         self._watchdog = Every(reactor, min(timeout / 2, _PING_INTERVAL), self._watch)
+        self._suspect = None  # (connection, replies read) when a command was seen overdue
         self._ping_due = 0.0
 
     # -- life -------------------------------------------------------------
@@ -351,14 +354,25 @@ class RedisClient:
     # -- watching ---------------------------------------------------------
 
     def _watch(self) -> None:
-        """A command unanswered for `timeout` means the connection is stuck: drop it (every waiter fails)."""
+        """A command unanswered for `timeout`, with nothing read since the last look: the connection is
+        stuck; drop it (every waiter fails).
+
+        Two looks, because this runs before the reactor reads its sockets: after a stall of this process
+        (a burst of work), the replies are waiting unread, and a live connection must not be taken for dead.
+        """
         proto = self._protocol
         if proto is None:
             return
         now = self.reactor.seconds()
-        if proto.oldest_wait(now) > self.timeout:
-            log.warn("{name}: no answer from {where} for {timeout} s; reconnecting", name=self.name,
-                     where=self.where, timeout=self.timeout)
+        if proto.oldest_wait(now) <= self.timeout:
+            self._suspect = None
+        elif self._suspect is None or self._suspect[0] is not proto or self._suspect[1] != proto.replies:
+            self._suspect = (proto, proto.replies)  # look again after the reactor has read what is there
+        else:
+            self._suspect = None
+            if not self.quiet:
+                log.warn("{name}: no answer from {where} for {timeout} s; reconnecting", name=self.name,
+                         where=self.where, timeout=self.timeout)
             proto.transport.abortConnection()
             return
         if self.channels and now >= self._ping_due:

@@ -151,8 +151,7 @@ class Registrar:
         self._answer(tx, aor, self.clock.seconds())
 
     def _not_stored(self, tx: ServerTransaction, aor: str, failure) -> None:
-        self._count("not_stored")
-        log.debug("REGISTER of {aor} not stored: {error}", aor=aor, error=str(failure.value))
+        self._count("not_stored")  # (counted, not logged: the store's client logs the outage once)
         self.replies.respond(tx, 503, "Location store unavailable", extra=(("Retry-After", spread_retry_after()),))
 
     def _contacts(self, request: Request) -> tuple[bool, list[_ContactChange]]:
