@@ -215,6 +215,16 @@ class SharedStoreTests(TestCase):
         yield self.until(lambda: not b.lookup("sip:1001@example.com"), "node b forgetting it")
 
     @defer.inlineCallbacks
+    def test_a_registration_taken_while_the_node_reads_redis_back_is_kept(self):
+        _, b, _ = self.node("b")
+        yield self.until(lambda: b.loaded, "connected")
+        reading = b.resync()  # the SCAN is on its way...
+        b.save(self.binding(node="b"))  # ...and this REGISTER's SET goes after it: the snapshot lacks it
+        yield b.stored()
+        yield reading
+        self.assertEqual([x.contact for x in b.all_bindings()], ["sip:1001@192.0.2.10:5060"])
+
+    @defer.inlineCallbacks
     def test_a_redis_on_this_host_through_its_unix_socket(self):
         store, a, _ = self.node("a", urls=(f"unix://{self.redis.socket}?db=0",))
         yield self.until(lambda: a.loaded, "connected through the socket")

@@ -154,7 +154,6 @@ class RedisClient:
         self.quiet = quiet
         self.on_message = on_message
         self.on_ready: list = []  # callbacks, each time a connection becomes usable
-        self.on_lost: list = []  # callbacks, each time a usable connection goes
         self.rng = rng or random.Random()
         self._protocol: _RespProtocol | None = None  # the usable connection, or None
         self._connecting = False
@@ -327,11 +326,6 @@ class RedisClient:
             return
         self._down_since = self.reactor.seconds()
         self._log_outage(f"the connection to {self.where} was lost")
-        for callback in list(self.on_lost):
-            try:
-                callback()
-            except Exception:
-                log.failure("{name}: a disconnect callback failed", name=self.name)
         self._retry(first=True)
 
     _logged_outage = False

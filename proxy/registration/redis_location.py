@@ -43,6 +43,9 @@ class RedisLocationService(BindingIndex):
         self.store = store
         self.primary = primary  # of its node: announces the node's expiries
         self.loaded = False
+        # During a resync: the bindings this process changed meanwhile. Their writes went to Redis after
+        # the SCAN, so the snapshot is older than what the index holds for them: the index is kept.
+        self._resyncing: set | None = None
         store.handlers[KIND] = self._peer_change
         store.resync_handlers.append(self.resync)
 
@@ -65,12 +68,16 @@ class RedisLocationService(BindingIndex):
         return f"{self.store.prefix}b:{aor} {contact}"
 
     def _store_save(self, binding: Binding) -> None:
+        if self._resyncing is not None:
+            self._resyncing.add((binding.aor, binding.contact))
         ttl = max(1, int((binding.expires_at - self.clock.seconds()) * 1000))
         fields = attrs.astuple(binding)
         self.store.write(KIND, ["saved", fields],
                          ("SET", self._key(binding.aor, binding.contact), json.dumps(fields), "PX", ttl))
 
     def _store_remove(self, aor: str, contact: str) -> None:
+        if self._resyncing is not None:
+            self._resyncing.add((aor, contact))
         binding = self._index.get(aor, {}).get(contact)
         if binding is None:
             return
@@ -89,8 +96,12 @@ class RedisLocationService(BindingIndex):
 
     @defer.inlineCallbacks
     def resync(self):
-        """Make the index what Redis holds."""
-        rows = yield self.store.scan(f"{self.store.prefix}b:*")
+        """Make the index what Redis holds (but for what this process changed while it read)."""
+        self._resyncing = changed = set()
+        try:
+            rows = yield self.store.scan(f"{self.store.prefix}b:*")
+        finally:
+            self._resyncing = None
         now = self.clock.seconds()
         seen = set()
         for _key, value in rows:
@@ -99,13 +110,15 @@ class RedisLocationService(BindingIndex):
             except (ValueError, TypeError):
                 log.warn("An unreadable binding in Redis: {value!r}", value=value[:200])
                 continue
-            if binding.expires_at <= now:
+            key = (binding.aor, binding.contact)
+            if binding.expires_at <= now or key in changed:
                 continue
-            seen.add((binding.aor, binding.contact))
+            seen.add(key)
             # Quietly: a catch-up is not a registration (SQLite's load at start tells no one either).
             self._index.setdefault(binding.aor, {})[binding.contact] = binding
             self._by_contact[binding.contact] = binding
-        gone = [b for contacts in self._index.values() for b in contacts.values() if (b.aor, b.contact) not in seen]
+        gone = [b for contacts in self._index.values() for b in contacts.values()
+                if (b.aor, b.contact) not in seen and (b.aor, b.contact) not in changed]
         for binding in gone:
             self._unindex(binding.aor, binding.contact)
         if not self.loaded or gone:
