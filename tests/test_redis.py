@@ -338,3 +338,20 @@ class RegistrarWithSharedStoreTests(SynchronousTestCase):
         self.assertEqual((response.status, response.reason), (503, "Location store unavailable"))
         self.assertTrue(5 <= int(response.headers.get("retry-after")) <= 14)
         self.assertEqual(core.location.all_bindings(), [])
+
+
+class GroupTests(SynchronousTestCase):
+    def test_a_turns_writes_go_as_one_group_with_one_deferred(self):
+        clock = task.Clock()
+        client = RedisClient(clock, urls=["redis://127.0.0.1:1/0"])
+        proto = _RespProtocol(clock)
+        proto.makeConnection(StringTransport())
+        client._protocol = proto
+        d = client.execute_many([("SET", "k", "v"), ("NOPE",), ("PUBLISH", "c", "m")])
+        self.assertEqual(proto.transport.value(), encode("SET", "k", "v") + encode("NOPE") + encode("PUBLISH", "c", "m"))
+        proto.dataReceived(b"+OK\r\n-ERR unknown\r\n")
+        self.assertNoResult(d)
+        proto.dataReceived(b":2\r\n")
+        ok, error, listeners = self.successResultOf(d)
+        self.assertEqual((ok, listeners), ("OK", 2))
+        self.assertIsInstance(error, ReplyError)

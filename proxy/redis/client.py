@@ -87,15 +87,23 @@ class _RespProtocol(protocol.Protocol):
     def __init__(self, clock):
         self.clock = clock
         self.reader = ReplyReader()
-        self.pending = collections.deque()  # (deferred, sent_at)
+        # (deferred, sent_at, None) for one command; (deferred, sent_at, replies so far, count) for a group
+        self.pending = collections.deque()
         self.on_push = None  # pub/sub: on_push(reply) for every message
         self.lost = defer.Deferred()
         self.replies = 0  # replies read so far (the watchdog's sign of life)
 
     def send(self, *args) -> defer.Deferred:
         d = defer.Deferred()
-        self.pending.append((d, self.clock.seconds()))
+        self.pending.append((d, self.clock.seconds(), None))
         self.transport.write(encode(*args))
+        return d
+
+    def send_many(self, commands: list) -> defer.Deferred:
+        """Several commands in one write; one Deferred for the list of their replies (errors as ReplyError)."""
+        d = defer.Deferred()
+        self.pending.append((d, self.clock.seconds(), [], len(commands)))
+        self.transport.write(b"".join([encode(*command) for command in commands]))
         return d
 
     def dataReceived(self, data: bytes) -> None:
@@ -114,19 +122,28 @@ class _RespProtocol(protocol.Protocol):
                 log.warn("Redis answered a command never sent; reconnecting")
                 self.transport.abortConnection()
                 return
-            d, _ = self.pending.popleft()
+            entry = self.pending[0]
+            group = entry[2]
+            if group is not None:
+                group.append(reply)
+                if len(group) < entry[3]:
+                    continue
+                self.pending.popleft()
+                entry[0].callback(group)
+                continue
+            self.pending.popleft()
             if isinstance(reply, ReplyError):
-                d.errback(reply)
+                entry[0].errback(reply)
             else:
-                d.callback(reply)
+                entry[0].callback(reply)
 
     def oldest_wait(self, now: float) -> float:
         return now - self.pending[0][1] if self.pending else 0.0
 
     def connectionLost(self, reason=protocol.connectionDone) -> None:
         pending, self.pending = self.pending, collections.deque()
-        for d, _ in pending:
-            d.errback(RedisUnavailable("the connection to Redis was lost"))
+        for entry in pending:
+            entry[0].errback(RedisUnavailable("the connection to Redis was lost"))
         self.lost.callback(None)
 
 
@@ -202,6 +219,17 @@ class RedisClient:
             self.failed_commands += 1
             return defer.fail(RedisUnavailable(f"{self.name}: {self.max_pending} commands already waiting"))
         return proto.send(*args)
+
+    def execute_many(self, commands: list) -> defer.Deferred:
+        """Send several commands at once; the list of their replies (a failed one as a ReplyError in it)."""
+        proto = self._protocol
+        if proto is None:
+            self.failed_commands += len(commands)
+            return defer.fail(RedisUnavailable(f"{self.name} is not connected"))
+        if len(proto.pending) >= self.max_pending:
+            self.failed_commands += len(commands)
+            return defer.fail(RedisUnavailable(f"{self.name}: {self.max_pending} commands already waiting"))
+        return proto.send_many(commands)
 
     # -- connecting -------------------------------------------------------
 

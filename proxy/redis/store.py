@@ -28,15 +28,16 @@ from twisted.logger import Logger
 
 from proxy.periodic import Every
 from proxy.redis.client import RedisClient, RedisUnavailable
+from proxy.redis.resp import ReplyError
 
 log = Logger()
 
 
 class Batch:
-    """The writes of one turn; `waiter()` Deferreds fire once they are all acknowledged."""
+    """The writes of one turn, sent together at its end; `waiter()` Deferreds fire once they are acknowledged."""
 
     def __init__(self):
-        self.writes: list[defer.Deferred] = []
+        self.commands: list[tuple] = []
         self.waiters: list[defer.Deferred] = []
 
     def waiter(self) -> defer.Deferred:
@@ -126,16 +127,18 @@ class RedisStore:
 
     # -- writing ----------------------------------------------------------
 
-    def write(self, kind: str, payload, *commands: tuple) -> None:
-        """Run `commands` and publish (kind, payload) to the other processes, in one pipeline."""
+    def write(self, kind: str, payload, *commands: tuple, payload_json: str | None = None) -> None:
+        """Run `commands` and publish (kind, payload) to the other processes, in this turn's pipeline.
+
+        `payload_json`: the payload already as JSON (a binding's, also the value it stores)."""
         batch = self._batch
         if batch is None:
             batch = self._batch = Batch()
             self.reactor.callLater(0, self._flush, batch)
-        for command in commands:
-            batch.writes.append(self.commands.execute(*command))
-        message = json.dumps([self.origin, kind, payload], separators=(",", ":"))
-        batch.writes.append(self.commands.execute("PUBLISH", self.channel, message))
+        batch.commands.extend(commands)
+        if payload_json is None:
+            payload_json = json.dumps(payload, separators=(",", ":"))
+        batch.commands.append(("PUBLISH", self.channel, f'[{self._origin_json},"{kind}",{payload_json}]'))
 
     def stored(self) -> defer.Deferred | None:
         """None if nothing was written this turn; else fires when this turn's writes are stored."""
@@ -143,23 +146,31 @@ class RedisStore:
             return None
         return self._batch.waiter()
 
+    @property
+    def _origin_json(self) -> str:
+        return json.dumps(self.origin)
+
     def _flush(self, batch: Batch) -> None:
         if self._batch is batch:
             self._batch = None
-        writes = list(batch.writes)
+        commands = batch.commands
         wanted = min(self.wait_replicas, self.replicas)
         if wanted < self.wait_replicas:
             self.degraded += 1
         if wanted:
-            writes.append(self.commands.execute("WAIT", wanted, self.wait_ms))
-        done = defer.DeferredList(writes, consumeErrors=True)
-        done.addCallback(self._flushed, batch, wanted)
+            commands.append(("WAIT", wanted, self.wait_ms))
+        done = self.commands.execute_many(commands)
+        done.addCallbacks(self._flushed, self._not_flushed, (batch, wanted), errbackArgs=(batch,))
 
-    def _flushed(self, results, batch: Batch, wanted: int) -> None:
-        error = next((result.value for ok, result in results if not ok), None)
-        if error is None and wanted and results[-1][1] < wanted:
+    def _not_flushed(self, failure, batch: Batch) -> None:
+        self._flushed(None, batch, 0, failure.value)
+
+    def _flushed(self, results, batch: Batch, wanted: int, error=None) -> None:
+        if error is None:
+            error = next((r for r in results if isinstance(r, ReplyError)), None)
+        if error is None and wanted and results[-1] < wanted:
             self.not_replicated += 1
-            error = RedisUnavailable(f"only {results[-1][1]} of {wanted} replicas acknowledged in time")
+            error = RedisUnavailable(f"only {results[-1]} of {wanted} replicas acknowledged in time")
         if error is not None:
             self.write_failures += 1
             if not batch.waiters:

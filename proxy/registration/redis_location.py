@@ -71,9 +71,9 @@ class RedisLocationService(BindingIndex):
         if self._resyncing is not None:
             self._resyncing.add((binding.aor, binding.contact))
         ttl = max(1, int((binding.expires_at - self.clock.seconds()) * 1000))
-        fields = attrs.astuple(binding)
-        self.store.write(KIND, ["saved", fields],
-                         ("SET", self._key(binding.aor, binding.contact), json.dumps(fields), "PX", ttl))
+        fields = json.dumps(attrs.astuple(binding), separators=(",", ":"))
+        self.store.write(KIND, None, ("SET", self._key(binding.aor, binding.contact), fields, "PX", ttl),
+                         payload_json=f'["saved",{fields}]')
 
     def _store_remove(self, aor: str, contact: str) -> None:
         if self._resyncing is not None:
