@@ -234,6 +234,43 @@ class SharedStoreTests(TestCase):
         self.assertEqual(self.redis.command("DBSIZE").strip(), b"1")
 
     @defer.inlineCallbacks
+    def test_tls_checked_against_the_ca_and_a_password(self):
+        from twisted.internet import ssl
+
+        from proxy.redis.store import RedisStore
+        from proxy.registration.redis_location import RedisLocationService
+        from tests.integration.certs import make_self_signed
+
+        cert, key = make_self_signed(self.mktemp_dir(), "localhost")
+        secure = self.redis.__class__(tls=(cert, key), password="s3cret").start()
+        self.addCleanup(secure.cleanup)
+        with open(cert, "rb") as f:
+            trust = ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(f.read())])
+        config = LocationConfig(backend="redis", urls=(f"rediss://localhost:{secure.port}/0",), password="s3cret")
+        store = RedisStore(reactor, config, "a", trust_root=trust)
+        location = RedisLocationService(store, reactor, "a")
+        location.start()
+        self.addCleanup(location.stop)
+        yield self.until(lambda: location.loaded, "connected over TLS")
+        location.save(self.binding())
+        yield location.stored()
+        self.assertEqual(secure.command("DBSIZE").strip(), b"1")
+        # Another CA: the connection is refused, never used.
+        other, _ = make_self_signed(self.mktemp_dir(), "localhost")
+        with open(other, "rb") as f:
+            wrong = ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(f.read())])
+        untrusting = RedisStore(reactor, config, "b", trust_root=wrong)
+        untrusting.start()
+        self.addCleanup(untrusting.stop)
+        yield task.deferLater(reactor, 1.0, lambda: None)
+        self.assertFalse(untrusting.writable)
+
+    def mktemp_dir(self) -> str:
+        path = os.path.abspath(self.mktemp())  # redis-server runs elsewhere: an absolute path
+        os.makedirs(path)
+        return path
+
+    @defer.inlineCallbacks
     def test_a_node_that_was_away_catches_up_and_drops_what_redis_never_had(self):
         _, a, _ = self.node("a")
         store_b, b, _ = self.node("b")

@@ -19,10 +19,10 @@ from tests.integration.harness import free_port, require
 SERVICE = "sipproxy"
 
 
-def redis_command(port: int, *args: str, timeout: float = 2.0) -> bytes:
+def redis_command(port: int, *args: str, timeout: float = 2.0, cli_options: tuple[str, ...] = ()) -> bytes:
     """One command through redis-cli (the raw reply text)."""
-    result = subprocess.run([shutil.which("redis-cli") or "redis-cli", "-h", "127.0.0.1", "-p", str(port), *args],
-                            capture_output=True, timeout=timeout)
+    result = subprocess.run([shutil.which("redis-cli") or "redis-cli", "-h", "127.0.0.1", "-p", str(port),
+                             *cli_options, *args], capture_output=True, timeout=timeout)
     return result.stdout
 
 
@@ -48,10 +48,14 @@ def _read(path: str) -> str:
 
 
 class RedisServer:
-    def __init__(self, replica_of: "RedisServer | None" = None, port: int | None = None, persist: bool = False):
-        """`persist`: an append-only file, so a restart keeps the data (what a site runs)."""
+    def __init__(self, replica_of: "RedisServer | None" = None, port: int | None = None, persist: bool = False,
+                 tls: tuple[str, str] | None = None, password: str = ""):
+        """`persist`: an append-only file, so a restart keeps the data (what a site runs); `tls`: (certificate,
+        key): TLS only, on `port`; `password`: AUTH required."""
         require("redis-cli")  # the tests read what is stored with it
         self.persist = persist
+        self.tls = tls
+        self.password = password
         self.program = require("redis-server")
         self.dir = tempfile.mkdtemp(prefix="redis-")
         self.port = port or free_port()
@@ -67,6 +71,11 @@ class RedisServer:
                 "--save", "", "--appendonly", "yes" if self.persist else "no", "--logfile", self.log_path, "--daemonize", "no"]
         if self.replica_of is not None:
             args += ["--replicaof", "127.0.0.1", str(self.replica_of.port)]
+        if self.tls:
+            args[1:3] = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", self.tls[0],
+                         "--tls-key-file", self.tls[1], "--tls-ca-cert-file", self.tls[0], "--tls-auth-clients", "no"]
+        if self.password:
+            args += ["--requirepass", self.password]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         _wait_port(self.port, self.process, self.log_path)
         return self
@@ -89,7 +98,10 @@ class RedisServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def command(self, *args: str) -> bytes:
-        return redis_command(self.port, *args)
+        options = ("--tls", "--cacert", self.tls[0]) if self.tls else ()
+        if self.password:
+            options += ("--no-auth-warning", "-a", self.password)
+        return redis_command(self.port, *args, cli_options=options)
 
     def wait_synced(self, timeout: float = 10.0) -> None:
         """A replica: until its link to the primary is up."""
