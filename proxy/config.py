@@ -104,6 +104,19 @@ class LocationConfig:
 
 
 @attrs.frozen
+class SrstConfig:
+    """SIP-SRST replication with the other side (docs/srst.md): off unless `role` is set."""
+
+    role: str = ""  # "primary" (the central proxy) or "backup" (a branch's); "": no replication
+    peers: tuple[str, ...] = ()  # host:port of each peer's [srst] listen (a backup has one: `peer`)
+    listen: str = "tcp:5070"  # where this node serves its changes (beyond loopback: ssl: only)
+    secret_file: str = ""  # the secret both sides share; empty: <shared_dir>/srst-secret
+    tls: bool = False  # pull from the peers over HTTPS, checked against [tls] ca_file
+    backlog: int = 10_000  # changes kept for a peer; further behind, it resynchronises from a snapshot
+    interval: float = 0.5  # seconds between pulls
+
+
+@attrs.frozen
 class RegistrarConfig:
     min_expires: int = 60
     max_expires: int = 3600
@@ -236,6 +249,7 @@ class ProxyConfig:
     tls: TlsConfig = TlsConfig()
     registrar: RegistrarConfig = RegistrarConfig()
     location: LocationConfig = LocationConfig()
+    srst: SrstConfig = SrstConfig()
     auth: AuthSettings = AuthSettings()
     admin: AdminConfig = AdminConfig()
     proxy: ProxySettings = ProxySettings()
@@ -316,7 +330,7 @@ def load_config(path: str | None) -> ProxyConfig:
     return parse_config(data, path)
 
 
-_PATH_KEYS = (("server", "state_dir"), ("server", "shared_dir"), ("checksync", "tftp_root"), ("tls", "ca_file"))
+_PATH_KEYS = (("server", "state_dir"), ("server", "shared_dir"), ("srst", "secret_file"), ("checksync", "tftp_root"), ("tls", "ca_file"))
 
 
 def _paths_relative_to(data: dict, base: str) -> None:
@@ -340,6 +354,7 @@ def parse_config(data: dict, path: str = "<config>") -> ProxyConfig:
     tls = _parse_tls(root.table("tls"))
     registrar = _parse_registrar(root.table("registrar"))
     location = _parse_location(root.table("location"))
+    srst = _parse_srst(root.table("srst"))
     auth = _parse_auth(root.table("auth"))
     admin = _parse_admin(root.table("admin"))
     proxy = _parse_proxy(root.table("proxy"))
@@ -351,7 +366,7 @@ def parse_config(data: dict, path: str = "<config>") -> ProxyConfig:
     plugins = _parse_plugins(root.table("plugins"))
     phone_web = _parse_phone_web(root.table("phone_web"))
     root.finish()
-    return ProxyConfig(path=path, server=server, timers=timers, tls=tls, registrar=registrar, location=location,
+    return ProxyConfig(path=path, server=server, timers=timers, tls=tls, registrar=registrar, location=location, srst=srst,
                        auth=auth, admin=admin,
                        proxy=proxy, routes=routes, emergency=emergency, forwarding=forwarding, checksync=checksync,
                        plugins=plugins, phone_web=phone_web, transfer=transfer)
@@ -685,6 +700,45 @@ def _parse_location(t: _Table) -> LocationConfig:
         wait_replicas=t.get("wait_replicas", d.wait_replicas, int, lambda v: 0 <= v <= 16, "must be 0 to 16"),
         max_pending=t.get("max_pending", d.max_pending, int, lambda v: 100 <= v <= 1_000_000,
                           "must be 100 to 1000000"),
+    )
+    t.finish()
+    return config
+
+
+def _parse_srst(t: _Table) -> SrstConfig:
+    d = SrstConfig()
+    role = t.get("role", d.role, str, lambda v: v in ("", "primary", "backup"), 'must be "primary" or "backup"')
+    peers = t.strings("peers", d.peers)
+    peer = t.get("peer", "", str)
+    if peer:
+        if peers:
+            raise t.error("peer", "give peer (a backup's primary) or peers (a primary's backups), not both")
+        peers = (peer,)
+    for value in peers:
+        host, _, port = value.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise t.error("peers" if not peer else "peer", f"{value!r}: must be host:port (the peer's [srst] listen)")
+    if role and not peers:
+        raise t.error("role", f"a {role} needs {'peer' if role == 'backup' else 'peers'} to replicate with")
+    if role == "backup" and len(peers) != 1:
+        raise t.error("peers", "a backup replicates with one primary: peer = \"hq.example.com:5070\"")
+    listen = t.get("listen", d.listen, str, bool, "must not be empty")
+    tls = t.get("tls", d.tls, bool)
+    if role:
+        kind = listen.partition(":")[0].lower()
+        interface = endpoint_interface(listen)
+        if kind not in ("ssl", "tls") and not is_loopback(interface):
+            raise t.error("listen", "the link carries the users' HA1 hashes: beyond loopback it must be TLS "
+                                    '("ssl:5070:privateKey=key.pem:certKey=cert.pem"), or bind it to 127.0.0.1')
+        for value in peers:
+            if not tls and not is_loopback(value.rpartition(":")[0].strip("[]")):
+                raise t.error("tls", f"the peer {value} is not on this host: set tls = true (HTTPS, checked "
+                                     "against [tls] ca_file)")
+    config = SrstConfig(
+        role=role, peers=peers, listen=listen, tls=tls,
+        secret_file=t.get("secret_file", d.secret_file, str),
+        backlog=t.get("backlog", d.backlog, int, lambda v: 100 <= v <= 10_000_000, "must be 100 to 10000000"),
+        interval=t.get("interval", d.interval, float, lambda v: 0.1 <= v <= 60, "must be 0.1 to 60 seconds"),
     )
     t.finish()
     return config

@@ -73,6 +73,7 @@ class Core:
     dialogs: DialogTable  # calls in progress and their records (its sweeper started with the service)
     transfers: TransferService | None  # Bye/Also transfers the proxy completes ([transfer] complete_also)
     verbosity: RuntimeVerbosity  # sipproxy-admin log-level
+    srst: object = None  # proxy/srst/node.py SrstNode: SIP-SRST replication ([srst] role; the primary process only)
 
     def reload(self, old: ProxyConfig, new: ProxyConfig) -> tuple[list[str], list[str]]:
         """Apply what can change while calls go on; returns (reloaded, needs a restart) as config sections.
@@ -120,6 +121,7 @@ class Core:
             "plugin_failures": dict(self.plugins.failures),
             "overload": self.shedder.counters(),
             "transfers": self.transfers.counters() if self.transfers is not None else {},
+            "srst": self.srst.counters() if self.srst is not None else {},
         }
 
 
@@ -295,9 +297,20 @@ def build_core(config: ProxyConfig, clock: IReactorTime, transports, *, resolver
                           advertise=(identity.advertise_host, identity.port_for("UDP")),
                           tftp_root=config.checksync.tftp_root, nat=nat, from_user=config.checksync.from_user,
                           via=identity.via_value)
+    srst = None
+    if config.srst.role and primary:
+        from proxy.service import load_trust_root
+        from proxy.srst.node import SrstNode
+
+        srst = SrstNode(reactor or clock, config, location=location, forwarding_store=forwarding_store,
+                        users_path=os.path.join(shared, USERS_FILE), node=node,
+                        trust_root=load_trust_root(config.tls.ca_file) if config.srst.tls else None)
+        if srst.secret_created:
+            log.warn("SRST: a new shared secret was written to {path}: copy it to every peer (same path there, or "
+                     "[srst] secret_file), or their pulls are refused", path=srst.secret_path)
     return Core(identity=identity, replies=replies, server=server, dispatcher=dispatcher, credentials=credentials,
                 authenticator=authenticator, trust=trust, location=location, forwarding_store=forwarding_store,
                 forwarding=forwarding, registrar=registrar, router=router, stateless=stateless, checksync=checksync,
                 keepalive=keepalive, gateways=gateways, prober=prober, plugins=plugins, shedder=shedder, dialogs=dialogs,
-                transfers=transfers,
+                transfers=transfers, srst=srst,
                 verbosity=RuntimeVerbosity(clock, (server, router), configured=config.server.debug))

@@ -397,7 +397,14 @@ def build_service(config: ProxyConfig, reactor, enabled_plugins=None, *,
                    core.identity.domain, reachability=core.keepalive.status if config.registrar.keepalive_interval else None,
                    gateways=core.gateways.gateways, reload=reloader.reload, tracer=tracer, verbosity=core.verbosity,
                    checksync_rate=config.checksync.rate, checksync_wait=config.checksync.wait_timeout,
-                   calls=link.calls if link is not None else lambda: defer.succeed(core.dialogs.calls()))
+                   calls=link.calls if link is not None else lambda: defer.succeed(core.dialogs.calls()),
+                   peers=(lambda: {"role": config.srst.role, "node": core.location.node,
+                                   "peers": core.srst.status()}) if core.srst is not None else None)
+    if core.srst is not None:
+        jobs.append(core.srst)
+        # The replication link: its own listener (a peer is not an admin), bodies are ours to send, not take.
+        strports.service(config.srst.listen, bounded_site(core.srst.resource, max_body=4096),
+                         reactor=reactor).setServiceParent(top)
     _BackgroundJobs(jobs, workers=supervisor).setServiceParent(top)
     _build_plugins(config, reactor, top, core, api, enabled_plugins or [], link)
     strports.service(config.admin.listen, bounded_site(api, max_body=1024 * 1024), reactor=reactor).setServiceParent(top)

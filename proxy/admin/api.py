@@ -165,7 +165,9 @@ class AdminApi(resource.Resource):
 
     def __init__(self, token: str, clock: IReactorTime, location: ILocationService, forwarding_store=None,
                  checksync=None, domain: str = "", *, checksync_rate: float = 1.0, checksync_wait: float = 600.0,
-                 reachability=None, gateways=None, reload=None, tracer=None, verbosity=None, calls=None):
+                 reachability=None, gateways=None, reload=None, tracer=None, verbosity=None, calls=None,
+                 peers=None):
+        self.peers = peers  # () -> [SRST peer states] (proxy/srst/link.py PeerLink.status), with [srst] role
         self.calls = calls  # () -> Deferred of [call dicts] (every process's calls in progress)
         self.tracer = tracer
         self.verbosity = verbosity  # proxy/trace.py RuntimeVerbosity
@@ -195,6 +197,7 @@ class AdminApi(resource.Resource):
         self.add_route("log-level", self._log_level)
         if calls is not None:
             self.add_route("calls", self._calls)
+        self.add_route("peers", self._peers)
         if checksync is not None:
             self.add_route("reboot", self._reboot)
             self.add_route("jobs", self._jobs)
@@ -218,6 +221,13 @@ class AdminApi(resource.Resource):
         d = self.calls()
         d.addCallback(lambda calls: (200, {"calls": sorted(calls, key=lambda c: c["started_at"])}))
         return d
+
+    def _peers(self, method, request):
+        if method != "GET":
+            return 405, {"error": "use GET"}
+        if self.peers is None:
+            return 200, {"role": "", "peers": []}
+        return 200, self.peers()
 
     def _health(self, method, request):
         return 200, {"status": "ok", "version": __version__}

@@ -122,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "routing decision) for N minutes, or back to info")
     level.add_argument("level", nargs="?", choices=("debug", "info"))
     level.add_argument("--minutes", type=float, default=10.0)
+    peers = commands.add_parser("peers", help="SIP-SRST peers: up, catching up or down (why), lag, how far behind")
+    peers.add_argument("--json", action="store_true")
     gws = commands.add_parser("gateways", help="the routes' gateways: up, or down since when (needs the running server)")
     gws.add_argument("--json", action="store_true")
     regs = commands.add_parser("registrations", help="list current registrations (needs the running server)")
@@ -208,6 +210,17 @@ def main(argv: list[str] | None = None) -> int:
             if result["restart_needed"]:
                 print(f"a restart is needed for: {', '.join(result['restart_needed'])}")
             return 0
+        if args.command == "peers":
+            answer = api_get(config, "/api/peers")
+            if not answer["role"] and not args.json:
+                print(f"no SRST replication: set [srst] role (docs/srst.md) in {config.path}")
+                return 0
+            return _show(answer["peers"], args.json, "no peers", ("PEER", "NODE", "STATE", "LAG", "BEHIND", "APPLIED",
+                                                                   "RESYNCS", "LAST ERROR"),
+                         lambda r: (r["peer"], r["node"] or "?", r["state"].upper() if r["state"] == "down" else r["state"],
+                                    "-" if r["lag_seconds"] is None else f"{r['lag_seconds']}s",
+                                    "-" if r["behind"] is None else str(r["behind"]), str(r["applied"]),
+                                    str(r["resyncs"]), r["last_error"] or "-"))
         if args.command == "gateways":
             rows = api_get(config, "/api/gateways")["gateways"]
             return _show(rows, args.json, "no gateway has had a call yet", ("GATEWAY", "STATE", "FAILURES", "CALLS"),
