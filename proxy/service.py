@@ -403,8 +403,10 @@ def build_service(config: ProxyConfig, reactor, enabled_plugins=None, *,
     if core.srst is not None:
         jobs.append(core.srst)
         # The replication link: its own listener (a peer is not an admin), bodies are ours to send, not take.
-        strports.service(config.srst.listen, bounded_site(core.srst.resource, max_body=4096),
-                         reactor=reactor).setServiceParent(top)
+        site = bounded_site(core.srst.resource, max_body=4096)
+        site.log = lambda request: None  # a pull every interval: no access log line each (refusals are logged)
+        site.noisy = False
+        strports.service(config.srst.listen, site, reactor=reactor).setServiceParent(top)
     _BackgroundJobs(jobs, workers=supervisor).setServiceParent(top)
     _build_plugins(config, reactor, top, core, api, enabled_plugins or [], link)
     strports.service(config.admin.listen, bounded_site(api, max_body=1024 * 1024), reactor=reactor).setServiceParent(top)

@@ -177,6 +177,18 @@ class SipProxyCollector:
                                       "BYE seen", value=calls["calls_timed_out"])
         yield CounterMetricFamily("sipproxy_bindings_expired", "Bindings that expired without a refresh",
                                   value=counters["bindings_expired"])
+        srst = counters.get("srst")
+        if srst:  # [srst] role (docs/srst.md)
+            yield _family(CounterMetricFamily, "sipproxy_srst_changes", "SIP-SRST changes: sent (put in this "
+                          "node's log for its peers) and applied (a peer's, here)", "direction",
+                          [("sent", srst["changes_sent"]), ("applied", srst["changes_applied"])])
+            yield CounterMetricFamily("sipproxy_srst_resyncs", "Full resynchronisations from a peer (a restart, "
+                                      "a partition longer than the backlog)", value=srst["resyncs"])
+            yield CounterMetricFamily("sipproxy_srst_refused", "Replication requests refused (wrong secret or clock)",
+                                      value=srst["refused"])
+            yield GaugeMetricFamily("sipproxy_srst_peers_up", "Peers whose last pull succeeded",
+                                    value=srst["peers_up"])
+            yield GaugeMetricFamily("sipproxy_srst_backlog", "Changes kept for the peers", value=srst["backlog"])
         store = counters.get("location_store")
         if store:  # [location] backend = "redis" (docs/scaling.md)
             yield GaugeMetricFamily("sipproxy_location_store_up", "1 while every process of this node is connected "

@@ -8,7 +8,7 @@ Memory is bounded by `backlog` whatever the peers do.
 
 `fresher(a, b)`: RFC 3261 section 10.3 orders the registrations of one
 Call-ID by CSeq; two Call-IDs (a phone registers with its primary and with
-its backup separately, seed 000 line 40) are ordered by which expires later:
+its backup separately, seed 000 line 42) are ordered by which expires later:
 the registration made last, at either node, wins at both, so they agree.
 """
 

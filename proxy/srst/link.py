@@ -22,7 +22,8 @@ import urllib.parse
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web import resource
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, readBody
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, readBody
+from twisted.web.client import _HTTP11ClientFactory
 from twisted.web.http_headers import Headers
 
 from proxy.srst.changelog import TooFarBehind
@@ -110,8 +111,12 @@ class PeerLink:
         self.interval = interval
         self.timeout = timeout
         policy = BrowserLikePolicyForHTTPS(trustRoot=trust_root) if tls else None
-        self.agent = Agent(reactor, contextFactory=policy, connectTimeout=timeout) if policy else \
-            Agent(reactor, connectTimeout=timeout)
+        # One kept-alive connection, reused by every pull (no connection, and no log line, per pull).
+        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.pool.maxPersistentPerHost = 1
+        self.pool._factory = _QuietClientFactory
+        self.agent = Agent(reactor, contextFactory=policy, connectTimeout=timeout, pool=self.pool) if policy else \
+            Agent(reactor, connectTimeout=timeout, pool=self.pool)
         self.generation = ""
         self.seq = -1  # the last of the peer's changes applied here; -1: never synchronised
         self.head = 0  # the peer's last change, as it last said
@@ -134,6 +139,7 @@ class PeerLink:
         self._running = False
         if self._call is not None and self._call.active():
             self._call.cancel()
+        self.pool.closeCachedConnections()
 
     def status(self) -> dict:
         now = self.reactor.seconds()
@@ -217,3 +223,7 @@ class PeerLink:
 
 class _LinkError(Exception):
     pass
+
+
+class _QuietClientFactory(_HTTP11ClientFactory):
+    noisy = False
