@@ -227,6 +227,43 @@ class LinkTests(TestCase):
                          sorted(b.contact for b in self.hq.core.location.all_bindings()))
 
     @defer.inlineCallbacks
+    def test_over_tls_checked_against_the_ca(self):
+        from twisted.internet import ssl
+
+        from tests.integration.certs import make_self_signed
+
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        cert, key = make_self_signed(directory, "localhost")
+        with open(cert, "rb") as f:
+            certificate = f.read()
+        with open(key, "rb") as f:
+            options = ssl.PrivateCertificate.loadPEM(certificate + f.read()).options()
+        port = yield endpoints.SSL4ServerEndpoint(reactor, 0, options, interface="127.0.0.1").listen(
+            server.Site(self.served))
+        self.addCleanup(port.stopListening)
+        self.hq.register()
+        trust = ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(certificate)])
+        link = PeerLink(reactor, f"localhost:{port.getHost().port}", replicator=self.branch.replicator,
+                        secret=self.secret, node="branch", tls=True, trust_root=trust, interval=0.05)
+        link.start()
+        self.addCleanup(link.stop)
+        yield self.until(lambda: link.state == "up", "the sync over TLS")
+        self.assertEqual(len(self.branch.core.location.all_bindings()), 1)
+        other_directory = os.path.abspath(self.mktemp())
+        os.makedirs(other_directory)
+        other, _ = make_self_signed(other_directory, "localhost")
+        with open(other, "rb") as f:
+            wrong = ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(f.read())])
+        untrusting = PeerLink(reactor, f"localhost:{port.getHost().port}", replicator=self.branch.replicator,
+                              secret=self.secret, node="branch", tls=True, trust_root=wrong, interval=0.05)
+        untrusting.start()
+        self.addCleanup(untrusting.stop)
+        yield self.until(lambda: untrusting.state == "down" and untrusting.last_error != "not contacted yet",
+                         "the refusal of an unknown certificate")
+        self.assertEqual(untrusting.resyncs, 0)
+
+    @defer.inlineCallbacks
     def test_a_wrong_secret_is_refused_and_said(self):
         link = self.link(secret=b"not the same secret at all")
         yield self.until(lambda: link.state == "down" and "secrets differ" in link.last_error, "the refusal")

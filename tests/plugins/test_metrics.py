@@ -89,3 +89,26 @@ class ZeroSeriesTests(SynchronousTestCase):
                 key = (name if name in gauges else name + "_total", (value,))
                 self.assertIn(key, samples)
                 self.assertEqual(samples[key], 0)
+
+
+class SharedStateSeriesTests(SynchronousTestCase):
+    def test_the_redis_store_and_srst_series_appear_when_they_run(self):
+        net, _ = built_plugin(self)
+        extra = {"location_store": {"disconnected": 1, "outages": 2, "failed_commands": 5, "write_failures": 3,
+                                    "not_replicated": 0, "degraded": 4, "replicas": 1, "resyncs": 2},
+                 "srst": {"changes_sent": 7, "changes_applied": 9, "resyncs": 1, "refused": 2, "peers_up": 1,
+                          "peers": 1, "backlog": 7}}
+        context = PluginContext(clock=net.clock, reactor=net.clock, config=None, location=net.location,
+                                counters=lambda: {**net.core.counters(), **extra}, plugins={})
+        plugin = MetricsFactory().build({"listen": ""}, context)
+        text = generate_latest(plugin.registry).decode()
+        samples = {(s.name, tuple(s.labels.values())): s.value
+                   for family in text_string_to_metric_families(text) for s in family.samples}
+        self.assertEqual(samples[("sipproxy_location_store_up", ())], 0)
+        self.assertEqual(samples[("sipproxy_location_store_events_total", ("degraded",))], 4)
+        self.assertEqual(samples[("sipproxy_srst_changes_total", ("applied",))], 9)
+        self.assertEqual(samples[("sipproxy_srst_peers_up", ())], 1)
+        self.assertEqual(samples[("sipproxy_srst_refused_total", ())], 2)
+        without = {s.name for family in text_string_to_metric_families(
+            generate_latest(built_plugin(self)[1].registry).decode()) for s in family.samples}
+        self.assertFalse({n for n in without if n.startswith(("sipproxy_srst", "sipproxy_location_store"))})
