@@ -108,7 +108,7 @@ class SrstConfig:
     """SIP-SRST replication with the other side (docs/srst.md): off unless `role` is set."""
 
     role: str = ""  # "primary" (the central proxy) or "backup" (a branch's); "": no replication
-    peers: tuple[str, ...] = ()  # host:port of each peer's [srst] listen (a backup has one: `peer`)
+    peers: tuple[str, ...] = ()  # host[:port] of each peer's [srst] listen (port 5070); a backup has one: `peer`
     listen: str = "tcp:5070"  # where this node serves its changes (beyond loopback: ssl: only)
     secret_file: str = ""  # the secret both sides share; empty: <shared_dir>/srst-secret
     tls: bool = False  # pull from the peers over HTTPS, checked against [tls] ca_file
@@ -714,6 +714,8 @@ def _parse_srst(t: _Table) -> SrstConfig:
         if peers:
             raise t.error("peer", "give peer (a backup's primary) or peers (a primary's backups), not both")
         peers = (peer,)
+    # "hq.example.com" means the default port of the link (5070)
+    peers = tuple(v if v.rpartition(":")[2].isdigit() and not v.endswith("]") else f"{v}:5070" for v in peers)
     for value in peers:
         host, _, port = value.rpartition(":")
         if not host or not port.isdigit() or not 0 < int(port) < 65536:

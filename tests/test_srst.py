@@ -58,6 +58,8 @@ class ConfigTests(SynchronousTestCase):
         config = parse_config({"srst": {"role": "backup", "peer": "127.0.0.2:5070",
                                         "listen": "tcp:5070:interface=127.0.0.3"}})
         self.assertEqual(config.srst.peers, ("127.0.0.2:5070",))
+        config = parse_config({"srst": {"role": "backup", "peer": "localhost", "listen": "tcp:5070:interface=127.0.0.1"}})
+        self.assertEqual(config.srst.peers, ("localhost:5070",))  # the link's default port
         self.assertEqual(parse_config({}).srst, SrstConfig())
         for table, key in (({"role": "spare"}, "srst.role"), ({"role": "primary"}, "srst.role"),
                            ({"role": "backup", "peers": ["a:1", "b:2"], "listen": "tcp:1:interface=127.0.0.1"},
@@ -65,7 +67,7 @@ class ConfigTests(SynchronousTestCase):
                            ({"role": "backup", "peer": "hq:5070"}, "srst.listen"),
                            ({"role": "backup", "peer": "hq.example.com:5070", "listen": "ssl:5070:privateKey=k"},
                             "srst.tls"),
-                           ({"peer": "nohost"}, "srst.peer"), ({"backlog": 5}, "srst.backlog")):
+                           ({"peer": ":5070"}, "srst.peer"), ({"backlog": 5}, "srst.backlog")):
             with self.assertRaises(ConfigError) as caught:
                 parse_config({"srst": table}, "branch.toml")
             self.assertIn(f"branch.toml: {key}:", str(caught.exception))
