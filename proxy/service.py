@@ -343,13 +343,22 @@ def worker_count(config: ProxyConfig) -> int:
     return config.server.workers or max(1, os.cpu_count() or 1)
 
 
+def system_resolver(reactor):
+    """twisted.names' createResolver (hosts file, cache, the resolv.conf servers) on `reactor`, not the global one:
+    its re-reading of resolv.conf every minute runs on the reactor the server was given."""
+    from twisted.names import cache, hosts, resolve
+
+    return resolve.ResolverChain([hosts.Resolver(b"/etc/hosts"), cache.CacheResolver(reactor=reactor),
+                                  dns_client.Resolver(resolv="/etc/resolv.conf", reactor=reactor)])
+
+
 class _Sip:
     """What the primary and a worker both build: tracer, transports, the core, the stream connector."""
 
     def __init__(self, config: ProxyConfig, reactor, worker: int | None, workers: int = 1):
         self.tracer = Tracer(reactor)
         self.transports = Transports(clock=reactor, tracer=self.tracer)
-        self.core = build_core(config, reactor, self.transports, resolver=dns_client.createResolver(),
+        self.core = build_core(config, reactor, self.transports, resolver=system_resolver(reactor),
                                tracer=self.tracer, worker=worker, workers=workers)
         self.config = config
         self._factories: dict[str, SipStreamFactory] = {}
