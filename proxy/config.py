@@ -128,6 +128,9 @@ class RegistrarConfig:
     nat_mode: str = "auto"
     # Seconds between OPTIONS to every registered phone (reachability, RTT, NAT keepalive); 0: off.
     keepalive_interval: float = 0.0
+    # Contacts one AoR may have at once (phones sharing a line each add one): past it, 403. A bound on what one
+    # authenticated user can make the server hold.
+    max_contacts: int = 10
 
 
 @attrs.frozen
@@ -546,6 +549,7 @@ def _parse_registrar(t: _Table) -> RegistrarConfig:
                        "must be auto, always or never"),
         keepalive_interval=t.get("keepalive_interval", d.keepalive_interval, float,
                                  lambda v: v == 0 or v >= 10, "must be 0 (off) or at least 10 seconds"),
+        max_contacts=t.get("max_contacts", d.max_contacts, int, lambda v: 1 <= v <= 10_000, "must be 1 to 10000"),
     )
     t.finish()
     return config

@@ -346,3 +346,17 @@ class NatTargetTests(SynchronousTestCase):
         """), udp_source("203.0.113.9", 40000))
         _, dest = h.transports.take()[0]
         self.assertEqual(dest, Destination("UDP", "203.0.113.9", 40000))
+
+
+class ContactLimitTests(SynchronousTestCase):
+    def test_an_aor_may_hold_max_contacts_and_no_more_but_may_refresh_them(self):
+        h = Harness(self, config=RegistrarConfig(max_contacts=3))
+        phones = [Phone(h, host=f"192.0.2.{60 + n}") for n in range(4)]
+        for phone in phones[:3]:
+            self.assertEqual(phone.register("1001").status, 200)
+        refused = phones[3].register("1001")
+        self.assertEqual((refused.status, refused.reason), (403, "Too many registered contacts"))
+        self.assertEqual(len(h.location.lookup("sip:1001@example.com")), 3)
+        self.assertEqual(phones[0].register("1001").status, 200)  # a refresh does not grow the list
+        self.assertEqual(phones[0].register("1001", expires=0).status, 200)  # one goes...
+        self.assertEqual(phones[3].register("1001").status, 200)  # ...and another may come

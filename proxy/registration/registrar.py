@@ -133,6 +133,8 @@ class Registrar:
         for binding in targets:
             if binding.call_id == call_id and binding.cseq >= cseq:
                 raise SipError(500, "Out of order CSeq")
+        if not wildcard:
+            self._check_contact_count(changes, existing)
         if wildcard:
             self.location.remove_all(aor)
             log.info("Unregistered every contact of {aor}", aor=aor)
@@ -153,6 +155,20 @@ class Registrar:
     def _not_stored(self, tx: ServerTransaction, aor: str, failure) -> None:
         self._count("not_stored")  # (counted, not logged: the store's client logs the outage once)
         self.replies.respond(tx, 503, "Location store unavailable", extra=(("Retry-After", spread_retry_after()),))
+
+    def _check_contact_count(self, changes, existing: dict) -> None:
+        """403 when this REGISTER would take the AoR past max_contacts (an AoR already past it may refresh)."""
+        after = set(existing)
+        for change in changes:
+            if change.expires == 0:
+                after.discard(change.contact)
+                continue
+            if change.instance:
+                after -= {old.contact for old in existing.values()
+                          if old.instance == change.instance and old.contact != change.contact}
+            after.add(change.contact)
+        if len(after) > self.config.max_contacts and len(after) > len(existing):
+            raise SipError(403, "Too many registered contacts")
 
     def _contacts(self, request: Request) -> tuple[bool, list[_ContactChange]]:
         values = request.headers.values("contact")

@@ -55,6 +55,7 @@ class NodesTestCase(SynchronousTestCase):
             # Node b runs two worker processes: each has its own connections to Redis.
             workers = 2 if name == "b" else 1
             node = ServerProcess(f"[location]\n{location}wait_replicas = {self.wait_replicas}\n"
+                                 f"[registrar]\nmax_contacts = {LINES + 10}\n"
                                  f'[proxy]\nadvertise = "{host}"\n', host=host,
                                  server_extra=f'node = "{name}"\nshared_dir = "{self.shared}"\nworkers = {workers}\n')
             self.nodes[name] = node

@@ -47,7 +47,7 @@ class SrstTestCase(SynchronousTestCase):
     link_up_at_start = True
 
     def node(self, name, host, role, peers, secret=None) -> ServerProcess:
-        node = ServerProcess(f'[proxy]\nadvertise = "{host}"\n'
+        node = ServerProcess(f'[proxy]\nadvertise = "{host}"\n[registrar]\nmax_contacts = 200\n'
                              f'[srst]\nrole = "{role}"\n{peers}\nlisten = "tcp:{self.link_ports[host]}:interface={host}"\n'
                              f'secret_file = "{secret or self.secret}"\ninterval = 0.2\nbacklog = {self.backlog}\n',
                              host=host, server_extra=f'node = "{name}"\nworkers = 1\n')
