@@ -1,5 +1,5 @@
 """SIP-SRST with two twistd instances and SIPp phones: the central proxy (hq, 127.0.0.2) and a branch's backup
-(branch, 127.0.0.3), replicating over the signed link.
+(branch, 127.0.0.3, two worker processes: what is copied reaches both), replicating over the signed link.
 
 The seed's flows (001 lines 713-723, 3770-3790): a phone registered with the primary only is known at the
 backup within a second; with the primary gone, a call through the backup reaches it (INVITE to the backup,
@@ -19,6 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tests.integration.harness import ServerProcess, SippPeer, free_port, require, run_sipp, sipp_errors
 from tests.integration.test_proxy_sipp import PASSWORDS
+from tests.integration.test_workers_sipp import call_id_format
 
 HQ, BRANCH = "127.0.0.2", "127.0.0.3"
 
@@ -50,7 +51,7 @@ class SrstTestCase(SynchronousTestCase):
         node = ServerProcess(f'[proxy]\nadvertise = "{host}"\n[registrar]\nmax_contacts = 200\n'
                              f'[srst]\nrole = "{role}"\n{peers}\nlisten = "tcp:{self.link_ports[host]}:interface={host}"\n'
                              f'secret_file = "{secret or self.secret}"\ninterval = 0.2\nbacklog = {self.backlog}\n',
-                             host=host, server_extra=f'node = "{name}"\nworkers = 1\n')
+                             host=host, server_extra=f'node = "{name}"\nworkers = {2 if role == "backup" else 1}\n')
         self.addCleanup(node.stop)
         return node
 
@@ -62,13 +63,13 @@ class SrstTestCase(SynchronousTestCase):
                           extra=["-au", user, "-ap", PASSWORDS[user]], server_host=node.host)
         self.assertEqual(result.returncode, 0, sipp_errors(result) + self.logs())
 
-    def call(self, node: ServerProcess, callee="1002", caller="1001"):
+    def call(self, node: ServerProcess, callee="1002", caller="1001", extra=()):
         result = run_sipp("caller.xml", node.port, injection=[(caller, callee, "localhost")],
-                          extra=["-au", caller, "-ap", PASSWORDS[caller]], timeout=20, server_host=node.host)
+                          extra=["-au", caller, "-ap", PASSWORDS[caller], *extra], timeout=20, server_host=node.host)
         self.assertEqual(result.returncode, 0, sipp_errors(result) + self.logs())
 
-    def callee(self, port: int) -> SippPeer:
-        peer = SippPeer("callee.xml", self.branch.port, port=port)
+    def callee(self, port: int, calls: int = 1) -> SippPeer:
+        peer = SippPeer("callee.xml", self.branch.port, port=port, calls=calls)
         self.addCleanup(peer.stop)
         return peer
 
@@ -93,8 +94,9 @@ class SrstTests(SrstTestCase):
         self.wait_for(lambda: f"sip:1002@127.0.0.1:{port}" in self.contacts(self.branch), "the copy at the backup",
                       timeout=1.0 + (time.monotonic() - started))
         self.hq.stop()  # the primary is gone: the phones try the backup (seed 001 lines 3782-3790)
-        callee = self.callee(port)
-        self.call(self.branch)
+        callee = self.callee(port, calls=2)
+        for worker in (0, 1):  # each of the backup's two processes serves one of the calls: both have the copy
+            self.call(self.branch, extra=["-cid_str", call_id_format(worker, f"srst{time.monotonic_ns()}")])
         self.assertEqual(callee.wait(), 0, callee.errors() + self.logs())
         peers = self.branch.admin("peers").stdout
         self.assertIn("DOWN", peers)
