@@ -200,7 +200,10 @@ def check_listeners(config: ProxyConfig) -> None:
     (A check, not a reservation: another program could still take the port before twistd does.)
     """
     listeners = [("server.listen", listener) for listener in config.server.listen]
-    for key, description in (("admin.listen", config.admin.listen), ("phone_web.listen", config.phone_web.listen)):
+    others = [("admin.listen", config.admin.listen), ("phone_web.listen", config.phone_web.listen)]
+    if config.srst.role:
+        others.append(("srst.listen", config.srst.listen))
+    for key, description in others:
         try:
             listeners.append((key, ListenerConfig.parse(description)))
         except ValueError:
@@ -237,6 +240,12 @@ def check_tls(config: ProxyConfig) -> None:
             endpoints.serverFromString(None, listener.description)  # the ssl:/tls: parsers load the files here
         except Exception as e:
             raise ConfigError(config.path, "server.listen", f"{listener.description}: cannot load the key or "
+                              f"certificate ({type(e).__name__}: {e})") from None
+    if config.srst.role and config.srst.listen.partition(":")[0].lower() in ("ssl", "tls"):
+        try:
+            endpoints.serverFromString(None, config.srst.listen)
+        except Exception as e:
+            raise ConfigError(config.path, "srst.listen", f"{config.srst.listen}: cannot load the key or "
                               f"certificate ({type(e).__name__}: {e})") from None
 
 

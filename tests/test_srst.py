@@ -73,6 +73,19 @@ class ConfigTests(SynchronousTestCase):
             self.assertIn(f"branch.toml: {key}:", str(caught.exception))
 
 
+class StartupChecksTests(SynchronousTestCase):
+    def test_a_tls_link_whose_key_cannot_be_read_stops_startup_naming_the_key(self):
+        from proxy.service import check_tls
+
+        config = parse_config({"srst": {"role": "backup", "peer": "hq.example.com", "tls": True,
+                                        "listen": "ssl:5070:privateKey=/nonexistent/k.pem:certKey=/nonexistent/c.pem"}},
+                              "branch.toml")
+        with self.assertRaises(ConfigError) as caught:
+            check_tls(config)
+        self.assertIn("branch.toml: srst.listen:", str(caught.exception))
+        self.assertIn("cannot load the key or certificate", str(caught.exception))
+
+
 class Node:
     """A core as the server builds it, with a replicator, as one side of the link."""
 
