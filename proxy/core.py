@@ -117,7 +117,7 @@ class Core:
             "keepalive": dict(self.keepalive.counts),
             "gateways": self.gateways.gateways(),
             "bindings_expired": self.location.expired,
-            "location_store": self.location.store.counters() if hasattr(self.location, "store") else {},
+            "location_store": self.location.store_counters(),
             "plugin_failures": dict(self.plugins.failures),
             "overload": self.shedder.counters(),
             "transfers": self.transfers.counters() if self.transfers is not None else {},

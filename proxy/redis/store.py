@@ -47,15 +47,13 @@ class Batch:
 
 
 class RedisStore:
-    def __init__(self, reactor, config, node: str, trust_root=None, wait_replicas: int | None = None,
-                 quiet: bool = False):
+    def __init__(self, reactor, config, node: str, trust_root=None, quiet: bool = False):
         """`config`: proxy/config.py `LocationConfig`; `quiet`: a worker (its primary logs each outage once)."""
         self.reactor = reactor
         self.prefix = config.prefix
         self.channel = config.prefix + "changes"
-        self.node = node
         self.origin = f"{node}/{os.getpid()}"  # this process: its own messages come back and are ignored
-        self.wait_replicas = config.wait_replicas if wait_replicas is None else wait_replicas
+        self.wait_replicas = config.wait_replicas
         self.wait_ms = max(1, int(config.timeout * 1000 / 2))
         common = dict(urls=config.urls, sentinels=config.sentinels, service=config.service, password=config.password,
                       timeout=config.timeout, max_pending=config.max_pending, trust_root=trust_root)
@@ -179,7 +177,7 @@ class RedisStore:
             if error is None:
                 waiter.callback(None)
             else:
-                waiter.errback(error if isinstance(error, Exception) else RedisUnavailable(str(error)))
+                waiter.errback(error)
 
     # -- reading ----------------------------------------------------------
 

@@ -174,9 +174,14 @@ class BindingIndex:
         self._sweeper = Every(clock, sweep_interval, self.sweep)
 
     writable = True
+    shared = False  # True: the store itself tells every process of every node (Redis); no worker-link copies
 
     def stored(self):
         return None
+
+    def store_counters(self) -> dict:
+        """A shared store's connection counters (metrics); nothing for a local one."""
+        return {}
 
     def start(self) -> None:
         self._sweeper.start()

@@ -64,6 +64,9 @@ class RedisLocationService(BindingIndex):
     def stored(self):
         return self.store.stored()
 
+    def store_counters(self) -> dict:
+        return self.store.counters()
+
     def _key(self, aor: str, contact: str) -> str:
         return f"{self.store.prefix}b:{aor} {contact}"
 

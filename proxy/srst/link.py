@@ -110,13 +110,12 @@ class PeerLink:
         self.node = node
         self.interval = interval
         self.timeout = timeout
-        policy = BrowserLikePolicyForHTTPS(trustRoot=trust_root) if tls else None
         # One kept-alive connection, reused by every pull (no connection, and no log line, per pull).
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = 1
         self.pool._factory = _QuietClientFactory
-        self.agent = Agent(reactor, contextFactory=policy, connectTimeout=timeout, pool=self.pool) if policy else \
-            Agent(reactor, connectTimeout=timeout, pool=self.pool)
+        self.agent = Agent(reactor, contextFactory=BrowserLikePolicyForHTTPS(trustRoot=trust_root),
+                           connectTimeout=timeout, pool=self.pool)  # (the policy serves https:// only)
         self.generation = ""
         self.seq = -1  # the last of the peer's changes applied here; -1: never synchronised
         self.head = 0  # the peer's last change, as it last said

@@ -86,7 +86,7 @@ class WorkerLink:
         self._asked = 0
         bus.on("trace", lambda value, sender: core.server.tracer.follow(*value))
         bus.on("log_level", lambda value, sender: core.verbosity.follow(*value))
-        if not getattr(core.location, "shared", False):  # a shared store (Redis) tells every process itself
+        if not core.location.shared:  # a shared store (Redis) tells every process itself
             core.location.on_change = self._binding_changed
         if self.index == 0:
             core.verbosity.on_change = lambda debug, until: bus.broadcast("log_level", (debug, until))

@@ -28,6 +28,30 @@ def require(program: str) -> str:
     return path
 
 
+def eventually(condition, what: str, timeout: float = 10.0, context=lambda: ""):
+    """`condition()`'s first true value within `timeout` seconds (polled every 50 ms), else AssertionError naming
+    `what` and adding `context()` (the servers' logs)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"{what} did not happen within {timeout} s{context()}")
+
+
+def end_process(process: subprocess.Popen | None, grace: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL if it is still there after `grace` seconds; nothing if it has ended."""
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(5)
+
+
 def free_port() -> int:
     """A port free for both UDP and TCP on 127.0.0.1."""
     for _ in range(50):
@@ -115,13 +139,7 @@ class ServerProcess:
             self.process.wait(5)
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        end_process(self.process)
         if self.process is not None and self.process.stdout is not None:
             self.process.stdout.close()
 

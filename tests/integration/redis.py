@@ -14,7 +14,7 @@ import subprocess
 import tempfile
 import time
 
-from tests.integration.harness import free_port, require
+from tests.integration.harness import end_process, free_port, require
 
 SERVICE = "sipproxy"
 
@@ -86,12 +86,7 @@ class RedisServer:
             self.process.wait(5)
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        end_process(self.process, grace=5)
 
     def cleanup(self) -> None:
         self.stop()
@@ -145,10 +140,5 @@ class Sentinels:
 
     def cleanup(self) -> None:
         for process in self.processes:
-            if process.poll() is None:
-                process.terminate()
-                try:
-                    process.wait(5)
-                except subprocess.TimeoutExpired:
-                    process.kill()
+            end_process(process, grace=5)
         shutil.rmtree(self.dir, ignore_errors=True)

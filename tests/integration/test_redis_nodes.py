@@ -17,7 +17,8 @@ import time
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.integration.harness import ServerProcess, SippPeer, free_port, require, run_sipp, sipp_errors
+from tests.integration.harness import (ServerProcess, SippPeer, eventually, free_port, require, run_sipp,
+                                       sipp_errors)
 from tests.integration.redis import RedisServer, Sentinels
 from tests.integration.test_proxy_sipp import PASSWORDS
 
@@ -95,13 +96,7 @@ class NodesTestCase(SynchronousTestCase):
         return self.nodes[node].admin("registrations").stdout
 
     def wait_for(self, condition, what: str, timeout: float = 10.0):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = condition()
-            if value:
-                return value
-            time.sleep(0.05)
-        raise AssertionError(f"{what} did not happen within {timeout} s{self.logs()}")
+        return eventually(condition, what, timeout, self.logs)
 
     def register_lines(self, node: str, rate: int = 100, timeout: float = 30.0, count: int = LINES):
         """`count` registrations of 1001, each with its own contact (sip:1001-N@127.0.0.1:port)."""

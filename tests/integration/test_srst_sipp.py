@@ -17,7 +17,8 @@ import time
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.integration.harness import ServerProcess, SippPeer, free_port, require, run_sipp, sipp_errors
+from tests.integration.harness import (ServerProcess, SippPeer, eventually, free_port, require, run_sipp,
+                                       sipp_errors)
 from tests.integration.test_proxy_sipp import PASSWORDS
 from tests.integration.test_workers_sipp import call_id_format
 
@@ -77,13 +78,7 @@ class SrstTestCase(SynchronousTestCase):
         return set(re.findall(r"sip:\S+@127\.0\.0\.1:\d+", node.admin("registrations").stdout))
 
     def wait_for(self, condition, what: str, timeout: float = 10.0):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = condition()
-            if value:
-                return value
-            time.sleep(0.05)
-        raise AssertionError(f"{what} did not happen within {timeout} s{self.logs()}")
+        return eventually(condition, what, timeout, self.logs)
 
 
 class SrstTests(SrstTestCase):

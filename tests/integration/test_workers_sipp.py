@@ -10,7 +10,7 @@ import re
 import signal
 import time
 
-from tests.integration.harness import free_port, run_sipp, sipp_errors
+from tests.integration.harness import eventually, free_port, run_sipp, sipp_errors
 from tests.integration.test_plugin_dropin import DropinTests
 from tests.integration.test_proxy_sipp import PASSWORDS, BasicCallTests, CallTestCase
 from proxy.workers.owner import call_id_owner
@@ -45,13 +45,7 @@ class WorkerTests(CallTestCase):
         return [int(pid) for pid in re.findall(r"Worker 1 ready \(pid (\d+)\)", self.server.log())]
 
     def wait_for(self, condition, what: str, timeout: float = 15.0):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = condition()
-            if value:
-                return value
-            time.sleep(0.1)
-        raise AssertionError(f"{what} did not happen within {timeout} s\n{self.server.log()[-3000:]}")
+        return eventually(condition, what, timeout, lambda: "\n" + self.server.log()[-3000:])
 
     def test_a_phone_registered_through_one_worker_is_called_through_the_other(self):
         for registered, called in ((0, 1), (1, 0)):
