@@ -38,8 +38,7 @@ def binding(n: int, node: str) -> Binding:
 
 
 def node(config, name):
-    store = RedisStore(reactor, config, name)
-    store.origin = f"{name}/bench"
+    store = RedisStore(reactor, config, name, origin=f"{name}/bench")
     location = RedisLocationService(store, reactor, name)
     location.start()
     return store, location

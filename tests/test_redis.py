@@ -175,8 +175,7 @@ class SharedStoreTests(TestCase):
         from proxy.registration.redis_location import RedisLocationService
         from proxy.routing.redis_forwarding import RedisForwardingStore
 
-        store = RedisStore(reactor, attrs.evolve(self.config, **config), name)
-        store.origin = f"{name}/1"
+        store = RedisStore(reactor, attrs.evolve(self.config, **config), name, origin=f"{name}/1")
         location = RedisLocationService(store, reactor, name)
         forwarding = RedisForwardingStore(store)
         location.start()

@@ -47,12 +47,14 @@ class Batch:
 
 
 class RedisStore:
-    def __init__(self, reactor, config, node: str, trust_root=None, quiet: bool = False):
-        """`config`: proxy/config.py `LocationConfig`; `quiet`: a worker (its primary logs each outage once)."""
+    def __init__(self, reactor, config, node: str, trust_root=None, quiet: bool = False, origin: str = ""):
+        """`config`: proxy/config.py `LocationConfig`; `quiet`: a worker (its primary logs each outage once);
+        `origin`: this store's name on the channel (default node/pid; several stores in one process need their own)."""
         self.reactor = reactor
         self.prefix = config.prefix
         self.channel = config.prefix + "changes"
-        self.origin = f"{node}/{os.getpid()}"  # this process: its own messages come back and are ignored
+        self.origin = origin or f"{node}/{os.getpid()}"  # its own messages come back and are ignored
+        self._origin_json = json.dumps(self.origin)  # the head of every message it publishes
         self.wait_replicas = config.wait_replicas
         self.wait_ms = max(1, int(config.timeout * 1000 / 2))
         common = dict(urls=config.urls, sentinels=config.sentinels, service=config.service, password=config.password,
@@ -143,10 +145,6 @@ class RedisStore:
         if self._batch is None:
             return None
         return self._batch.waiter()
-
-    @property
-    def _origin_json(self) -> str:
-        return json.dumps(self.origin)
 
     def _flush(self, batch: Batch) -> None:
         if self._batch is batch:
