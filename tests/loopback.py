@@ -17,6 +17,7 @@ from twisted.internet.task import Clock
 
 from proxy.config import parse_config
 from proxy.service import build_service
+from tests.integration.harness import free_port  # retries until a port is free for both UDP and TCP
 
 
 class ClockedReactor:
@@ -37,14 +38,6 @@ class ClockedReactor:
 
     def getDelayedCalls(self):
         return self._clock.getDelayedCalls()
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp, socket.socket() as tcp:
-        udp.bind(("127.0.0.1", 0))
-        port = udp.getsockname()[1]
-        tcp.bind(("127.0.0.1", port))
-        return port
 
 
 class LoopbackServer:
