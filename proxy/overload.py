@@ -1,44 +1,43 @@
-"""Overload control: measure how far behind the server is, and refuse just enough new work, by class.
+"""Overload control: refuse the new work a server cannot do in time, cheaply, by class.
 
 A SIP server that falls behind on UDP collapses: answers come late, the
-clients retransmit (T1 doubling), the retransmissions are more work, and
-the goodput falls to nothing while the CPU is busy. RFC 6357 (section 4)
-advises to refuse early and cheaply, and to keep serving what finishes work
-already started. Here:
+clients retransmit (T1 = 500 ms, doubling), the retransmissions are more work,
+and goodput falls while the CPU is busy. RFC 6357 (section 4) advises to refuse
+early and cheaply, and to keep serving what finishes work already started. Here:
 
-- Pressure is measured, not guessed. The UDP port reports how long each
-  datagram waited in the kernel's receive queue (SO_TIMESTAMP) and the
-  kernel's count of datagrams dropped on a full queue (SO_RXQ_OVFL),
-  `transport.TimestampedUdpPort`; a tick every `interval` seconds also notes
-  how late the event loop itself runs. A tick is under pressure when the
-  (smoothed) wait reaches `threshold`, or when more than 1% of the datagrams
-  of its interval were dropped while the wait is at least a quarter of it.
-  (Drops alone are no sign: a burst overflows a small buffer at any load,
-  which is why the UDP listener asks for a large one, `[server] udp_receive_buffer`.)
-- Refusal is proportional: a share of new requests of a class is refused,
-  raised by `step_up` on every tick under pressure and lowered by
-  `step_down` on every calm one, so the server settles at about the work it
-  can do (all-or-nothing would swing between refusing everyone and drowning).
-  Classes, cheapest to refuse first:
-    low   new REGISTERs (no credentials yet) and other new out-of-dialog non-INVITEs;
-    high  new INVITEs (no credentials yet): refused only while every low one is.
-  A new REGISTER is refused before it is parsed: its 503 is spliced from the
-  datagram's own Via, From, To, Call-ID and CSeq lines (`refusal_for`), at a
-  tenth of the cost of parsing it, so refusing thousands a second leaves the
-  CPU to the registrations under way. (Dropping it instead would be cheaper
-  still, and worse: the phone retransmits it ten times.)
-  Never refused: responses, ACK, CANCEL, BYE and every other in-dialog request,
-  retransmissions (they match a transaction before this is asked), and requests
-  carrying credentials (their sender passed the challenge: work already half done).
-- A 503 carries Retry-After spread over [retry_after, 2 * retry_after]
-  seconds, so the phones turned away do not all come back in the same second.
+- The signal is each datagram's own wait: the UDP port reports how long it sat
+  in the kernel's receive queue (SO_TIMESTAMP, `transport.TimestampedUdpPort`);
+  a datagram another worker hands over reports its wait in that worker's bus
+  inbox (proxy/workers/link.py). A new request that waited `threshold` seconds is
+  refused, one that waited less is served. No share to tune and no control loop
+  to lag behind a flood: as soon as refusing (a tenth of the cost of serving)
+  brings the wait under the threshold, new work is served again, so the server
+  settles at what it can do with every answer well inside T1. While the kernel
+  drops datagrams (its buffer full, so the wait is bounded by the buffer's size)
+  half the threshold is enough. Never while the process is mostly idle
+  (`busy_limit`): a wait with a free CPU (a slow disk, a paused VM) is not helped
+  by refusing phones.
+- Classes, cheapest to refuse first:
+    new REGISTERs and other new out-of-dialog requests   refused past `threshold`;
+    new INVITEs                                           past 1.5 x `threshold`;
+    never: responses, ACK, CANCEL, BYE and every other in-dialog request (a To
+    tag), requests carrying credentials (their sender passed the challenge: work
+    half done), and retransmissions of a transaction under way.
+- The 503 is spliced from the datagram's own Via, From, To, Call-ID and CSeq lines
+  before anything is parsed (`screen`, about 7 us against 60-100 us to serve),
+  with a Retry-After spread over [retry_after, 2 * retry_after] seconds so the
+  phones turned away do not return together. A 503 ends the client's
+  transaction: no retransmissions. Only a request that waited four thresholds
+  (so late that its sender has retransmitted it already) is dropped unanswered.
+- The Call-IDs refused in the last few seconds are remembered (bounded), so what a
+  client sends after our 503 (the ACK of a refused INVITE, or the BYE SIPp sends
+  to end a failed "call") is dropped before parsing: it belongs to nothing here.
 
-`level` sums it up for logs and metrics: 0 nothing refused, 1 some low,
-2 every low and some high, 3 everything new.
-What was refused is counted by class (metrics: `sipproxy_shed_total`).
+What was refused is counted by class (metrics: `sipproxy_shed_total`); `level`
+sums up for logs and metrics: 0 nothing refused for a second, 1 new non-INVITE
+requests refused, 2 new INVITEs too. docs/performance.md has the measurements.
 """
 
-import os
 import random
 import re
 import time
@@ -49,39 +48,63 @@ from twisted.logger import Logger
 log = Logger()
 
 _CREDENTIALS = re.compile(rb"\n(?:proxy-)?authorization[ \t]*:", re.IGNORECASE)
-# The lines a response copies (RFC 3261 8.2.6.2), long and compact names.
-_COPIED = {b"via": b"Via", b"v": b"Via", b"from": b"From", b"f": b"From", b"to": b"To", b"t": b"To",
-           b"call-id": b"Call-ID", b"i": b"Call-ID", b"cseq": b"CSeq"}
+_CALL_ID = re.compile(rb"\n(?:call-id|i)[ \t]*:[ \t]*([^\r\n]*)", re.IGNORECASE)
+_TAG = re.compile(rb";[ \t]*tag[ \t]*=", re.IGNORECASE)
+_BRANCH = re.compile(rb"^[^,]*?;[ \t]*branch[ \t]*=[ \t]*([^;, \t]+)", re.IGNORECASE)
+# The lines a response copies (RFC 3261 8.2.6.2), long and compact names, with their values.
+_COPIED_LINES = re.compile(rb"\r\n(via|v|from|f|to|t|call-id|i|cseq)[ \t]*:[ \t]*([^\r\n]*)", re.IGNORECASE)
+_VIA, _TO, _CALL_ID_NAME = b"Via", b"To", b"Call-ID"
+_FROM, _CSEQ = b"From", b"CSeq"
+_COPIED = {b"via": _VIA, b"v": _VIA, b"from": _FROM, b"f": _FROM, b"to": _TO, b"t": _TO,
+           b"call-id": _CALL_ID_NAME, b"i": _CALL_ID_NAME, b"cseq": _CSEQ}
+_COPIED.update({name: name for name in (_VIA, _FROM, _TO, _CALL_ID_NAME, _CSEQ)})  # as usually written
+_BIT = {_VIA: 1, _FROM: 2, _TO: 4, _CALL_ID_NAME: 8, _CSEQ: 16}
+_ALL_COPIED = 31
+# Requests that only ever follow one we answered (never new work of their own).
+_FOLLOWERS = (b"ACK ", b"BYE ", b"CANCEL ")
+_INVITE_FACTOR = 1.5
+_HOPELESS = 4  # a new request that waited this many thresholds is dropped, not answered
+_TO_LINE = re.compile(rb"\r\n(?:to|t)[ \t]*:([^\r\n]*)", re.IGNORECASE)
+_CALM = 1.0  # seconds without a refusal before "no longer overloaded"
 
 
 class LoadShedder:
-    def __init__(self, clock: IReactorTime, *, threshold: float = 0.1, interval: float = 0.05,
-                 retry_after: int = 10, smoothing: float = 0.3, step_up: float = 0.05, step_down: float = 0.05,
-                 rng: random.Random | None = None, busy_limit: float = 0.9, cpu_time=time.process_time):
+    """One per process: told each datagram's wait, it decides before parsing (`screen`) or after (`sheds`)."""
+
+    def __init__(self, clock: IReactorTime, *, threshold: float = 0.2, interval: float = 0.05,
+                 retry_after: int = 10, smoothing: float = 0.3, busy_limit: float = 0.5,
+                 cpu_time=time.process_time, remember: float = 4.0, max_remembered: int = 50_000):
         self.clock = clock
-        self.busy_limit = busy_limit  # share of a core the server may spend before it refuses new work
-        self.cpu_time = cpu_time
-        self.busy = 0.0  # smoothed share of a core used (the event loop is one thread)
-        self._cpu_at = cpu_time()
-        self.threshold = threshold
+        self.threshold = threshold  # seconds a new non-INVITE request may have waited and still be served
+        self.invite_threshold = threshold * _INVITE_FACTOR
         self.interval = interval
         self.retry_after = retry_after
-        self.smoothing = smoothing  # weight of the newest measurement
-        self.step_up = step_up
-        self.step_down = step_down
-        self.rng = rng or random.Random()
-        self.lag = 0.0  # smoothed seconds a message waits (queue or event loop, the worse)
-        self.max_lag = 0.0  # the worst single measurement since start (metrics)
-        self.refuse_low = 0.0  # share of new low-class requests refused
-        self.refuse_high = 0.0  # share of new high-class requests refused
+        self._random = random.Random()  # spreading, not secrets
+        self._retry_after_lines = [b"Retry-After: %d" % (retry_after + n) for n in range(max(1, retry_after) + 1)]
+        self.smoothing = smoothing  # weight of the newest tick in `lag` and `busy`
+        # Share of a core the process must be using before it refuses: a process starved of CPU by others on
+        # a full machine still shows 0.7-0.8; one waiting on a slow disk far less.
+        self.busy_limit = busy_limit
+        self.cpu_time = cpu_time
+        self.remember = remember  # seconds a refused Call-ID is remembered (two generations of this)
+        self.max_remembered = max_remembered  # per generation: memory stays bounded under any flood
+        self.busy = 0.0  # smoothed share of a core used (the event loop is one thread)
+        self.lag = 0.0  # smoothed longest wait of a tick (metrics, logs)
+        self.max_lag = 0.0
         self.level = 0
         self.shed: dict[str, int] = {}
         self.kernel_drops = 0  # since start (metrics)
-        self._window = 0.0  # the longest queue wait seen since the last tick
         self._last_wait = 0.0  # the wait of the datagram being handled now
-        self._arrived = 0  # datagrams read since the last tick
-        self._dropped = 0  # datagrams the kernel dropped since the last tick
+        self._window = 0.0  # the longest wait seen since the last tick
+        self._dropping = False  # the kernel dropped datagrams during the last tick
+        self._dropped = 0  # datagrams dropped since the last tick
         self._dropped_total = 0  # the kernel's count (our socket is new at start), as last reported
+        self._refused: set[bytes] = set()  # Call-IDs refused in this generation
+        self._refused_before: set[bytes] = set()  # and in the one before
+        self._generation_ends = 0.0
+        self._refused_in_tick = 0  # 1: non-INVITE refused since the last tick, 2: an INVITE too
+        self._calm_since = 0.0  # when the last refusal was
+        self._cpu_at = cpu_time()
         self._expected = 0.0
         self._call = None
 
@@ -91,6 +114,7 @@ class LoadShedder:
 
     def start(self) -> None:
         if self.enabled and self._call is None:
+            self._generation_ends = self.clock.seconds() + self.remember
             self._schedule()
 
     def stop(self) -> None:
@@ -106,8 +130,7 @@ class LoadShedder:
     # -- measurements ---------------------------------------------------------
 
     def queue_delay(self, seconds: float) -> None:
-        """One datagram's wait in the kernel's queue (per datagram: keep it cheap)."""
-        self._arrived += 1
+        """One datagram's wait before it is handled (per datagram: keep it cheap)."""
         self._last_wait = seconds
         if seconds > self._window:
             self._window = seconds
@@ -120,119 +143,138 @@ class LoadShedder:
         self._dropped_total = total
 
     def _tick(self) -> None:
-        elapsed = self.clock.seconds() - self._expected + self.interval
+        now = self.clock.seconds()
+        elapsed = now - self._expected + self.interval
         busy = (self.cpu_time() - self._cpu_at) / elapsed if elapsed > 0 else 0.0
-        late = max(0.0, self.clock.seconds() - self._expected, self._window)
-        loss = self._dropped / (self._dropped + self._arrived) if self._dropped else 0.0
+        late = max(0.0, now - self._expected, self._window)
+        self._dropping = self._dropped > 0
         self._window = 0.0
-        self._arrived = self._dropped = 0
+        self._dropped = 0
         self.max_lag = max(self.max_lag, late)
-        self.observe(late, loss, busy)
-        self._schedule()
-
-    def observe(self, late: float, loss: float = 0.0, busy: float = 1.0) -> None:
-        """One tick's measurements: the longest wait (s), the share the kernel dropped, the share of a core used.
-
-        Under pressure only while the server is also busy: a wait with an idle
-        CPU (a slow disk, a paused VM) is not helped by refusing phones.
-        """
         self.lag = self.smoothing * late + (1 - self.smoothing) * self.lag
         self.busy = self.smoothing * busy + (1 - self.smoothing) * self.busy
-        waiting = self.lag >= self.threshold or (loss > 0.01 and self.lag >= self.threshold / 4)
-        if waiting and self.busy >= self.busy_limit:
-            if self.refuse_low < 1.0:
-                self.refuse_low = min(1.0, self.refuse_low + self.step_up)
-            else:
-                self.refuse_high = min(1.0, self.refuse_high + self.step_up)
-        elif self.refuse_high > 0:
-            self.refuse_high = max(0.0, self.refuse_high - self.step_down)
-        else:
-            self.refuse_low = max(0.0, self.refuse_low - self.step_down)
-        level = (3 if self.refuse_high >= 1.0 else 2 if self.refuse_high > 0 else 1 if self.refuse_low > 0 else 0)
-        if level != self.level:
-            if level > self.level:
-                log.warn("Overloaded (messages wait {lag:.0f} ms, {loss:.0%} dropped by the kernel): "
-                         "refusing new work, level {shed_level}", lag=self.lag * 1000, loss=loss, shed_level=level)
-            elif level == 0:
-                log.info("No longer overloaded: refused {shed} so far", shed=dict(self.shed))
-            self.level = level
+        if now >= self._generation_ends:
+            self._refused_before, self._refused = self._refused, set()
+            self._generation_ends = now + self.remember
+        refused, self._refused_in_tick = self._refused_in_tick, 0
+        if refused:
+            self._calm_since = now
+        elif self.level and now - self._calm_since < _CALM:
+            refused = self.level  # not calm for long enough yet: one overload, one log line
+        self._set_level(refused)
+        self._schedule()
+
+    def _set_level(self, level: int) -> None:
+        if level == self.level:
+            return
+        if level > self.level:
+            log.warn("Overloaded (new requests wait {lag:.0f} ms): refusing new {what} with 503",
+                     lag=self.lag * 1000, what="INVITEs and other requests" if level == 2 else "REGISTERs and others")
+        elif level == 0:
+            log.info("No longer overloaded: refused {shed} so far", shed=dict(self.shed))
+        self.level = level
+
+    def _pressed(self, limit: float) -> bool:
+        """Has the datagram in hand waited past `limit` while this process is busy?"""
+        wait = self._last_wait
+        return (wait >= limit or (self._dropping and wait >= limit / 2)) and self.busy >= self.busy_limit
 
     # -- decisions ------------------------------------------------------------
 
-    def refusal_for(self, data: bytes, to_tag: str, server: str = "") -> bytes | None:
-        """The 503 for a new REGISTER (no credentials) this datagram carries, if it is to be refused now; else None.
+    def screen(self, data: bytes, known_branch, new_tag, server: str = "") -> bytes | None:
+        """Before parsing: None to handle this datagram, b"" to drop it, or the 503 to send back.
 
-        b"" (send nothing) when it waited in the queue so long that a retransmission is already behind it.
-
-        Built from the datagram's bytes, without parsing it. Anything unusual
-        (folded or missing lines, a To tag) returns None: the normal path decides.
+        `known_branch(branch)`: does a server transaction with this Via branch
+        exist (a retransmission is never refused)? `new_tag()`: the 503's To tag.
+        Anything unusual (folded or
+        missing lines) returns None: the normal path decides.
         """
-        if (self.refuse_low == 0.0 or not data.startswith(b"REGISTER ") or _CREDENTIALS.search(data)
-                or self.rng.random() >= self.refuse_low):
+        if self._last_wait < self.threshold / 2 and not self._refused and not self._refused_before:
+            return None  # the common case: on time, nothing to remember
+        if data.startswith(_FOLLOWERS):
+            if self._refused or self._refused_before:
+                found = _CALL_ID.search(data)
+                if found is not None:
+                    call_id = found.group(1).strip()
+                    if call_id in self._refused or call_id in self._refused_before:
+                        self._count("after_refusal")
+                        return b""
             return None
-        if self._last_wait >= 2 * self.threshold:
-            # It waited so long that the phone has retransmitted it (T1 = 500 ms): the copy behind it gets the 503.
-            self._count("register_stale")
-            return b""
+        if data.startswith(b"SIP/"):
+            return None
+        invite = data.startswith(b"INVITE ")
+        limit = self.invite_threshold if invite else self.threshold
+        if not self._pressed(limit):
+            return None
         end = data.find(b"\r\n\r\n")
         if end < 0:
             return None
-        out = [b"SIP/2.0 503 Service Unavailable"]
-        seen = set()
-        for line in data[:end].split(b"\r\n")[1:]:
-            name, colon, value = line.partition(b":")
-            if not colon or line[:1] in b" \t":
-                return None  # folded or broken: leave it to the parser
-            canonical = _COPIED.get(name.strip().lower())
-            if canonical is None:
-                continue
-            value = value.strip()
-            if canonical == b"To":
-                if b";tag=" in value.lower():
+        end += 2
+        if data.find(b"\r\n ", 0, end) >= 0 or data.find(b"\r\n\t", 0, end) >= 0 \
+                or _CREDENTIALS.search(data, 0, end):
+            return None  # folded lines are the parser's; credentials are work half done
+        if self._last_wait >= _HOPELESS * limit:
+            # So far behind (or the kernel dropping) that even answering costs what we do not have.
+            if invite or not data.startswith(b"REGISTER "):
+                to = _TO_LINE.search(data, 0, end)
+                if to is None or _TAG.search(to.group(1)):
                     return None
-                value += b";tag=" + to_tag.encode()
-            seen.add(canonical)
+            self._refused_in_tick = max(self._refused_in_tick, 2 if invite else 1)
+            self._count("dropped")
+            return b""
+        out = [b"SIP/2.0 503 Service Unavailable"]
+        seen = 0
+        call_id = None
+        for name, value in _COPIED_LINES.findall(data, 0, end):
+            canonical = _COPIED.get(name) or _COPIED[name.lower()]
+            seen |= _BIT[canonical]
+            value = value.rstrip()
+            if canonical is _TO:
+                if b"tag" in value.lower() and _TAG.search(value):
+                    return None  # in a dialog
+                value += b";tag=" + new_tag().encode()
+            elif canonical is _VIA and len(out) == 1:
+                branch = _BRANCH.search(value)
+                if branch is not None and known_branch(branch.group(1).decode("ascii", "replace")):
+                    return None  # a retransmission: its transaction answers it
+            elif canonical is _CALL_ID_NAME:
+                call_id = value
             out.append(canonical + b": " + value)
-        if len(seen) < 5:
-            return None
-        out.append(b"Retry-After: " + self.retry_after_value().encode())
+        if seen != _ALL_COPIED:
+            return None  # a mandatory line missing: the parser says which
+        out.append(self._retry_after_lines[self._random.randrange(len(self._retry_after_lines))])
         if server:
             out.append(b"Server: " + server.encode())
-        out.append(b"Content-Length: 0")
-        self._count("register")
-        return b"\r\n".join(out) + b"\r\n\r\n"
+        out.append(b"Content-Length: 0\r\n\r\n")
+        if len(self._refused) < self.max_remembered:
+            self._refused.add(call_id)
+        self._refused_in_tick = max(self._refused_in_tick, 2 if invite else 1)
+        self._count("invite" if invite else "register" if data.startswith(b"REGISTER ") else "other")
+        return b"\r\n".join(out)
 
     def sheds(self, request) -> bool:
-        """True when this new request (not a retransmission) is to be answered 503 now."""
-        if self.refuse_low == 0.0:
-            return False
+        """After parsing (TCP, or a datagram `screen` left alone): is this new request to be answered 503?"""
         method = request.method
-        if method in ("ACK", "CANCEL", "BYE") or _has_credentials(request) or request.to.tag:
+        if method in ("ACK", "CANCEL", "BYE") or request.to.tag or _has_credentials(request):
             return False
-        if method == "INVITE":
-            if self.refuse_high > 0 and self.rng.random() < self.refuse_high:
-                self._count("invite")
-                return True
+        invite = method == "INVITE"
+        if not self._pressed(self.invite_threshold if invite else self.threshold):
             return False
-        if method == "REGISTER":
-            return False  # refusal_for had its chance, before parsing
-        if self.rng.random() < self.refuse_low:
-            self._count("register" if method == "REGISTER" else "other")
-            return True
-        return False
+        self._refused_in_tick = max(self._refused_in_tick, 2 if invite else 1)
+        self._count("invite" if invite else "register" if method == "REGISTER" else "other")
+        return True
 
     def retry_after_value(self) -> str:
         """Seconds for Retry-After, spread so the refused phones do not return together."""
-        spread = max(1, self.retry_after)
-        return str(self.retry_after + int.from_bytes(os.urandom(2), "big") % (spread + 1))
+        return str(self.retry_after + self._random.randrange(max(1, self.retry_after) + 1))
 
     def _count(self, what: str) -> None:
         self.shed[what] = self.shed.get(what, 0) + 1
 
     def counters(self) -> dict:
         return {"lag_seconds": self.lag, "max_lag_seconds": self.max_lag, "level": self.level, "busy": self.busy,
-                "refused_share": {"low": self.refuse_low, "high": self.refuse_high},
-                "shed": dict(self.shed), "kernel_drops": self.kernel_drops}
+                "shed": dict(self.shed), "kernel_drops": self.kernel_drops,
+                "remembered": len(self._refused) + len(self._refused_before)}
 
 
 def _has_credentials(request) -> bool:

@@ -88,11 +88,12 @@ class SipServer:
             return
         if not data.strip(b"\r\n"):
             return  # keepalive
-        if self.shedder is not None and self.shedder.refuse_low and not source.reliable:
-            refusal = self.shedder.refusal_for(data, new_tag(), self.replies.server_header)
-            if refusal is not None:
-                if refusal:
-                    self.transports.send(refusal, Destination("UDP", source.host, source.port))
+        shedder = self.shedder
+        if shedder is not None and not source.reliable:
+            verdict = shedder.screen(data, self.transactions.has_branch, new_tag, self.replies.server_header)
+            if verdict is not None:
+                if verdict:
+                    self.transports.send(verdict, Destination("UDP", source.host, source.port))
                 return
         try:
             message = parse_message(data, stream=source.reliable)

@@ -451,6 +451,7 @@ class TransactionLayer:
         self.user = user
         self.deadlines = Deadlines(clock)  # the fixed-length timers of every transaction here
         self.server: dict[tuple, ServerTransaction] = {}
+        self._branches: dict[str, int] = {}  # the RFC 3261 branches of self.server, counted (CANCEL shares one)
         self.client: dict[tuple, ClientTransaction] = {}
         self.retransmissions = 0
         self.unanswered = 0  # non-INVITE server transactions the core never answered (Timer U)
@@ -489,6 +490,8 @@ class TransactionLayer:
             return
         tx = ServerTransaction(self, key, request, source)
         self.server[key] = tx
+        if key[0] != "2543":
+            self._branches[key[0]] = self._branches.get(key[0], 0) + 1
         if request.method == "CANCEL":
             self.user.cancel_received(tx, request, self.find_invite_for_cancel(request))
             return
@@ -531,7 +534,17 @@ class TransactionLayer:
     def retransmitted(self) -> None:
         self.retransmissions += 1
 
+    def has_branch(self, branch: str) -> bool:
+        """Is a server transaction with this (RFC 3261) Via branch under way? Asked before parsing."""
+        return branch in self._branches
+
     def _remove(self, tx) -> None:
         table = self.server if isinstance(tx, ServerTransaction) else self.client
         if table.get(tx.key) is tx:
             del table[tx.key]
+            if table is self.server and tx.key[0] != "2543":
+                left = self._branches.get(tx.key[0], 0) - 1
+                if left > 0:
+                    self._branches[tx.key[0]] = left
+                else:
+                    self._branches.pop(tx.key[0], None)

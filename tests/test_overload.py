@@ -1,6 +1,4 @@
-"""proxy/overload.py: pressure measured on a Clock, refusal shares that follow it, and who is never refused."""
-
-import random
+"""proxy/overload.py: each datagram judged by its own wait, on a Clock; who is refused, dropped, or never touched."""
 
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
@@ -10,19 +8,20 @@ from proxy.sip.wire import parse_message
 from proxy.testing import make_core, sip_bytes, udp_source
 
 
-def request(method="REGISTER", credentials=False, to_tag=""):
+def request(method="REGISTER", credentials=False, to_tag="", call_id="c1", branch=None):
     auth = "Proxy-Authorization" if method == "INVITE" else "Authorization"
     extra = f'\n        {auth}: Digest username="1001", realm="r", nonce="n", uri="sip:x", response="0"' \
         if credentials else ""
-    return parse_message(sip_bytes(f"""
+    branch = branch or f"z9hG4bK{method}{credentials}{to_tag}"
+    return sip_bytes(f"""
         {method} sip:1002@example.com SIP/2.0
-        Via: SIP/2.0/UDP 192.0.2.50:5060;branch=z9hG4bK{method}{credentials}{to_tag}
+        Via: SIP/2.0/UDP 192.0.2.50:5060;branch={branch}
         Max-Forwards: 70
         From: <sip:1001@example.com>;tag=1
         To: <sip:1002@example.com>{';tag=' + to_tag if to_tag else ''}
-        Call-ID: c1
+        Call-ID: {call_id}
         CSeq: 1 {method}{extra}
-    """))
+    """)
 
 
 class FakeCpu:
@@ -35,155 +34,137 @@ class FakeCpu:
         return self.clock.seconds() * self.share
 
 
-def shedder_on(clock=None, busy=1.0, **kw):
+def busy_shedder(clock=None, busy=1.0, **kw):
+    """Started, with threshold 0.1 s, after one tick of a process `busy` for that share of a core."""
     clock = clock or Clock()
-    kw.setdefault("smoothing", 1.0)
-    return LoadShedder(clock, threshold=0.1, interval=0.05, cpu_time=FakeCpu(clock, busy), rng=random.Random(1), **kw)
+    shedder = LoadShedder(clock, threshold=0.1, interval=0.05, smoothing=1.0, cpu_time=FakeCpu(clock, busy), **kw)
+    shedder.start()
+    clock.advance(0.05)
+    return shedder
 
 
-class PressureTests(SynchronousTestCase):
-    def test_on_time_refuses_nothing(self):
-        clock = Clock()
-        shedder = shedder_on(clock)
-        shedder.start()
-        for _ in range(20):
-            shedder.queue_delay(0.001)
-            clock.advance(0.05)
-        self.assertEqual((shedder.refuse_low, shedder.level), (0.0, 0))
-
-    def test_a_long_wait_on_a_busy_server_raises_the_share_step_by_step_and_calm_lowers_it(self):
-        clock = Clock()
-        shedder = shedder_on(clock)
-        shedder.start()
-        for _ in range(4):
-            shedder.queue_delay(0.15)
-            clock.advance(0.05)
-        self.assertAlmostEqual(shedder.refuse_low, 0.2)
-        self.assertEqual(shedder.level, 1)
-        for _ in range(16):
-            shedder.queue_delay(0.15)
-            clock.advance(0.05)
-        self.assertEqual((shedder.refuse_low, shedder.refuse_high, shedder.level), (1.0, 0.0, 1))
-        shedder.queue_delay(0.15)
-        clock.advance(0.05)
-        self.assertEqual(shedder.level, 2)  # every new REGISTER refused: new INVITEs next
-        for _ in range(19):
-            shedder.queue_delay(0.15)
-            clock.advance(0.05)
-        self.assertEqual(shedder.level, 3)
-        for _ in range(20):
-            clock.advance(0.05)  # calm: INVITEs come back first, then REGISTERs
-        self.assertEqual((shedder.refuse_high, shedder.level), (0.0, 1))
-        for _ in range(20):
-            clock.advance(0.05)
-        self.assertEqual((shedder.refuse_low, shedder.level), (0.0, 0))
-
-    def test_a_wait_with_an_idle_cpu_is_no_overload(self):
-        clock = Clock()
-        shedder = shedder_on(clock, busy=0.3)  # a slow disk or a paused VM: refusing phones would not help
-        shedder.start()
-        for _ in range(10):
-            shedder.queue_delay(0.5)
-            clock.advance(0.05)
-        self.assertEqual(shedder.refuse_low, 0.0)
-
-    def test_an_event_loop_that_runs_late_counts_as_a_wait(self):
-        clock = Clock()
-        shedder = shedder_on(clock)
-        shedder.start()
-        clock.advance(0.05 + 0.2)  # the tick itself ran 200 ms late
-        self.assertGreater(shedder.refuse_low, 0)
-        self.assertAlmostEqual(shedder.max_lag, 0.2)
-
-    def test_drops_by_the_kernel_count_only_with_some_wait(self):
-        clock = Clock()
-        shedder = shedder_on(clock)
-        shedder.start()
-        for _ in range(95):
-            shedder.queue_delay(0.001)
-        shedder.kernel_dropped(5)  # a burst overflowed the buffer, nothing waits: no overload
-        clock.advance(0.05)
-        self.assertEqual(shedder.refuse_low, 0.0)
-        for _ in range(95):
-            shedder.queue_delay(0.03)
-        shedder.kernel_dropped(10)
-        clock.advance(0.05)
-        self.assertGreater(shedder.refuse_low, 0.0)
-        self.assertEqual(shedder.counters()["kernel_drops"], 10)
-
-    def test_smoothing_ignores_one_slow_tick(self):
-        shedder = shedder_on(smoothing=0.3)
-        shedder.observe(0.25)
-        self.assertEqual(shedder.refuse_low, 0.0)
-        for _ in range(10):
-            shedder.observe(0.25)  # a server that stays late (and busy: the default)
-        self.assertGreater(shedder.refuse_low, 0.0)
-
-    def test_stop(self):
-        clock = Clock()
-        shedder = shedder_on(clock)
-        shedder.start()
-        shedder.stop()
-        self.assertEqual(clock.getDelayedCalls(), [])
+def screen(shedder, data, waited, known=()):
+    shedder.queue_delay(waited)
+    return shedder.screen(data, lambda branch: branch in known, lambda: "ourtag", "sipproxy")
 
 
-class ClassTests(SynchronousTestCase):
-    def shedder(self, low, high):
-        shedder = shedder_on(Clock())
-        shedder.refuse_low, shedder.refuse_high = low, high
-        return shedder
+class WaitTests(SynchronousTestCase):
+    def test_on_time_nothing_is_refused(self):
+        shedder = busy_shedder()
+        self.assertIsNone(screen(shedder, request("REGISTER"), 0.02))
+        self.assertIsNone(screen(shedder, request("INVITE"), 0.09))
+        self.assertEqual((shedder.shed, shedder.level), ({}, 0))
 
-    def test_who_is_refused_with_every_share_at_one(self):
-        cases = {
-            # (method, credentials, in dialog): refused by sheds() when low = high = 1
-            ("OPTIONS", False, False): True,
-            ("INVITE", False, False): True,
-            ("REGISTER", False, False): False,  # refusal_for decides, before parsing
-            ("REGISTER", True, False): False,
-            ("INVITE", True, False): False,
-            ("INVITE", False, True): False,  # re-INVITE
-            ("BYE", False, True): False,
-            ("CANCEL", False, False): False,
-            ("ACK", False, False): False,
-        }
-        for (method, credentials, in_dialog), refused in cases.items():
-            with self.subTest(method=method, credentials=credentials, in_dialog=in_dialog):
-                req = request(method, credentials, to_tag="t" if in_dialog else "")
-                self.assertEqual(self.shedder(1.0, 1.0).sheds(req), refused)
-
-    def test_invites_only_once_every_low_one_is_refused(self):
-        self.assertFalse(self.shedder(0.9, 0.0).sheds(request("INVITE")))
-        self.assertTrue(self.shedder(1.0, 1.0).sheds(request("INVITE")))
-
-    def test_a_share_refuses_about_that_share(self):
-        shedder = self.shedder(0.3, 0.0)
-        refused = sum(shedder.sheds(request("OPTIONS")) for _ in range(2000))
-        self.assertTrue(450 < refused < 750, refused)
-
-    def test_the_refusal_of_a_new_register_is_spliced_from_its_own_lines(self):
-        shedder = self.shedder(1.0, 0.0)
-        data = request("REGISTER").serialize()
-        refusal = parse_message(shedder.refusal_for(data, "abc", "sipproxy"))
+    def test_a_new_register_that_waited_the_threshold_gets_a_spliced_503(self):
+        shedder = busy_shedder()
+        refusal = parse_message(screen(shedder, request("REGISTER"), 0.12))
         self.assertEqual((refusal.status, refusal.reason), (503, "Service Unavailable"))
         self.assertEqual(refusal.call_id, "c1")
-        self.assertEqual(refusal.to.tag, "abc")
+        self.assertEqual(refusal.to.tag, "ourtag")
+        self.assertEqual(refusal.from_.tag, "1")
+        self.assertEqual(refusal.cseq.method, "REGISTER")
         self.assertEqual(refusal.top_via.branch, "z9hG4bKREGISTERFalse")
         self.assertTrue(10 <= int(refusal.headers.get("retry-after")) <= 20)
+        self.assertEqual(refusal.headers.get("server"), "sipproxy")
         self.assertEqual(shedder.shed, {"register": 1})
 
-    def test_what_is_never_refused_before_parsing(self):
-        shedder = self.shedder(1.0, 1.0)
-        for data in (request("REGISTER", credentials=True).serialize(), request("INVITE").serialize(),
-                     request("REGISTER", to_tag="x").serialize(), b"REGISTER sip:x SIP/2.0\r\nVia: a\r\n"):
-            with self.subTest(data=data[:40]):
-                self.assertIsNone(shedder.refusal_for(data, "t"))
-        self.assertIsNone(self.shedder(0.0, 0.0).refusal_for(request("REGISTER").serialize(), "t"))
+    def test_invites_are_refused_only_past_a_longer_wait(self):
+        shedder = busy_shedder()
+        self.assertIsNone(screen(shedder, request("INVITE"), 0.14))
+        self.assertIsNotNone(screen(shedder, request("OPTIONS"), 0.14))
+        self.assertEqual(parse_message(screen(shedder, request("INVITE"), 0.16)).status, 503)
+        self.assertEqual(shedder.shed, {"other": 1, "invite": 1})
 
-    def test_a_register_that_waited_past_a_retransmission_is_dropped(self):
-        shedder = self.shedder(1.0, 0.0)
-        shedder.queue_delay(0.25)
-        self.assertEqual(shedder.refusal_for(request("REGISTER").serialize(), "t"), b"")
-        self.assertEqual(shedder.shed, {"register_stale": 1})
+    def test_a_wait_on_an_idle_process_is_no_overload(self):
+        shedder = busy_shedder(busy=0.3)  # a slow disk or a paused VM: refusing phones would not help
+        self.assertIsNone(screen(shedder, request("REGISTER"), 0.3))
+
+    def test_what_is_never_refused(self):
+        shedder = busy_shedder()
+        cases = {
+            "register with credentials": request("REGISTER", credentials=True),
+            "invite with credentials": request("INVITE", credentials=True),
+            "re-INVITE (in a dialog)": request("INVITE", to_tag="x"),
+            "BYE": request("BYE", to_tag="x"),
+            "CANCEL": request("CANCEL"),
+            "ACK": request("ACK", to_tag="x"),
+            "a response": b"SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP 192.0.2.1;branch=z9hG4bKx\r\n\r\n",
+            "folded lines": request("REGISTER").replace(b"\r\nTo:", b"\r\n To:"),
+            "a mandatory line missing": request("REGISTER").replace(b"CSeq: 1 REGISTER\r\n", b""),
+            "no end of headers": request("REGISTER").split(b"\r\n\r\n")[0],
+        }
+        for name, data in cases.items():
+            with self.subTest(name):
+                self.assertIsNone(screen(shedder, data, 0.35))
+        self.assertEqual(shedder.shed, {})
+
+    def test_a_retransmission_of_a_transaction_under_way_is_left_to_it(self):
+        shedder = busy_shedder()
+        data = request("INVITE", branch="z9hG4bKunderway")
+        self.assertIsNone(screen(shedder, data, 0.35, known={"z9hG4bKunderway"}))
+        self.assertIsNotNone(screen(shedder, data, 0.35))
+
+    def test_far_behind_a_new_request_is_dropped_not_answered(self):
+        shedder = busy_shedder()
+        self.assertEqual(screen(shedder, request("REGISTER"), 0.41), b"")
+        self.assertIsNone(screen(shedder, request("REGISTER", credentials=True), 0.41))  # still served
+        self.assertEqual(shedder.shed, {"dropped": 1})
+
+    def test_while_the_kernel_drops_half_the_threshold_is_enough(self):
+        clock = Clock()
+        shedder = busy_shedder(clock)
+        shedder.kernel_dropped(40)  # the receive buffer was full: the wait is bounded by its size
+        clock.advance(0.05)
+        self.assertIsNone(screen(shedder, request("REGISTER"), 0.04))
+        self.assertEqual(parse_message(screen(shedder, request("REGISTER"), 0.06)).status, 503)
+        self.assertEqual(shedder.counters()["kernel_drops"], 40)
+        clock.advance(0.05)  # a tick without drops
+        self.assertIsNone(screen(shedder, request("REGISTER"), 0.06))
+
+
+class AfterRefusalTests(SynchronousTestCase):
+    def test_what_follows_a_503_is_dropped_before_parsing_and_then_forgotten(self):
+        clock = Clock()
+        shedder = busy_shedder(clock, remember=4.0)
+        self.assertIsNotNone(screen(shedder, request("INVITE", call_id="refused"), 0.2))
+        for method in ("ACK", "BYE"):
+            self.assertEqual(screen(shedder, request(method, to_tag="ourtag", call_id="refused"), 0.0), b"")
+        self.assertIsNone(screen(shedder, request("BYE", to_tag="x", call_id="another"), 0.0))
+        self.assertEqual(shedder.shed, {"invite": 1, "after_refusal": 2})
+        clock.pump([0.05] * 100)  # 5 s: still in the generation before
+        self.assertEqual(screen(shedder, request("BYE", to_tag="ourtag", call_id="refused"), 0.0), b"")
+        clock.pump([0.05] * 80)  # 9 s: forgotten
+        self.assertIsNone(screen(shedder, request("BYE", to_tag="ourtag", call_id="refused"), 0.0))
+        self.assertEqual(shedder.counters()["remembered"], 0)
+
+    def test_memory_is_bounded_under_any_flood(self):
+        shedder = busy_shedder(max_remembered=10)
+        for n in range(50):
+            self.assertIsNotNone(screen(shedder, request("REGISTER", call_id=f"c{n}"), 0.2))
+        self.assertEqual(shedder.counters()["remembered"], 10)
+
+
+class LevelTests(SynchronousTestCase):
+    def test_level_follows_the_classes_refused_and_calms_after_a_second(self):
+        clock = Clock()
+        shedder = busy_shedder(clock)
+        screen(shedder, request("REGISTER"), 0.2)
+        clock.advance(0.05)
+        self.assertEqual(shedder.level, 1)
+        screen(shedder, request("INVITE"), 0.2)
+        clock.advance(0.05)
+        self.assertEqual(shedder.level, 2)
+        clock.pump([0.05] * 18)  # 0.9 s calm: still the same overload (one log line, not one per tick)
+        self.assertEqual(shedder.level, 2)
+        clock.pump([0.05] * 3)
+        self.assertEqual(shedder.level, 0)
+
+    def test_an_event_loop_that_runs_late_is_measured(self):
+        clock = Clock()
+        shedder = busy_shedder(clock)
+        clock.advance(0.05 + 0.2)  # the tick itself ran 200 ms late
+        self.assertAlmostEqual(shedder.max_lag, 0.2)
+        self.assertGreater(shedder.counters()["lag_seconds"], 0.1)
 
     def test_retry_after_is_spread(self):
         shedder = LoadShedder(Clock(), retry_after=10)
@@ -191,22 +172,47 @@ class ClassTests(SynchronousTestCase):
         self.assertTrue(all(10 <= v <= 20 for v in values))
         self.assertGreater(len(values), 5)
 
+    def test_stop(self):
+        clock = Clock()
+        shedder = busy_shedder(clock)
+        shedder.stop()
+        self.assertEqual(clock.getDelayedCalls(), [])
+
 
 class ServerShedsTests(SynchronousTestCase):
     """The whole server, shedding on ([server] overload_lag): 503 with Retry-After, no state held."""
 
+    def core(self):
+        core, transports, self.clock = make_core(self.mktemp(), server_settings={"overload_lag": 0.1})
+        core.shedder.busy = 1.0
+        return core, transports
+
     def test_register_refused_and_counted(self):
-        core, transports, _ = make_core(self.mktemp(), server_settings={"overload_lag": 0.1})
-        self.assertTrue(core.shedder.enabled)
-        core.shedder.refuse_low = 1.0
-        core.server.data_received(request("REGISTER").serialize(), udp_source())
+        core, transports = self.core()
+        core.shedder.queue_delay(0.2)
+        core.server.data_received(request("REGISTER"), udp_source())
         (response, destination), = transports.messages()
         self.assertEqual(response.status, 503)
         self.assertEqual((destination.host, destination.port), ("192.0.2.50", 5060))
         self.assertEqual(core.counters()["overload"]["shed"], {"register": 1})
         self.assertEqual(len(core.server.transactions.server), 0)
 
-    def test_off_by_default(self):
+    def test_a_retransmission_gets_its_transactions_answer_not_a_503(self):
+        core, transports = self.core()
+        options = request("OPTIONS").replace(b"sip:1002@example.com SIP", b"sip:127.0.0.1 SIP", 1)
+        core.shedder.queue_delay(0.0)
+        core.server.data_received(options, udp_source())
+        self.assertTrue(core.server.transactions.has_branch("z9hG4bKOPTIONSFalse"))
+        core.shedder.queue_delay(0.2)  # the copy the client sent 500 ms later, read late
+        core.server.data_received(options, udp_source())
+        self.assertEqual([r.status for r, _ in transports.messages()], [200, 200])
+        self.clock.advance(64)  # Timer J: the transaction ends, and the branch is forgotten with it
+        self.assertFalse(core.server.transactions.has_branch("z9hG4bKOPTIONSFalse"))
+
+    def test_on_by_default_and_off_with_zero(self):
         core, _, _ = make_core(self.mktemp())
+        self.assertEqual(core.shedder.threshold, 0.2)
+        self.assertIsNotNone(core.server.shedder)
+        core, _, _ = make_core(self.mktemp(), server_settings={"overload_lag": 0})
         self.assertFalse(core.shedder.enabled)
         self.assertIsNone(core.server.shedder)

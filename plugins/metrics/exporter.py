@@ -52,7 +52,7 @@ KNOWN_LABELS = {
     "sipproxy_redirects": ("300", "302"),
     "sipproxy_checksync_notifies": ("accepted", "no_answer", "refused"),
     "sipproxy_keepalive": ("answered", "came_back", "sent", "unanswered", "went_silent"),
-    "sipproxy_shed": ("invite", "other", "register", "register_stale"),
+    "sipproxy_shed": ("after_refusal", "dropped", "invite", "other", "register"),
     "sipproxy_calls": ("on_hold", "ringing", "setup", "transferring", "up"),
     "sipproxy_transfers_completed_by_proxy": ("bridged", "failed"),
 }
