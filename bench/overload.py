@@ -15,8 +15,9 @@ are passed on, as bench.sh does):
   `--phone` adds -nd, so a refused phone just gives up (as a phone that waits for Retry-After).
 Then, from every completed registration's time (SIPp's rtt files):
 - goodput: registrations completed per second while the flood is offered, and its share of `--capacity`;
-- recovery: seconds from the end of the flood until the steady phones are served as before it
-  (every later second: completions at the steady rate and p99 under 200 ms, and no failure);
+- recovery: seconds from the end of the flood until the steady phones are served as before it (of those
+  starting in every later second >= 90% complete with p99 under 200 ms), and until they are served within T1
+  (p99 under 500 ms: none has to retransmit);
 - what SIPp saw: failed calls, retransmissions; and the SUT's CPU.
 Results go to <work>/summary.txt (and stdout); every SIPp file stays in <work>.
 """
@@ -259,12 +260,16 @@ def summarise(work, args, floods, flood_rate, t0, flood_start, flood_end, cpu_fl
     for at, took in steady:
         by_start.setdefault(int(at - took - flood_end), []).append(took)
     end = int(args.after) - 2  # the last seconds' registrations may not all be written out by SIPp
-    recovered_at = None
-    for start in range(0, end):
-        if all(len(by_start.get(s, [])) >= 0.9 * args.steady and percentile(by_start.get(s, [1e9]), 99) < 0.2
-               for s in range(start, end)):
-            recovered_at = start
-            break
+
+    def first_good_second(p99_limit):
+        for start in range(0, end):
+            if all(len(by_start.get(s, [])) >= 0.9 * args.steady
+                   and percentile(by_start.get(s, [1e9]), 99) < p99_limit for s in range(start, end)):
+                return start
+        return None
+
+    recovered_at = first_good_second(0.2)
+    served_at = first_good_second(0.5)  # inside T1: no phone needs to retransmit
     before = [took for at, took in steady if at < flood_start]
     during = [took for at, took in steady if flood_start <= at < flood_end]
     stats = {"steady": last_stat(work, "steady"), "flood": {}}
@@ -284,7 +289,8 @@ def summarise(work, args, floods, flood_rate, t0, flood_start, flood_end, cpu_fl
         "adapter": args.adapter, "phone_like": args.phone, "open_loop": args.open_loop, "sources": args.sources, "capacity": args.capacity, "flood_rate": flood_rate,
         "flood_seconds": round(flood_end - flood_start, 1),
         "goodput_per_s": round(goodput), "goodput_share_of_capacity": round(goodput / args.capacity, 3),
-        "recovered_after_s": recovered_at,
+        "recovered_after_s": recovered_at, "served_within_t1_after_s": served_at,
+        "times": {"start": t0, "flood_start": flood_start, "flood_end": flood_end},
         "steady_p50_ms_before": round(percentile(before, 50) * 1000, 1),
         "steady_p99_ms_before": round(percentile(before, 99) * 1000, 1),
         "steady_p99_ms_during": round(percentile(during, 99) * 1000, 1),

@@ -19,7 +19,9 @@ early and cheaply, and to keep serving what finishes work already started. Here:
   by refusing phones.
 - Classes, cheapest to refuse first:
     new REGISTERs and other new out-of-dialog requests   refused past `threshold`;
-    new INVITEs                                           past 1.5 x `threshold`;
+    new INVITEs                                           past 3 x `threshold` (its caller has
+                                                          retransmitted it: B2's calls at capacity
+                                                          wait up to 0.3 s, and must not be refused);
     never: responses, ACK, CANCEL, BYE and every other in-dialog request (a To
     tag), requests carrying credentials (their sender passed the challenge: work
     half done), and retransmissions of a transaction under way.
@@ -62,7 +64,7 @@ _BIT = {_VIA: 1, _FROM: 2, _TO: 4, _CALL_ID_NAME: 8, _CSEQ: 16}
 _ALL_COPIED = 31
 # Requests that only ever follow one we answered (never new work of their own).
 _FOLLOWERS = (b"ACK ", b"BYE ", b"CANCEL ")
-_INVITE_FACTOR = 1.5
+_INVITE_FACTOR = 3  # new INVITEs: only when so late that the caller has retransmitted (T1 = 500 ms)
 _HOPELESS = 4  # a new request that waited this many thresholds is dropped, not answered
 _TO_LINE = re.compile(rb"\r\n(?:to|t)[ \t]*:([^\r\n]*)", re.IGNORECASE)
 _CALM = 1.0  # seconds without a refusal before "no longer overloaded"
@@ -96,7 +98,7 @@ class LoadShedder:
         self.kernel_drops = 0  # since start (metrics)
         self._last_wait = 0.0  # the wait of the datagram being handled now
         self._window = 0.0  # the longest wait seen since the last tick
-        self._dropping = False  # the kernel dropped datagrams during the last tick
+        self._dropping = False  # the kernel dropped datagrams during this tick or the last
         self._dropped = 0  # datagrams dropped since the last tick
         self._dropped_total = 0  # the kernel's count (our socket is new at start), as last reported
         self._refused: set[bytes] = set()  # Call-IDs refused in this generation
@@ -141,13 +143,15 @@ class LoadShedder:
         self._dropped += new
         self.kernel_drops += new
         self._dropped_total = total
+        if new:
+            self._dropping = True  # at once: the datagrams behind this one are being lost now
 
     def _tick(self) -> None:
         now = self.clock.seconds()
         elapsed = now - self._expected + self.interval
         busy = (self.cpu_time() - self._cpu_at) / elapsed if elapsed > 0 else 0.0
         late = max(0.0, now - self._expected, self._window)
-        self._dropping = self._dropped > 0
+        self._dropping = self._dropped > 0  # none since the last tick: calm again
         self._window = 0.0
         self._dropped = 0
         self.max_lag = max(self.max_lag, late)

@@ -68,11 +68,11 @@ class WaitTests(SynchronousTestCase):
         self.assertEqual(refusal.headers.get("server"), "sipproxy")
         self.assertEqual(shedder.shed, {"register": 1})
 
-    def test_invites_are_refused_only_past_a_longer_wait(self):
+    def test_invites_are_refused_only_once_the_caller_has_retransmitted(self):
         shedder = busy_shedder()
-        self.assertIsNone(screen(shedder, request("INVITE"), 0.14))
-        self.assertIsNotNone(screen(shedder, request("OPTIONS"), 0.14))
-        self.assertEqual(parse_message(screen(shedder, request("INVITE"), 0.16)).status, 503)
+        self.assertIsNone(screen(shedder, request("INVITE"), 0.29))
+        self.assertIsNotNone(screen(shedder, request("OPTIONS"), 0.29))
+        self.assertEqual(parse_message(screen(shedder, request("INVITE"), 0.31)).status, 503)
         self.assertEqual(shedder.shed, {"other": 1, "invite": 1})
 
     def test_a_wait_on_an_idle_process_is_no_overload(self):
@@ -114,6 +114,7 @@ class WaitTests(SynchronousTestCase):
         clock = Clock()
         shedder = busy_shedder(clock)
         shedder.kernel_dropped(40)  # the receive buffer was full: the wait is bounded by its size
+        self.assertEqual(parse_message(screen(shedder, request("REGISTER"), 0.06)).status, 503)  # at once
         clock.advance(0.05)
         self.assertIsNone(screen(shedder, request("REGISTER"), 0.04))
         self.assertEqual(parse_message(screen(shedder, request("REGISTER"), 0.06)).status, 503)
@@ -126,7 +127,7 @@ class AfterRefusalTests(SynchronousTestCase):
     def test_what_follows_a_503_is_dropped_before_parsing_and_then_forgotten(self):
         clock = Clock()
         shedder = busy_shedder(clock, remember=4.0)
-        self.assertIsNotNone(screen(shedder, request("INVITE", call_id="refused"), 0.2))
+        self.assertIsNotNone(screen(shedder, request("INVITE", call_id="refused"), 0.35))
         for method in ("ACK", "BYE"):
             self.assertEqual(screen(shedder, request(method, to_tag="ourtag", call_id="refused"), 0.0), b"")
         self.assertIsNone(screen(shedder, request("BYE", to_tag="x", call_id="another"), 0.0))
@@ -151,7 +152,7 @@ class LevelTests(SynchronousTestCase):
         screen(shedder, request("REGISTER"), 0.2)
         clock.advance(0.05)
         self.assertEqual(shedder.level, 1)
-        screen(shedder, request("INVITE"), 0.2)
+        screen(shedder, request("INVITE"), 0.35)
         clock.advance(0.05)
         self.assertEqual(shedder.level, 2)
         clock.pump([0.05] * 18)  # 0.9 s calm: still the same overload (one log line, not one per tick)
