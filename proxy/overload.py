@@ -28,7 +28,9 @@ early and cheaply, and to keep serving what finishes work already started. Here:
 - The 503 is spliced from the datagram's own Via, From, To, Call-ID and CSeq lines
   before anything is parsed (`screen`, about 7 us against 60-100 us to serve),
   with a Retry-After spread over [retry_after, 2 * retry_after] seconds so the
-  phones turned away do not return together. A 503 ends the client's
+  phones turned away do not return together (the 7940/7960 take both: 503 and
+  Retry-After are in their lists of supported responses and headers, seed 001
+  lines 2966 and 3016). A 503 ends the client's
   transaction: no retransmissions. Only a request that waited four thresholds
   (so late that its sender has retransmitted it already) is dropped unanswered.
 - The Call-IDs refused in the last few seconds are remembered (bounded), so what a
