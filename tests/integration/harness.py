@@ -52,17 +52,28 @@ def end_process(process: subprocess.Popen | None, grace: float = 10.0) -> None:
         process.wait(5)
 
 
+_GIVEN: set[int] = set()  # ports this test run has handed out: the kernel may offer a closed one again
+
+
 def free_port() -> int:
-    """A port free for both UDP and TCP on 127.0.0.1."""
-    for _ in range(50):
+    """A port free for both UDP and TCP on 127.0.0.1, and not given out before in this run.
+
+    Without the memory, two calls for one server's listeners could return the same
+    port (nothing holds it in between) and the server failed to start: "Address
+    already in use" for its second listener, twice in one CI run.
+    """
+    for _ in range(200):
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
             udp.bind(("127.0.0.1", 0))
             port = udp.getsockname()[1]
+            if port in _GIVEN:
+                continue
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
                 try:
                     tcp.bind(("127.0.0.1", port))
                 except OSError:
                     continue
+                _GIVEN.add(port)
                 return port
     raise RuntimeError("no free port")
 
