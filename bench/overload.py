@@ -25,6 +25,7 @@ Results go to <work>/summary.txt (and stdout); every SIPp file stays in <work>.
 import argparse
 import csv
 import json
+import math
 import os
 import shutil
 import socket
@@ -258,7 +259,7 @@ def summarise(work, args, floods, flood_rate, t0, flood_start, flood_end, cpu_fl
     # says nothing about service after it.)
     by_start = {}
     for at, took in steady:
-        by_start.setdefault(int(at - took - flood_end), []).append(took)
+        by_start.setdefault(math.floor(at - took - flood_end), []).append(took)
     end = int(args.after) - 2  # the last seconds' registrations may not all be written out by SIPp
 
     def first_good_second(p99_limit):
@@ -277,13 +278,17 @@ def summarise(work, args, floods, flood_rate, t0, flood_start, flood_end, cpu_fl
         for key, value in last_stat(work, name).items():
             if value.isdigit():
                 stats["flood"][key] = stats["flood"].get(key, 0) + int(value)
+    done_in, started_in = {}, {}  # by second since the flood began: completions, and steady phones' times
+    for at, _ in steady + flood:
+        second = math.floor(at - flood_start)
+        done_in[second] = done_in.get(second, 0) + 1
+    for at, took in steady:
+        started_in.setdefault(math.floor(at - took - flood_start), []).append(took)
     timeline = []
     for second in range(-int(args.before), int(args.flood + args.after)):
-        lo = flood_start + second
-        done = sum(1 for at, _ in steady + flood if lo <= at < lo + 1)
-        started = [took for at, took in steady if lo <= at - took < lo + 1]
-        timeline.append(f"{second:+d}s: {done} done; steady phones starting then: {len(started)} done, "
-                        f"p99 {percentile(started, 99) * 1000:.0f} ms")
+        started = started_in.get(second, [])
+        timeline.append(f"{second:+d}s: {done_in.get(second, 0)} done; steady phones starting then: "
+                        f"{len(started)} done, p99 {percentile(started, 99) * 1000:.0f} ms")
     return {
         "timeline": timeline,
         "adapter": args.adapter, "phone_like": args.phone, "open_loop": args.open_loop, "sources": args.sources, "capacity": args.capacity, "flood_rate": flood_rate,

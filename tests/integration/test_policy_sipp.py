@@ -12,7 +12,7 @@ import subprocess
 import threading
 import time
 
-from tests.integration.harness import ServerProcess, free_port, require, run_sipp, sipp_errors
+from tests.integration.harness import ServerProcess, eventually, free_port, require, run_sipp, sipp_errors
 from tests.integration.test_metrics_sipp import scrape, value
 from tests.integration.test_proxy_sipp import PASSWORDS, CallTestCase
 from twisted.trial.unittest import SynchronousTestCase
@@ -151,16 +151,6 @@ class _Inbox:
                         conn.sendall(b"250 ok\r\n")
 
 
-def wait_for(predicate, timeout: float = 10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = predicate()
-        if found:
-            return found
-        time.sleep(0.1)
-    return predicate()
-
-
 class ScannerTests(SynchronousTestCase):
     """The tools attackers point at SIP servers, as they come from PyPI (sipvicious)."""
 
@@ -200,10 +190,10 @@ class ScannerTests(SynchronousTestCase):
         self.assertEqual((ban["address"], ban["rule"]), ("127.0.0.1", "user_agents"))
         self.assertIn("friendly-scanner", ban["reason"])
         self.phone_registers()
-        posted = wait_for(lambda: inbox.posts)
+        posted = eventually(lambda: inbox.posts, "the webhook's POST")
         self.assertEqual([(a["rule"], a["action"], a["address"]) for a in posted[0]["alerts"]],
                          [("user_agents", "banned", "127.0.0.1")])
-        mail = wait_for(lambda: inbox.mails)
+        mail = eventually(lambda: inbox.mails, "the alert mail")
         self.assertIn("user_agents: scanner User-Agent", mail[0])
         self.assertIn("Subject: sipproxy", mail[0])
 
@@ -222,7 +212,7 @@ class ScannerTests(SynchronousTestCase):
         cracking = subprocess.Popen([program, "-u", "1005", "-d", words, "-p", str(self.server.port), "127.0.0.1"],
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.addCleanup(lambda: cracking.poll() is None and cracking.kill())
-        self.assertTrue(wait_for(self.bans), self.server.log()[-3000:])
+        self.assertTrue(eventually(self.bans, "a ban", context=lambda: self.server.log()[-3000:]))
         self.assertIsNone(cracking.poll())  # still at it, unanswered
         self.phone_registers()  # the real phone, from another address, meanwhile
         output = cracking.communicate(timeout=60)[0]
