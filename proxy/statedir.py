@@ -46,3 +46,12 @@ def replace_file(path: str, data: bytes, mode: int = 0o600) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def file_stamp(path: str):
+    """What changes when a file is replaced or rewritten (mtime, size, inode); None when it is missing."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)

@@ -24,7 +24,7 @@ from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
 from proxy.errors import ConfigError
-from proxy.statedir import replace_file
+from proxy.statedir import file_stamp, replace_file
 
 log = Logger()
 
@@ -173,18 +173,11 @@ class FileCredentials:
             log.error("{problem}", problem=warning)  # not "warning": trial reads that key as a Python warning
         else:
             log.info("Loaded {count} users from {path}", count=len(self._users), path=path)
-        self._stamp = self._file_stamp()
+        self._stamp = file_stamp(self.path)
         self._checked_at = clock.seconds()
 
-    def _file_stamp(self):
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            return None
-        return (st.st_mtime_ns, st.st_size, st.st_ino)
-
     def _reload(self) -> None:
-        stamp = self._file_stamp()
+        stamp = file_stamp(self.path)
         self._checked_at = self.clock.seconds()
         if stamp == self._stamp:
             return

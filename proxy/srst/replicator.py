@@ -29,7 +29,7 @@ from proxy.registration.credentials import read_users
 from proxy.registration.location import Binding
 from proxy.routing.forwarding import ForwardSettings
 from proxy.srst.changelog import ChangeLog, fresher, removal_applies
-from proxy.statedir import replace_file
+from proxy.statedir import file_stamp, replace_file
 
 log = Logger()
 
@@ -47,7 +47,7 @@ class Replicator:
         self.applied = 0  # peers' changes applied here
         self.logged = 0  # this node's changes put in the log
         self._forwarding = {s.user: s for s in forwarding_store.all()}
-        self._users_stamp = self._stamp()
+        self._users_stamp = file_stamp(self.users_path)
         location.add_observer(self._binding_event)
         self._poller = Every(clock, 1.0, self.poll)
 
@@ -77,19 +77,12 @@ class Replicator:
                 self._append({"kind": "forwarding", "settings": settings.as_json()})
         self._forwarding = current
         if self.role == "primary":
-            stamp = self._stamp()
+            stamp = file_stamp(self.users_path)
             if stamp != self._users_stamp:
                 self._users_stamp = stamp
                 users = self._users_file()
                 if users is not None:
                     self._append({"kind": "users", "users": users})
-
-    def _stamp(self):
-        try:
-            st = os.stat(self.users_path)
-        except FileNotFoundError:
-            return None
-        return (st.st_mtime_ns, st.st_size, st.st_ino)
 
     def _users_file(self) -> dict | None:
         try:
