@@ -243,6 +243,7 @@ class PluginHost:
         self.policing = False  # any IRequestPolicy
         self.screening = False  # any ISourceScreen: the server asks before parsing
         self._screens: tuple = ()
+        self._providers: dict = {}  # interface -> the plugins providing it: asked per event and per request
         self._quiet_logged: dict[str, float] = {}
         # In a worker (proxy/workers/): events go to the primary, where the observers are; `listening` then
         # says whether the primary has any.
@@ -263,12 +264,16 @@ class PluginHost:
             self._added(plugin)
 
     def _added(self, plugin) -> None:
+        self._providers.clear()
         if ISourceScreen.providedBy(plugin):
             self.screening = True
             self._screens = tuple(self.providers(ISourceScreen))
 
-    def providers(self, interface) -> list:
-        return [p for p in self.plugins if interface.providedBy(p)]
+    def providers(self, interface) -> tuple:
+        found = self._providers.get(interface)
+        if found is None:
+            found = self._providers[interface] = tuple(p for p in self.plugins if interface.providedBy(p))
+        return found
 
     def _failed(self, plugin, what: str) -> None:
         name = getattr(plugin, "name", type(plugin).__name__)

@@ -86,8 +86,8 @@ class SipServer:
         if len(data) > self.max_message_size:
             self._too_large(data, source)
             return
-        if not data.strip(b"\r\n"):
-            return  # keepalive
+        if data[:1] in b"\r\n" and not data.strip(b"\r\n"):
+            return  # keepalive (CRLFs only): tested on the first byte, not by copying every datagram
         shedder = self.shedder
         if shedder is not None and not source.reliable:
             verdict = shedder.screen(data, self.transactions.has_branch, new_tag, self.replies.server_header)

@@ -22,6 +22,7 @@ Times are absolute (`clock.seconds()`, the epoch in production), so
 bindings keep their expiry across a restart.
 """
 
+import operator
 import os
 import sqlite3
 
@@ -117,6 +118,8 @@ CREATE TABLE IF NOT EXISTS bindings (
 )
 """
 _FIELDS = [a.name for a in attrs.fields(Binding)]
+# A binding as a tuple in field order: its SQLite row, its bus and Redis form (attrs.astuple is 6x slower).
+binding_row = operator.attrgetter(*_FIELDS)
 _UPSERT = f"INSERT OR REPLACE INTO bindings ({', '.join(_FIELDS)}) VALUES ({', '.join('?' * len(_FIELDS))})"
 
 
@@ -370,7 +373,7 @@ class SqliteLocationService(BindingIndex):
     # writes it, so `local` does not decide here whether to store, `persist` does.
 
     def save(self, binding: Binding, local: bool = True) -> None:
-        self._write(_UPSERT, attrs.astuple(binding))
+        self._write(_UPSERT, binding_row(binding))
         self._index_save(binding, local)
 
     def remove(self, aor: str, contact: str, local: bool = True) -> None:

@@ -21,12 +21,11 @@ docs/scaling.md), and would make every call fail while Redis is away.
 
 import json
 
-import attrs
 from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from proxy.registration.location import Binding, BindingIndex, ILocationService
+from proxy.registration.location import Binding, BindingIndex, ILocationService, binding_row
 
 log = Logger()
 
@@ -74,7 +73,7 @@ class RedisLocationService(BindingIndex):
         if self._resyncing is not None:
             self._resyncing.add((binding.aor, binding.contact))
         ttl = max(1, int((binding.expires_at - self.clock.seconds()) * 1000))
-        fields = json.dumps(attrs.astuple(binding), separators=(",", ":"))
+        fields = json.dumps(binding_row(binding), separators=(",", ":"))
         self.store.write(KIND, None, ("SET", self._key(binding.aor, binding.contact), fields, "PX", ttl),
                          payload_json=f'["saved",{fields}]')
 
@@ -84,7 +83,7 @@ class RedisLocationService(BindingIndex):
         binding = self._index.get(aor, {}).get(contact)
         if binding is None:
             return
-        self.store.write(KIND, ["removed", attrs.astuple(binding)], ("DEL", self._key(aor, contact)))
+        self.store.write(KIND, ["removed", binding_row(binding)], ("DEL", self._key(aor, contact)))
 
     def _announces_expiry(self, binding: Binding) -> bool:
         return self.primary and binding.node in ("", self.node)

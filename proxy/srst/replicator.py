@@ -21,12 +21,11 @@ the users file: the primary is their authority once the link is back.
 import json
 import os
 
-import attrs
 from twisted.logger import Logger
 
 from proxy.periodic import Every
 from proxy.registration.credentials import read_users
-from proxy.registration.location import Binding
+from proxy.registration.location import Binding, binding_row
 from proxy.routing.forwarding import ForwardSettings
 from proxy.srst.changelog import ChangeLog, fresher, removal_applies
 from proxy.statedir import file_stamp, replace_file
@@ -61,9 +60,9 @@ class Replicator:
 
     def _binding_event(self, event: str, binding: Binding) -> None:
         if event in ("added", "refreshed"):
-            self._append({"kind": "binding", "event": "saved", "binding": attrs.astuple(binding)})
+            self._append({"kind": "binding", "event": "saved", "binding": binding_row(binding)})
         elif event == "removed":
-            self._append({"kind": "binding", "event": "removed", "binding": attrs.astuple(binding)})
+            self._append({"kind": "binding", "event": "removed", "binding": binding_row(binding)})
 
     def _append(self, change: dict) -> None:
         self.logged += 1
@@ -95,7 +94,7 @@ class Replicator:
         """Everything a peer needs to start from, with the log position it corresponds to."""
         self.poll()  # so that the position covers the settings as they are now
         return {"generation": self.log.generation, "seq": self.log.seq, "node": self.node, "role": self.role,
-                "bindings": [attrs.astuple(b) for b in self.location.all_bindings()],
+                "bindings": [binding_row(b) for b in self.location.all_bindings()],
                 "forwarding": [s.as_json() for s in self.forwarding_store.all()],
                 "users": self._users_file() if self.role == "primary" else None}
 

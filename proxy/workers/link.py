@@ -19,12 +19,11 @@
 
 import os
 
-import attrs
 from twisted.internet import defer
 from twisted.logger import Logger
 
 from proxy.periodic import Every
-from proxy.registration.location import Binding
+from proxy.registration.location import Binding, binding_row
 from proxy.transport import Source
 from proxy.workers.owner import owner_of
 
@@ -144,7 +143,7 @@ class WorkerLink:
     def _binding_changed(self, event: str, binding) -> None:
         # Sent at once, before the 200 that follows it leaves: every process knows the binding by the time
         # the phone does.
-        self.bus.broadcast("binding", (event, attrs.astuple(binding)))  # a tuple pickles faster than the instance
+        self.bus.broadcast("binding", (event, binding_row(binding)))  # a tuple pickles faster than the instance
 
     def _binding(self, change, sender) -> None:
         event, fields = change
