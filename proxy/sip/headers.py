@@ -144,6 +144,21 @@ class Headers:
             first = self._index()
         return first.get(_KEYS.get(name) or header_key(name), default)
 
+    def keyed(self) -> tuple[tuple[str, str, str], ...]:
+        """Every field as (canonical key, name as received, value): for copying fields without looking keys up."""
+        return self._fields
+
+    def value_of_key(self, key: str) -> str | None:
+        """The first value for a canonical key; without building the index when none is built yet (a message
+        about to be serialized once, not looked into)."""
+        first = self._first
+        if first is not None:
+            return first.get(key)
+        for k, _, value in self._fields:
+            if k == key:
+                return value
+        return None
+
     def get_lines(self, name: str) -> list[str]:
         """Every field of that name, each whole value as received."""
         key = header_key(name)

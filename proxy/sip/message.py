@@ -122,7 +122,7 @@ class Message:
         lines = [self.start_line()]
         headers = self.headers
         length = str(len(self.body))
-        if headers.get("content-length") != length:
+        if headers.value_of_key("content-length") != length:
             headers = headers.set("Content-Length", length)
         headers.serialize_into(lines)
         lines.append("")
@@ -217,18 +217,22 @@ def make_response(
     with `to_tag` added when the request's To has none and this is not a 100.
     """
     fields = []
-    to_value = None
-    for name, value in request.headers:
-        key = header_key(name)
-        if key in ("via", "from", "call-id", "cseq"):
-            fields.append((name, value))
-        elif key == "to" and to_value is None:
-            to_value = value
+    to_seen = False
+    for field in request.headers.keyed():  # the request's fields carry their keys: none is looked up again
+        key = field[0]
+        if key in _RESPONSE_COPIES:
+            fields.append(field)
+        elif key == "to" and not to_seen:
+            to_seen = True
             if to_tag and status > 100 and not _has_tag(request):
-                value = f"{value};tag={to_tag}"
-            fields.append((name, value))
-    fields.extend(extra)
-    return Response(status, reason or REASONS.get(status, "Unknown"), Headers.of(*fields), body)
+                field = (key, field[1], f"{field[2]};tag={to_tag}")
+            fields.append(field)
+    for name, value in extra:
+        fields.append((header_key(name), name, value))
+    return Response(status, reason or REASONS.get(status, "Unknown"), Headers(tuple(fields)), body)
+
+
+_RESPONSE_COPIES = frozenset(("via", "from", "call-id", "cseq"))
 
 
 def _copied(request: Request, keys: frozenset[str]) -> list[tuple[str, str]]:
