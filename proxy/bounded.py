@@ -36,3 +36,37 @@ class BoundedDict(OrderedDict):
         for key in self:
             return key, OrderedDict.__getitem__(self, key)
         return None
+
+
+class RecentMemo:
+    """A cache of what was used lately, in two generations of at most `size` entries each.
+
+    When the young generation is full it becomes the old one and the oldest is forgotten whole, so the
+    memory is bounded without any per-entry bookkeeping; an entry found in the old generation moves back
+    to the young one. A flood of values never seen again pushes the useful ones out only after `size` of
+    them, not at once. For parsed header values that recur (proxy/sip/uri.py).
+    """
+
+    __slots__ = ("size", "_young", "_old")
+
+    def __init__(self, size: int):
+        self.size = size
+        self._young: dict = {}
+        self._old: dict = {}
+
+    def get(self, key):
+        value = self._young.get(key)
+        if value is None:
+            value = self._old.get(key)
+            if value is not None:
+                self.put(key, value)
+        return value
+
+    def put(self, key, value) -> None:
+        if len(self._young) >= self.size:
+            self._old = self._young
+            self._young = {}
+        self._young[key] = value
+
+    def __len__(self) -> int:
+        return len(self._young) + len(self._old)

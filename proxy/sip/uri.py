@@ -13,6 +13,7 @@ from urllib.parse import unquote as _pct_unquote
 
 import attrs
 
+from proxy.bounded import RecentMemo
 from proxy.errors import SipParseError
 from proxy.sip.grammar import (
     ascii_lower,
@@ -247,12 +248,27 @@ class OtherUri:
 Uri = SipUri | OtherUri
 
 
+# Parsed URIs and name-addrs by their exact text: the same few recur in every message (a REGISTER's
+# Request-URI is the domain; a phone's To and Contact are the same at every refresh; the second REGISTER of a
+# digest round repeats the first's From). The values are immutable, so one object serves every message.
+# Only successes are kept, in a bounded two-generation memo: a stranger's random values cost nothing but
+# the parse they would have cost anyway. bench/count_register.sh: 9% fewer instructions per registration.
+_URIS = RecentMemo(2048)
+_NAME_ADDRS = RecentMemo(2048)
+
+
 def parse_uri(text: str) -> Uri:
     """A SIP URI when the scheme is sip/sips, else an opaque absolute URI."""
+    uri = _URIS.get(text)
+    if uri is not None:
+        return uri
     scheme = ascii_lower(text[:5])
     if scheme.startswith("sip:") or scheme.startswith("sips:"):
-        return SipUri.parse(text)
-    return OtherUri.parse(text)
+        uri = SipUri.parse(text)
+    else:
+        uri = OtherUri.parse(text)
+    _URIS.put(text, uri)
+    return uri
 
 
 @attrs.frozen
@@ -279,6 +295,14 @@ class NameAddr:
 
     @classmethod
     def parse(cls, text: str, what: str = "header") -> "NameAddr":
+        parsed = _NAME_ADDRS.get(text)
+        if parsed is None:
+            parsed = cls._parse(text, what)
+            _NAME_ADDRS.put(text, parsed)
+        return parsed
+
+    @classmethod
+    def _parse(cls, text: str, what: str) -> "NameAddr":
         text = text.strip(" \t")
         if not text:
             raise SipParseError.because(f"Empty {what}")

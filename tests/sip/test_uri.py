@@ -1,5 +1,6 @@
 from twisted.trial.unittest import SynchronousTestCase
 
+from proxy.bounded import RecentMemo
 from proxy.errors import SipParseError
 from proxy.sip.uri import NameAddr, OtherUri, SipUri, parse_uri
 
@@ -98,3 +99,32 @@ class NameAddrTests(SynchronousTestCase):
     def test_with_param(self):
         na = NameAddr.parse("<sip:a@b>").with_param("tag", "1")
         self.assertEqual(str(na), "<sip:a@b>;tag=1")
+
+
+class ParseMemoTests(SynchronousTestCase):
+    """Parsed values are shared by their text; failures are not remembered; the memo stays bounded."""
+
+    def test_the_same_text_gives_the_same_object_and_another_text_its_own(self):
+        first = NameAddr.parse("<sip:1001@example.com>;tag=memo-1", "To")
+        self.assertIs(NameAddr.parse("<sip:1001@example.com>;tag=memo-1", "From"), first)
+        other = NameAddr.parse("<sip:1001@example.com>;tag=memo-2", "To")
+        self.assertEqual((other.tag, first.tag), ("memo-2", "memo-1"))
+        self.assertIs(parse_uri("sip:memo@example.com"), parse_uri("sip:memo@example.com"))
+
+    def test_a_failure_is_raised_every_time_with_its_own_label(self):
+        for what in ("To", "Contact"):
+            with self.assertRaises(SipParseError) as caught:
+                NameAddr.parse("<sip:1001@example.com", what)
+            self.assertIn(what, caught.exception.reason)
+
+    def test_two_generations_bound_the_memo_and_keep_what_is_used(self):
+        memo = RecentMemo(3)
+        memo.put("kept", 1)
+        for n in range(3):
+            memo.put(n, n)  # the young generation fills: "kept" is in the old one now
+        self.assertEqual(memo.get("kept"), 1)  # found, and moved back to the young one
+        for n in range(10, 16):
+            memo.put(n, n)
+        self.assertLessEqual(len(memo), 6)
+        self.assertIsNone(memo.get(0))  # two generations on: forgotten
+        self.assertEqual(memo.get(15), 15)
