@@ -19,9 +19,10 @@ early and cheaply, and to keep serving what finishes work already started. Here:
   by refusing phones.
 - Classes, cheapest to refuse first:
     new REGISTERs and other new out-of-dialog requests   refused past `threshold`;
-    new INVITEs                                           past 3 x `threshold` (its caller has
-                                                          retransmitted it: B2's calls at capacity
-                                                          wait up to 0.3 s, and must not be refused);
+    new INVITEs                                           past 3 x `threshold`, and never before
+                                                          0.6 s (past T1: its caller has retransmitted
+                                                          it; B2's calls at capacity wait up to 0.3 s,
+                                                          and must not be refused);
     never: responses, ACK, CANCEL, BYE and every other in-dialog request (a To
     tag), requests carrying credentials (their sender passed the challenge: work
     half done), and retransmissions of a transaction under way.
@@ -66,7 +67,8 @@ _BIT = {_VIA: 1, _FROM: 2, _TO: 4, _CALL_ID_NAME: 8, _CSEQ: 16}
 _ALL_COPIED = 31
 # Requests that only ever follow one we answered (never new work of their own).
 _FOLLOWERS = (b"ACK ", b"BYE ", b"CANCEL ")
-_INVITE_FACTOR = 3  # new INVITEs: only when so late that the caller has retransmitted (T1 = 500 ms)
+_INVITE_FACTOR = 3  # new INVITEs: only when so late that the caller has retransmitted (T1 = 500 ms) ...
+_INVITE_FLOOR = 0.6  # ... whatever the threshold of the others
 _HOPELESS = 4  # a new request that waited this many thresholds is dropped, not answered
 _TO_LINE = re.compile(rb"\r\n(?:to|t)[ \t]*:([^\r\n]*)", re.IGNORECASE)
 _CALM = 1.0  # seconds without a refusal before "no longer overloaded"
@@ -80,7 +82,7 @@ class LoadShedder:
                  cpu_time=time.process_time, remember: float = 4.0, max_remembered: int = 50_000):
         self.clock = clock
         self.threshold = threshold  # seconds a new non-INVITE request may have waited and still be served
-        self.invite_threshold = threshold * _INVITE_FACTOR
+        self.invite_threshold = max(threshold * _INVITE_FACTOR, _INVITE_FLOOR) if threshold > 0 else 0.0
         self.interval = interval
         self.retry_after = retry_after
         self._random = random.Random()  # spreading, not secrets

@@ -70,10 +70,13 @@ class WaitTests(SynchronousTestCase):
 
     def test_invites_are_refused_only_once_the_caller_has_retransmitted(self):
         shedder = busy_shedder()
-        self.assertIsNone(screen(shedder, request("INVITE"), 0.29))
+        # Past T1 (0.6 s) whatever the threshold of the others (0.1 s here): three thresholds would be 0.3 s,
+        # a wait B2's calls see at capacity.
+        self.assertIsNone(screen(shedder, request("INVITE"), 0.59))
         self.assertIsNotNone(screen(shedder, request("OPTIONS"), 0.29))
-        self.assertEqual(parse_message(screen(shedder, request("INVITE"), 0.31)).status, 503)
+        self.assertEqual(parse_message(screen(shedder, request("INVITE"), 0.61)).status, 503)
         self.assertEqual(shedder.shed, {"other": 1, "invite": 1})
+        self.assertAlmostEqual(LoadShedder(Clock(), threshold=0.3).invite_threshold, 0.9)  # past that, three thresholds
 
     def test_a_wait_on_an_idle_process_is_no_overload(self):
         shedder = busy_shedder(busy=0.3)  # a slow disk or a paused VM: refusing phones would not help
@@ -101,8 +104,8 @@ class WaitTests(SynchronousTestCase):
     def test_a_retransmission_of_a_transaction_under_way_is_left_to_it(self):
         shedder = busy_shedder()
         data = request("INVITE", branch="z9hG4bKunderway")
-        self.assertIsNone(screen(shedder, data, 0.35, known={"z9hG4bKunderway"}))
-        self.assertIsNotNone(screen(shedder, data, 0.35))
+        self.assertIsNone(screen(shedder, data, 0.65, known={"z9hG4bKunderway"}))
+        self.assertIsNotNone(screen(shedder, data, 0.65))
 
     def test_far_behind_a_new_request_is_dropped_not_answered(self):
         shedder = busy_shedder()
@@ -127,7 +130,7 @@ class AfterRefusalTests(SynchronousTestCase):
     def test_what_follows_a_503_is_dropped_before_parsing_and_then_forgotten(self):
         clock = Clock()
         shedder = busy_shedder(clock, remember=4.0)
-        self.assertIsNotNone(screen(shedder, request("INVITE", call_id="refused"), 0.35))
+        self.assertIsNotNone(screen(shedder, request("INVITE", call_id="refused"), 0.65))
         for method in ("ACK", "BYE"):
             self.assertEqual(screen(shedder, request(method, to_tag="ourtag", call_id="refused"), 0.0), b"")
         self.assertIsNone(screen(shedder, request("BYE", to_tag="x", call_id="another"), 0.0))
@@ -152,7 +155,7 @@ class LevelTests(SynchronousTestCase):
         screen(shedder, request("REGISTER"), 0.2)
         clock.advance(0.05)
         self.assertEqual(shedder.level, 1)
-        screen(shedder, request("INVITE"), 0.35)
+        screen(shedder, request("INVITE"), 0.65)
         clock.advance(0.05)
         self.assertEqual(shedder.level, 2)
         clock.pump([0.05] * 18)  # 0.9 s calm: still the same overload (one log line, not one per tick)
@@ -212,7 +215,7 @@ class ServerShedsTests(SynchronousTestCase):
 
     def test_on_by_default_and_off_with_zero(self):
         core, _, _ = make_core(self.mktemp())
-        self.assertEqual(core.shedder.threshold, 0.2)
+        self.assertEqual((core.shedder.threshold, core.shedder.invite_threshold), (0.1, 0.6))
         self.assertIsNotNone(core.server.shedder)
         core, _, _ = make_core(self.mktemp(), server_settings={"overload_lag": 0})
         self.assertFalse(core.shedder.enabled)
