@@ -111,6 +111,11 @@ class ParseMemoTests(SynchronousTestCase):
         self.assertEqual((other.tag, first.tag), ("memo-2", "memo-1"))
         self.assertIs(parse_uri("sip:memo@example.com"), parse_uri("sip:memo@example.com"))
 
+    def test_a_long_value_is_not_kept(self):
+        long_uri = "sip:" + "a" * 300 + "@example.com"
+        self.assertIsNot(parse_uri(long_uri), parse_uri(long_uri))  # a stranger's 60 KB values pin nothing
+        self.assertEqual(parse_uri(long_uri), parse_uri(long_uri))
+
     def test_a_failure_is_raised_every_time_with_its_own_label(self):
         for what in ("To", "Contact"):
             with self.assertRaises(SipParseError) as caught:
