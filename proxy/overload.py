@@ -263,10 +263,10 @@ class LoadShedder:
     def sheds(self, request) -> bool:
         """After parsing (TCP, or a datagram `screen` left alone): is this new request to be answered 503?"""
         method = request.method
-        if method in ("ACK", "CANCEL", "BYE") or request.to.tag or _has_credentials(request):
-            return False
         invite = method == "INVITE"
         if not self._pressed(self.invite_threshold if invite else self.threshold):
+            return False  # first: the common case, and every datagram `screen` found on time comes here too
+        if method in ("ACK", "CANCEL", "BYE") or request.to.tag or _has_credentials(request):
             return False
         self._refused_in_tick = max(self._refused_in_tick, 2 if invite else 1)
         self._count("invite" if invite else "register" if method == "REGISTER" else "other")

@@ -43,12 +43,12 @@ REASONS = {
 class Message:
     """What requests and responses share: headers, body, and the lazily parsed fields."""
 
-    __slots__ = ("headers", "body", "_vias", "_top_via", "_cseq", "_from", "_to")
+    __slots__ = ("headers", "body", "_vias", "_top_via", "_cseq", "_from", "_to", "_call_id")
 
     def __init__(self, headers: Headers, body: bytes = b""):
         self.headers = headers
         self.body = body
-        self._vias = self._top_via = self._cseq = self._from = self._to = _UNSET
+        self._vias = self._top_via = self._cseq = self._from = self._to = self._call_id = _UNSET
 
     @property
     def vias(self) -> list[Via]:
@@ -77,10 +77,12 @@ class Message:
 
     @property
     def call_id(self) -> str:
-        value = self._single("call-id", "Call-ID").strip(" \t")
-        if not value or " " in value:
-            raise SipParseError.because("Bad Call-ID")
-        return value
+        if self._call_id is _UNSET:
+            value = self._single("call-id", "Call-ID").strip(" \t")
+            if not value or " " in value:
+                raise SipParseError.because("Bad Call-ID")
+            self._call_id = value
+        return self._call_id
 
     @property
     def from_(self) -> NameAddr:
@@ -143,7 +145,7 @@ class Request(Message):
         # Fields set here rather than through super().__init__: one call less per hop.
         self.headers = headers
         self.body = body
-        self._vias = self._top_via = self._cseq = self._from = self._to = _UNSET
+        self._vias = self._top_via = self._cseq = self._from = self._to = self._call_id = _UNSET
         self.method = method
         self.uri_text = uri
         self._uri = _UNSET
