@@ -26,7 +26,7 @@ from proxy.testing import make_core, udp_source  # noqa: E402
 REALM = "127.0.0.1"
 NONCE = re.compile(rb'nonce="([^"]+)"')
 
-FIRST = ("REGISTER sip:{realm} SIP/2.0\r\n"
+REGISTER = ("REGISTER sip:{realm} SIP/2.0\r\n"
          "Via: SIP/2.0/UDP 127.0.0.1:5061;branch=z9hG4bK-{i}-{cseq}\r\n"
          "From: <sip:{user}@{realm}>;tag=1SIPpTag00{i}\r\n"
          "To: <sip:{user}@{realm}>\r\n"
@@ -91,10 +91,10 @@ def main() -> None:
         spent = spent_first = 0.0
         for _ in range(per_round):
             user = str(10000 + i % args.users)
-            cpu, challenge = serve(FIRST.format(realm=REALM, i=i, user=user, cseq=1, auth="").encode())
+            cpu, challenge = serve(REGISTER.format(realm=REALM, i=i, user=user, cseq=1, auth="").encode())
             spent_first += cpu
             nonce = NONCE.search(challenge).group(1).decode()
-            cpu, final = serve(FIRST.format(realm=REALM, i=i, user=user, cseq=2, auth=answer(user, nonce)).encode())
+            cpu, final = serve(REGISTER.format(realm=REALM, i=i, user=user, cseq=2, auth=answer(user, nonce)).encode())
             spent += cpu
             ok += final.startswith(b"SIP/2.0 200")
             i += 1

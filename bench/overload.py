@@ -1,7 +1,7 @@
 """The overload step of issue 14: a 3x flood of registrations, and how the server comes out of it.
 
 Not a test. Run as root (it enters a private network namespace, as ../shared/bench does), with SIPp installed:
-    python bench/overload.py --adapter sipproxy --capacity 5500
+    python bench/overload.py --adapter sipproxy --capacity 4500
     python bench/overload.py --adapter kamailio --capacity 12000 --flood-rate 16500
 What it does, with the SUT started by ../shared/bench's adapter (SIPPROXY_PYTHON and SIPPROXY_EXTRA_TOML
 are passed on, as bench.sh does):
