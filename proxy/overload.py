@@ -7,8 +7,9 @@ early and cheaply, and to keep serving what finishes work already started. Here:
 
 - The signal is each datagram's own wait: the UDP port reports how long it sat
   in the kernel's receive queue (SO_TIMESTAMP, `transport.TimestampedUdpPort`);
-  a datagram another worker hands over reports its wait in that worker's bus
-  inbox (proxy/workers/link.py). A new request that waited `threshold` seconds is
+  with workers the process that read a datagram judges it before any hand-over
+  (proxy/workers/link.py), and its owner judges it again by its wait in the bus
+  inbox. A new request that waited `threshold` seconds is
   refused, one that waited less is served. No share to tune and no control loop
   to lag behind a flood: as soon as refusing (a tenth of the cost of serving)
   brings the wait under the threshold, new work is served again, so the server

@@ -66,35 +66,60 @@ class SipServer:
         self.replies.dropped["screened"] += 1
         return False
 
-    def data_received(self, data: bytes, source: Source, screened: bool = False) -> None:
-        """A message as read; `screened`: `admits` has been asked already (by the process that read it)."""
+    def data_received(self, data: bytes, source: Source, screened: bool = False, judged: bool = False) -> None:
+        """A message as read; `screened`: `admits` has been asked already (by the process that read it);
+        `judged`: so has `refuses`, with the wait it had in this process's socket."""
         if not screened and not self.admits(data, source):
             return
         if self.tracer is not None and self.tracer.active:
             self.tracer.saw("in", data, source.host, source.port)
         try:
-            self._data_received(data, source)
+            self._data_received(data, source, judged)
         except Exception:
             # A bug must cost one message, never the listener.
             log.failure("Unexpected error handling a message from {host}:{port}", host=source.host, port=source.port)
             self.dropped["internal_error"] += 1
 
+    def refuses(self, data: bytes, source: Source) -> bool:
+        """Overload (proxy/overload.py): is this datagram answered 503, or dropped, before it is parsed?
+
+        True: it is done with (the 503 sent). The worker link asks before it
+        hands a datagram over, while the datagram's wait in this process's
+        socket is the one the shedder knows: a refusal then costs no hand-over,
+        and nothing that already waited too long here is served late elsewhere.
+        """
+        if self.shedder is None or source.reliable or len(data) > self.max_message_size:
+            return False
+        try:
+            if not self._shed(data, source, trace=True):
+                return False
+        except Exception:
+            log.failure("Unexpected error screening a message from {host}:{port}", host=source.host, port=source.port)
+            self.dropped["internal_error"] += 1
+        return True
+
+    def _shed(self, data: bytes, source: Source, trace: bool = False) -> bool:
+        """The shedder's verdict before parsing, carried out: True when the datagram was refused or dropped."""
+        verdict = self.shedder.screen(data, self.transactions.has_branch, new_tag, self.replies.server_header)
+        if verdict is None:
+            return False
+        if trace and self.tracer is not None and self.tracer.active:
+            self.tracer.saw("in", data, source.host, source.port)  # `data_received` traces what it is given
+        if verdict:
+            self.transports.send(verdict, Destination("UDP", source.host, source.port))
+        return True
+
     def stream_error(self, error: SipParseError, source: Source) -> None:
         self._drop("framing", source, str(error))
 
-    def _data_received(self, data: bytes, source: Source) -> None:
+    def _data_received(self, data: bytes, source: Source, judged: bool) -> None:
         if len(data) > self.max_message_size:
             self._too_large(data, source)
             return
         if data[:1] in b"\r\n" and not data.strip(b"\r\n"):
             return  # keepalive (CRLFs only): tested on the first byte, not by copying every datagram
-        shedder = self.shedder
-        if shedder is not None and not source.reliable:
-            verdict = shedder.screen(data, self.transactions.has_branch, new_tag, self.replies.server_header)
-            if verdict is not None:
-                if verdict:
-                    self.transports.send(verdict, Destination("UDP", source.host, source.port))
-                return
+        if self.shedder is not None and not source.reliable and not judged and self._shed(data, source):
+            return
         try:
             message = parse_message(data, stream=source.reliable)
         except ResponseParseError as e:

@@ -252,6 +252,29 @@ class LinkTests(SynchronousTestCase):
         w.links[0].data_received(data, Source("UDP", "192.0.2.50", 5060))
         self.assertEqual(len(w.transports[0].take()), 1)
 
+    def test_a_late_new_request_is_refused_where_it_was_read_not_handed_over(self):
+        # The reader knows how long the datagram waited in its socket; the owner would only see its inbox.
+        w = TwoWorkers(self)
+        reader, source = w.cores[0].shedder, Source("UDP", "192.0.2.50", 5060)
+        reader.busy = 1.0
+        late = _call_id_owned_by(1)
+        reader.queue_delay(0.2)
+        w.links[0].data_received(request("OPTIONS", call_id=late), source)
+        (refusal, destination), = w.transports[0].take()
+        self.assertEqual((refusal.status, destination.port), (503, 5060))
+        reader.queue_delay(0.2)
+        w.links[0].data_received(request("BYE", call_id=late), source)  # what SIPp sends after a 503: dropped
+        self.assertEqual((w.transports[0].take(), w.links[0].bus.handed_over), ([], 0))
+        self.assertEqual(reader.shed, {"other": 1, "after_refusal": 1})
+        w.pump()
+        self.assertEqual(w.transports[1].take(), [])
+        # On time, the same kind of request goes to its owner, which answers it.
+        reader.queue_delay(0.01)
+        w.links[0].data_received(request("OPTIONS", call_id=_call_id_owned_by(1, prefix="on-time")), source)
+        self.assertEqual(w.links[0].bus.handed_over, 1)
+        w.pump()
+        self.assertEqual([r.status for r, _ in w.transports[1].take()], [407])  # served: challenged
+
     def test_our_via_names_the_worker_that_sent_the_request(self):
         w = TwoWorkers(self)
         via = w.cores[1].identity.via_value("UDP", "z9hG4bKabc")
@@ -346,10 +369,10 @@ class _Mute:
         pass
 
 
-def _call_id_owned_by(index: int, count: int = 2) -> str:
+def _call_id_owned_by(index: int, count: int = 2, prefix: str = "call") -> str:
     for n in range(100):
-        if call_id_owner(f"call-{n}".encode(), count) == index:
-            return f"call-{n}"
+        if call_id_owner(f"{prefix}-{n}".encode(), count) == index:
+            return f"{prefix}-{n}"
     raise AssertionError("no Call-ID found")
 
 

@@ -3,6 +3,11 @@
 - `data_received` sits between the UDP protocol and the `SipServer`: a
   datagram another worker owns (proxy/workers/owner.py) is handed over; what
   comes over the bus goes into the server as if read from the socket.
+  Overload (proxy/overload.py) is judged first, where the datagram was read:
+  only the reader knows how long it waited in the kernel's queue, and a
+  refusal there costs no hand-over. (The reader knows only its own
+  transactions, so a late retransmission of another worker's new request may
+  get a 503; its first copy is answered by its owner.)
 - Bindings: the changes this process makes (its registrar, the primary's admin
   API) go to every other process as they happen; each applies them to its
   index, and the primary writes them to the SQLite file.
@@ -109,11 +114,14 @@ class WorkerLink:
     # -- datagrams ------------------------------------------------------------
 
     def data_received(self, data: bytes, source: Source) -> None:
-        if not self.server.admits(data, source):  # screened where it was read: a ban costs no hand-over
+        server = self.server
+        if not server.admits(data, source):  # screened where it was read: a ban costs no hand-over
+            return
+        if server.refuses(data, source):  # overload: judged by its wait in our socket, refused without a hand-over
             return
         owner = owner_of(data, self.count)
         if owner is None or owner == self.index or owner not in self.alive:
-            self.server.data_received(data, source, screened=True)
+            server.data_received(data, source, screened=True, judged=True)
         else:
             self.bus.hand_over(owner, data, source.host, source.port, self.clock.seconds())
 
