@@ -69,7 +69,7 @@ class ServerConfig:
     max_connections: int = 2_000  # TCP/TLS connections at once, per listener
     server_header: str = "sipproxy"
     debug: bool = False  # a log line per SIP message
-    overload_lag: float = 0.1  # load shedding (proxy/overload.py): a new request's wait that gets it a 503; 0: off
+    overload_lag: float = 0.15  # load shedding (proxy/overload.py): a new request's wait that gets it a 503; 0: off
     overload_retry_after: int = 10  # a shed request's Retry-After: spread over [this, 2 * this] seconds
     udp_receive_buffer: int = 4 * 1024 * 1024  # bytes asked for (capped at net.core.rmem_max): a flood queues, not dropped
     workers: int = 0  # processes serving SIP (proxy/workers/); 0 ("auto"): one per core

@@ -215,7 +215,7 @@ class ServerShedsTests(SynchronousTestCase):
 
     def test_on_by_default_and_off_with_zero(self):
         core, _, _ = make_core(self.mktemp())
-        self.assertEqual((core.shedder.threshold, core.shedder.invite_threshold), (0.1, 0.6))
+        self.assertEqual((core.shedder.threshold, core.shedder.invite_threshold), (0.15, 0.6))
         self.assertIsNotNone(core.server.shedder)
         core, _, _ = make_core(self.mktemp(), server_settings={"overload_lag": 0})
         self.assertFalse(core.shedder.enabled)
