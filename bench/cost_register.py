@@ -58,6 +58,9 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=5, help="report the cheapest round (the machine is shared)")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--each", action="store_true",
+                        help="print every round: with many users and registrations the later rounds run with every "
+                             "binding in place and the nonces of the earlier rounds alive (cost must not grow)")
     args = parser.parse_args()
     directory = tempfile.mkdtemp(prefix="bench-cost-")
     with locked_users(os.path.join(directory, "users.json")) as users:
@@ -93,7 +96,10 @@ def main() -> None:
             user = str(10000 + i % args.users)
             cpu, challenge = serve(REGISTER.format(realm=REALM, i=i, user=user, cseq=1, auth="").encode())
             spent_first += cpu
-            nonce = NONCE.search(challenge).group(1).decode()
+            found = NONCE.search(challenge)
+            if found is None:
+                sys.exit(f"registration {i}: no challenge but {challenge.splitlines()[0]!r}")
+            nonce = found.group(1).decode()
             cpu, final = serve(REGISTER.format(realm=REALM, i=i, user=user, cseq=2, auth=answer(user, nonce)).encode())
             spent += cpu
             ok += final.startswith(b"SIP/2.0 200")
@@ -101,6 +107,9 @@ def main() -> None:
             if i % 1000 == 0:
                 clock.advance(0.25)
         rounds.append((spent + spent_first, spent_first))
+        if args.each:
+            print(f"round {len(rounds)}: {(spent + spent_first) / per_round * 1e6:.1f} us per registration, "
+                  f"{core.location.count():,} bindings held, {i:,} nonces issued", flush=True)
     total, first_part = min(rounds)
     print(f"{i} registrations, {ok} answered 200, {args.users} users: "
           f"{total / per_round * 1e6:.1f} us CPU per registration in the server, cheapest of {args.rounds} rounds "

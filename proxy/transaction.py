@@ -25,6 +25,7 @@ server for a quarter of a second.
 """
 
 import os
+from collections import deque
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
@@ -247,6 +248,8 @@ class ServerTransaction(_Transaction):
             self.state = "Completed"
             self._stop_unanswered()
             self._linger(0 if reliable else self.timers.b)
+            if not reliable:
+                self.layer.absorbing.append(self)  # the first to go if the table fills (`_make_room`)
 
     def respond_statelessly(self, response: Response) -> None:
         """Send one final response and forget the transaction: no retransmission, no state held.
@@ -455,6 +458,13 @@ class TransactionLayer:
         self.deadlines = Deadlines(clock)  # the fixed-length timers of every transaction here
         self.server: dict[tuple, ServerTransaction] = {}
         self._branches: dict[str, int] = {}  # the RFC 3261 branches of self.server, counted (CANCEL shares one)
+        # Answered non-INVITE server transactions over UDP, absorbing retransmissions for Timer J (64*T1), oldest
+        # first. At a steady 3,125 registrations/s they alone would fill a 100,000 table: when it is full the
+        # oldest of them makes room for new work instead of new work getting 503. A retransmission that arrives
+        # after its transaction went is served again (a REGISTER's replayed nonce count is refused, OPTIONS
+        # answered twice): a stray answer to a client that has its final one already.
+        self.absorbing: deque[ServerTransaction] = deque()
+        self.made_room = 0  # absorbing transactions ended early to let a new one in
         self.client: dict[tuple, ClientTransaction] = {}
         self.retransmissions = 0
         self.unanswered = 0  # non-INVITE server transactions the core never answered (Timer U)
@@ -485,7 +495,7 @@ class TransactionLayer:
         if tx is not None:
             tx.request_retransmitted(request)
             return
-        if len(self.server) >= self.max_server:
+        if len(self.server) >= self.max_server and not self._make_room():
             self.user.overloaded(request, source, "transaction_table_full")
             return
         if self.shed is not None and self.shed(request):
@@ -541,13 +551,31 @@ class TransactionLayer:
         """Is a server transaction with this (RFC 3261) Via branch under way? Asked before parsing."""
         return branch in self._branches
 
+    def _make_room(self) -> bool:
+        """End the oldest absorbing non-INVITE transaction early; False if none is left (all are under way)."""
+        absorbing = self.absorbing
+        while absorbing:
+            tx = absorbing.popleft()
+            if tx.state == "Completed" and self.server.get(tx.key) is tx:
+                if not self.made_room:
+                    log.warn("Transaction table full ({size}, [server] max_transactions): ending answered "
+                             "transactions before their Timer J to let new requests in", size=self.max_server)
+                self.made_room += 1
+                tx._terminate()
+                return True
+        return False
+
     def _remove(self, tx) -> None:
         table = self.server if isinstance(tx, ServerTransaction) else self.client
         if table.get(tx.key) is tx:
             del table[tx.key]
-            if table is self.server and tx.key[0] != "2543":
-                left = self._branches.get(tx.key[0], 0) - 1
-                if left > 0:
-                    self._branches[tx.key[0]] = left
-                else:
-                    self._branches.pop(tx.key[0], None)
+            if table is self.server:
+                if tx.key[0] != "2543":
+                    left = self._branches.get(tx.key[0], 0) - 1
+                    if left > 0:
+                        self._branches[tx.key[0]] = left
+                    else:
+                        self._branches.pop(tx.key[0], None)
+                absorbing = self.absorbing
+                while absorbing and absorbing[0].state == "Terminated":  # Timer J ends them in this order
+                    absorbing.popleft()

@@ -24,7 +24,7 @@ def request(method="INVITE", branch="z9hG4bKabc", cseq=1, via_host="192.0.2.50",
 
 class RecordingUser:
     def __init__(self):
-        self.requests, self.acks, self.cancels, self.strays = [], [], [], []
+        self.requests, self.acks, self.cancels, self.strays, self.refused = [], [], [], [], []
 
     def request_received(self, tx, req):
         self.requests.append((tx, req))
@@ -37,6 +37,9 @@ class RecordingUser:
 
     def stray_response(self, response, source):
         self.strays.append(response)
+
+    def overloaded(self, request, source, reason):
+        self.refused.append(reason)
 
 
 class Base(SynchronousTestCase):
@@ -360,6 +363,35 @@ class LingeringTests(Base):
         self.assertEqual(len(self.layer.server), 0)
         self.clock.advance(10)
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_a_full_table_ends_the_oldest_answered_transaction_before_refusing_new_work(self):
+        # At 3,125 registrations/s their answered transactions alone (Timer J, 32 s) would fill 100,000.
+        self.layer.max_server = 3
+        for i in range(3):
+            self.layer.request_received(request("REGISTER", branch=f"z9hG4bKdone{i}"), udp_source())
+            tx, req = self.user.requests[-1]
+            tx.respond(make_response(req, 200, to_tag="t"))
+        oldest = self.user.requests[0][0]
+        self.layer.request_received(request("REGISTER", branch="z9hG4bKnew"), udp_source())
+        self.assertEqual(len(self.user.requests), 4)  # let in, not refused
+        self.assertEqual((oldest.state, self.layer.made_room, len(self.layer.server)), ("Terminated", 1, 3))
+        self.assertFalse(self.layer.has_branch("z9hG4bKdone0"))
+        # Transactions under way are never ended early: with only those left, new work is refused.
+        self.layer.request_received(request("REGISTER", branch="z9hG4bKnew2"), udp_source())
+        self.layer.request_received(request("REGISTER", branch="z9hG4bKnew3"), udp_source())
+        self.assertEqual(len(self.user.requests), 6)
+        self.layer.request_received(request("REGISTER", branch="z9hG4bKnew4"), udp_source())
+        self.assertEqual((len(self.user.requests), self.user.refused), (6, ["transaction_table_full"]))
+        self.assertEqual(self.layer.made_room, 3)
+
+    def test_the_queue_of_answered_transactions_empties_with_their_timers(self):
+        for i in range(20):
+            self.layer.request_received(request("OPTIONS", branch=f"z9hG4bKq{i}"), udp_source())
+            tx, req = self.user.requests[-1]
+            tx.respond(make_response(req, 200, to_tag="t"))
+        self.assertEqual(len(self.layer.absorbing), 20)
+        self.clock.advance(32)
+        self.assertEqual((len(self.layer.server), len(self.layer.absorbing)), (0, 0))  # no history kept
 
     def test_accepted_invite_and_late_answer_from_the_core_is_ignored(self):
         self.layer.request_received(request(), udp_source())
