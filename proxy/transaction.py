@@ -151,14 +151,16 @@ class _Transaction:
         self._cancel_timers()
         self.layer._remove(self)
 
-    def _linger(self, seconds: float) -> None:
-        """Enter an absorbing state for `seconds`: no timers of its own, the parsed messages let go."""
+    def _linger(self, seconds: float):
+        """Enter an absorbing state for `seconds`: no timers of its own, the parsed messages let go.
+
+        Returns the deadline that ends it (None: it ended at once)."""
         self._cancel_timers()
         self._release()
         if seconds > 0:
-            self.layer.deadlines.add(seconds, _Transaction._end_lingering, self)
-        else:
-            self._terminate()
+            return self.layer.deadlines.add(seconds, _Transaction._end_lingering, self)
+        self._terminate()
+        return None
 
     def _end_lingering(self) -> None:
         if self.state != "Terminated":
@@ -247,9 +249,9 @@ class ServerTransaction(_Transaction):
         else:
             self.state = "Completed"
             self._stop_unanswered()
-            self._linger(0 if reliable else self.timers.b)
-            if not reliable:
-                self.layer.absorbing.append(self)  # the first to go if the table fills (`_make_room`)
+            deadline = self._linger(0 if reliable else self.timers.b)
+            if deadline is not None:
+                self.layer.absorbing.append((self, deadline))  # the first to go if the table fills (`_make_room`)
 
     def respond_statelessly(self, response: Response) -> None:
         """Send one final response and forget the transaction: no retransmission, no state held.
@@ -463,7 +465,7 @@ class TransactionLayer:
         # oldest of them makes room for new work instead of new work getting 503. A retransmission that arrives
         # after its transaction went is served again (a REGISTER's replayed nonce count is refused, OPTIONS
         # answered twice): a stray answer to a client that has its final one already.
-        self.absorbing: deque[ServerTransaction] = deque()
+        self.absorbing: deque[tuple[ServerTransaction, object]] = deque()  # with the deadline that ends each
         self.made_room = 0  # absorbing transactions ended early to let a new one in
         self.client: dict[tuple, ClientTransaction] = {}
         self.retransmissions = 0
@@ -555,12 +557,13 @@ class TransactionLayer:
         """End the oldest absorbing non-INVITE transaction early; False if none is left (all are under way)."""
         absorbing = self.absorbing
         while absorbing:
-            tx = absorbing.popleft()
+            tx, deadline = absorbing.popleft()
             if tx.state == "Completed" and self.server.get(tx.key) is tx:
                 if not self.made_room:
                     log.warn("Transaction table full ({size}, [server] max_transactions): ending answered "
                              "transactions before their Timer J to let new requests in", size=self.max_server)
                 self.made_room += 1
+                deadline.cancel()  # its queue entry lets go of the transaction too: the memory is freed now
                 tx._terminate()
                 return True
         return False
@@ -577,5 +580,5 @@ class TransactionLayer:
                     else:
                         self._branches.pop(tx.key[0], None)
                 absorbing = self.absorbing
-                while absorbing and absorbing[0].state == "Terminated":  # Timer J ends them in this order
+                while absorbing and absorbing[0][0].state == "Terminated":  # Timer J ends them in this order
                     absorbing.popleft()

@@ -375,6 +375,7 @@ class LingeringTests(Base):
         self.layer.request_received(request("REGISTER", branch="z9hG4bKnew"), udp_source())
         self.assertEqual(len(self.user.requests), 4)  # let in, not refused
         self.assertEqual((oldest.state, self.layer.made_room, len(self.layer.server)), ("Terminated", 1, 3))
+        self.assertEqual(self.layer.deadlines.pending(), 3)  # its Timer J let go: two J left, the new one's U
         self.assertFalse(self.layer.has_branch("z9hG4bKdone0"))
         # Transactions under way are never ended early: with only those left, new work is refused.
         self.layer.request_received(request("REGISTER", branch="z9hG4bKnew2"), udp_source())
