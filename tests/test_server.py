@@ -183,6 +183,13 @@ class BadInputTests(SynchronousTestCase):
         resp, _ = self.transports.take()[0]
         self.assertEqual((resp.status, resp.reason), (400, "Malformed header line"))
 
+    def test_an_unterminated_quote_in_the_top_via_is_caught_before_the_transaction_layer(self):
+        # Found by the fuzz test below: the one-value fast path of split_outside_quotes let the quote through,
+        # and the Via stamped with received= then failed to parse inside the transaction layer.
+        self.server.data_received(options(via='SIP/2.0/UDP 192.0.2.9:5060;branch=z9hG4bK"open'), udp_source())
+        self.assertEqual(self.server.dropped["internal_error"], 0)
+        self.assertEqual(self.server.dropped["malformed"], 1)  # no Via to answer along: dropped, counted
+
     def test_bad_cseq(self):
         self.server.data_received(options().replace(b"CSeq: 1 OPTIONS", b"CSeq: x OPTIONS"), udp_source())
         self.assertEqual(self.transports.take()[0][0].reason, "Bad CSeq")

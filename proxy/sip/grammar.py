@@ -73,8 +73,8 @@ def split_outside_quotes(text: str, separator: str) -> list[str]:
     Used for comma-separated header values (Via, Contact, Route) and for
     parameter lists; a comma inside "Doe, John" or <sip:a;x=1,2> stays put.
     """
-    if separator not in text:
-        return [text]  # one part (the usual Contact or Route): no scan
+    if separator not in text and '"' not in text:
+        return [text]  # one part (the usual Contact or Route): no scan (a quote must still be checked for its end)
     if '"' not in text and "<" not in text:
         return text.split(separator)
     parts = []
