@@ -73,10 +73,11 @@ def split_outside_quotes(text: str, separator: str) -> list[str]:
     Used for comma-separated header values (Via, Contact, Route) and for
     parameter lists; a comma inside "Doe, John" or <sip:a;x=1,2> stays put.
     """
-    if separator not in text and '"' not in text:
-        return [text]  # one part (the usual Contact or Route): no scan (a quote must still be checked for its end)
-    if '"' not in text and "<" not in text:
-        return text.split(separator)
+    if '"' not in text:  # (a quote must always be scanned: an unterminated one is a 400)
+        if separator not in text:
+            return [text]  # one part (the usual Contact or Route): no scan
+        if "<" not in text:
+            return text.split(separator)
     parts = []
     depth = 0
     start = 0
